@@ -1,0 +1,1 @@
+"""Microbenchmarks for the cacheblend ops and the whole blend: ``python -m bench --help``."""

@@ -1,0 +1,174 @@
+"""Timing, bandwidth and reporting helpers shared by the benchmark commands.
+
+GPU timing: CUDA events around each call, a large buffer written between calls to flush
+L2 (the working sets fit in L2), warm-up first, the median reported. CPU timing:
+``time.perf_counter`` medians. Percentages of peak are against a *measured* copy
+bandwidth (device-to-device on a GPU, memcpy on the CPU) and the datasheet dense bf16
+tensor-core rate of the card.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+# Datasheet dense (no sparsity) bf16 tensor-core peaks, TFLOP/s.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A40": 149.7, "L40S": 362.0, "L40": 181.0}
+
+
+def add_common_arguments(parser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="float16, bfloat16 or float32 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 5 GPU, 2 CPU)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls (default 50 GPU, 10 CPU)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+
+
+def resolve_dtype(args) -> torch.dtype:
+    if args.dtype is None:
+        return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    return {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float32": torch.float32, "fp32": torch.float32}[args.dtype]
+
+
+def iterations(args) -> tuple[int, int]:
+    gpu = args.device.startswith("cuda")
+    return (args.warmup if args.warmup is not None else (5 if gpu else 2),
+            args.iters if args.iters is not None else (50 if gpu else 10))
+
+
+def progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+class _L2Flusher:
+    def __init__(self, device):
+        self.buffer = None
+        if torch.device(device).type == "cuda":
+            size = 2 * torch.cuda.get_device_properties(device).L2_cache_size
+            self.buffer = torch.empty(max(size, 64 << 20) // 4, dtype=torch.int32, device=device)
+
+    def __call__(self):
+        if self.buffer is not None:
+            self.buffer.fill_(0x5A5A)
+
+
+def time_fn(fn: Callable[[], object], device, warmup: int, iters: int, flush_l2: bool = True) -> dict:
+    """Median / min / max milliseconds of ``fn()``."""
+    times = []
+    if torch.device(device).type == "cuda":
+        flusher = _L2Flusher(device) if flush_l2 else (lambda: None)
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for i in range(iters):
+            flusher()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize()
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        for _ in range(warmup):
+            fn()
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters}
+
+
+def measure_copy_bandwidth(device, nbytes: int = 256 << 20) -> float:
+    """Measured copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    if torch.device(device).type != "cuda":
+        nbytes = min(nbytes, 128 << 20)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=20, flush_l2=False)
+    return 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9
+
+
+def device_name(device) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def bf16_peak_tflops(device) -> float | None:
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def maybe_compile(fn, args):
+    """``torch.compile(fn)`` unless disabled; None when compilation is unavailable."""
+    if args.no_compile:
+        return None
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        progress(f"torch.compile unavailable: {exc}")
+        return None
+
+
+@dataclass
+class Table:
+    """A result table: printed for people, kept as rows for JSON."""
+
+    title: str
+    columns: list[str]
+    rows: list[list] = field(default_factory=list)
+
+    def add(self, *values) -> None:
+        self.rows.append(list(values))
+
+    def render(self) -> str:
+        cells = [[_fmt(v) for v in row] for row in self.rows]
+        widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(self.columns)]
+        line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+        out = [self.title, line(self.columns), line(["-" * w for w in widths])]
+        out += [line(r) for r in cells]
+        return "\n".join(out)
+
+    def as_dict(self) -> dict:
+        return {"title": self.title, "columns": self.columns, "rows": self.rows}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def environment(device) -> dict:
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_json(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        print(f"wrote {path}")

@@ -1,0 +1,39 @@
+// Shared by the CPU (plain C++) and CUDA (nvcc) implementations. ATen-free: only
+// plain pointers, integers and float math, so the same formulas run on both paths.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define CB_HOST_DEVICE __host__ __device__ __forceinline__
+#define CB_DEVICE __device__ __forceinline__
+#else
+#define CB_HOST_DEVICE inline
+#define CB_DEVICE inline
+#endif
+
+namespace cacheblend {
+
+// Storage types (fp16/bf16/fp32) convert through float; all math is fp32.
+template <typename T>
+CB_HOST_DEVICE float to_float(T x) {
+  return static_cast<float>(x);
+}
+
+template <typename T>
+CB_HOST_DEVICE T from_float(float x) {
+  return static_cast<T>(x);
+}
+
+// Elements of T that fit in one 16-byte vector load.
+template <typename T>
+constexpr int kVec16 = 16 / static_cast<int>(sizeof(T));
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Array {
+  T v[N];
+};
+
+CB_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace cacheblend
