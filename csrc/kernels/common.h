@@ -37,3 +37,14 @@ struct alignas(sizeof(T) * N) Array {
 CB_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace cacheblend
+
+#if defined(__CUDACC__)
+// Device-side argument check (index values can only be seen on the device without a
+// host sync). Like PyTorch's CUDA_KERNEL_ASSERT: the launch fails with "device-side
+// assert triggered" and the message names the argument; kernels never read or write
+// out of bounds before it fires.
+#define CB_DEVICE_CHECK(cond, msg)                                 \
+  do {                                                             \
+    if (!(cond)) __assert_fail(msg, __FILE__, __LINE__, __func__); \
+  } while (0)
+#endif

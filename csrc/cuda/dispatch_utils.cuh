@@ -1,0 +1,29 @@
+// Helpers shared by the CUDA wrappers: dtype dispatch to the storage types the
+// kernels use, and alignment checks for the 16-byte vector paths.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <initializer_list>
+
+namespace cacheblend {
+
+// Dispatches fp32 / fp16 / bf16 with scalar_t = float / c10::Half / c10::BFloat16
+// (host-device types whose float conversions the kernels use).
+#define CB_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// True when the data pointer and every given stride (in elements) keep 16-byte alignment.
+inline bool is_aligned16(const at::Tensor& t, std::initializer_list<int64_t> strides) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  const int64_t vec = 16 / t.element_size();
+  for (int64_t s : strides)
+    if (s % vec != 0) return false;
+  return true;
+}
+
+}  // namespace cacheblend
