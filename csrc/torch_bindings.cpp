@@ -2,6 +2,7 @@
 // Python-side fake (meta) implementations and typed wrappers live in cacheblend_ext/ops.py.
 #include <torch/library.h>
 
+#include "ops/attention.h"
 #include "ops/rope.h"
 
 #ifdef CACHEBLEND_PYTHON_MODULE
@@ -54,6 +55,14 @@ TORCH_LIBRARY(cacheblend, m) {
   m.def(
       "rope_reposition_out(Tensor key, Tensor src_pos, Tensor dst_pos, Tensor cos_sin_cache, "
       "bool is_neox, *, Tensor(a!) out) -> ()");
+
+  // ---- sparse_query_attention ----
+  // Selected queries q [M, Hq, D] at positions q_pos [M] against keys/values [N, Hkv, D]
+  // with the exact position-causal mask (key j visible iff j <= q_pos); ragged batches
+  // through q_indptr / kv_indptr [B + 1]. Writes out [M, Hq, D] and, if given, lse [M, Hq].
+  m.def(
+      "sparse_query_attention(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor? q_indptr, "
+      "Tensor? kv_indptr, float scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
@@ -63,6 +72,9 @@ TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
                                    bool is_neox, const at::Tensor& out) {
     rope_reposition_cpu(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
   });
+
+  // ---- sparse_query_attention ----
+  m.impl("sparse_query_attention", &sparse_query_attention_cpu);
 }
 
 #ifdef CACHEBLEND_WITH_CUDA
@@ -73,6 +85,9 @@ TORCH_LIBRARY_IMPL(cacheblend, CUDA, m) {
                                    bool is_neox, const at::Tensor& out) {
     rope_reposition_cuda(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
   });
+
+  // ---- sparse_query_attention ----
+  m.impl("sparse_query_attention", &sparse_query_attention_cuda);
 }
 #endif
 
