@@ -13,10 +13,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/amax.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
 
 #include <algorithm>
-#include <bit>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <numeric>
@@ -33,18 +36,6 @@ constexpr int64_t kKeysPerTile = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// 2^x for x <= 0 (inputs below -126 give 2^-126, negligible next to the row maximum's 1).
-// Range reduction to f in (-0.5, 0.5] and a degree-6 Taylor polynomial of e^(f ln 2)
-// (relative error < 2e-7); written without library calls so the loop vectorises.
-inline float exp2_nonpositive(float x) {
-  x = x < -126.f ? -126.f : x;
-  const int i = static_cast<int>(x - 0.5f);  // truncation: i = nearest integer to x
-  const float t = (x - static_cast<float>(i)) * kLn2;
-  const float p =
-      1.f + t * (1.f + t * (0.5f + t * (1.f / 6 + t * (1.f / 24 + t * (1.f / 120 + t * (1.f / 720))))));
-  return p * std::bit_cast<float>((i + 127) << 23);
-}
 
 std::vector<int64_t> read_index_vector(const at::Tensor& t) {
   std::vector<int64_t> values(t.size(0));
@@ -105,6 +96,9 @@ void sparse_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
     for (int64_t i = qind[b]; i < qind[b + 1]; i += tokens_per_block)
       blocks.push_back({b, i, std::min(tokens_per_block, qind[b + 1] - i)});
   }
+  const auto block_cost = [&](const Block& blk) { return (pos[order[blk.first + blk.count - 1]] + 1) * blk.count; };
+  std::stable_sort(blocks.begin(), blocks.end(),
+                   [&](const Block& x, const Block& y) { return block_cost(x) > block_cost(y); });
 
   const float scale_log2 = static_cast<float>(scale) * kLog2e;
   float* lse_ptr = lse.has_value() ? lse->data_ptr<float>() : nullptr;
@@ -121,15 +115,20 @@ void sparse_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
     const scalar_t* v_base = v.data_ptr<scalar_t>();
     scalar_t* o_base = out.data_ptr<scalar_t>();
     const int64_t num_items = static_cast<int64_t>(blocks.size()) * hkv;
-    at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {
+    // Dynamic scheduling, largest items first: an item's cost grows with its largest
+    // position, so a static split of the item range would leave threads idle.
+    std::atomic<int64_t> next_item{0};
+    const int64_t num_workers = std::min<int64_t>(at::get_num_threads(), num_items);
+    at::parallel_for(0, num_workers, 1, [&](int64_t, int64_t) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       const int64_t max_rows = tokens_per_block * group;
       std::vector<float> qbuf(max_rows * dim), obuf(max_rows * dim), sbuf(max_rows * kKeysPerTile);
-      std::vector<float> row_max(max_rows), row_sum(max_rows);
+      std::vector<float> row_max(max_rows), row_sum(max_rows), alpha(max_rows), tile_max(max_rows),
+          tile_sum(max_rows);
       std::vector<int64_t> row_pos(max_rows);
       std::vector<float> kbuf(kIsFloat ? 0 : kKeysPerTile * dim), vbuf(kIsFloat ? 0 : kKeysPerTile * dim);
 
-      for (int64_t item = begin; item < end; ++item) {
+      for (int64_t item; (item = next_item.fetch_add(1)) < num_items;) {
         const Block& blk = blocks[item / hkv];
         const int64_t hk = item % hkv;
         const int64_t rows = blk.count * group, kv0 = kvind[blk.request];
@@ -149,6 +148,10 @@ void sparse_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
         std::fill(row_sum.begin(), row_sum.begin() + rows, 0.f);
         const at::Tensor q_t = at::from_blob(qbuf.data(), {rows, dim}, f32);
         at::Tensor o_t = at::from_blob(obuf.data(), {rows, dim}, f32);
+        const at::Tensor max_t = at::from_blob(row_max.data(), {rows}, f32);
+        const at::Tensor alpha_t = at::from_blob(alpha.data(), {rows}, f32);
+        at::Tensor tmax_t = at::from_blob(tile_max.data(), {rows}, f32);
+        at::Tensor tsum_t = at::from_blob(tile_sum.data(), {rows}, f32);
 
         // Only keys 0 .. max_pos of the request can be visible to this block.
         for (int64_t n0 = 0; n0 <= max_pos; n0 += kKeysPerTile) {
@@ -176,35 +179,26 @@ void sparse_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
           at::mm_out(s_t, q_t, k_t.t());
           // The tile is wholly visible to every row when its last key <= min_pos.
           const bool unmasked = n0 + bn - 1 <= min_pos;
-          for (int64_t r = 0; r < rows; ++r) {
-            float* s = sbuf.data() + r * bn;
-            // Visible keys of this row form the prefix n0 .. row_pos[r] of the tile.
-            const int64_t visible = unmasked ? bn : std::clamp<int64_t>(row_pos[r] - n0 + 1, 0, bn);
-            if (visible == 0) {
-              std::fill(s, s + bn, 0.f);
-              continue;
-            }
-            // `omp simd` lets the reductions vectorise without -ffast-math.
-            float tile_max = s[0];
-#pragma omp simd reduction(max : tile_max)
-            for (int64_t j = 1; j < visible; ++j) tile_max = std::max(tile_max, s[j]);
-            const float old_max = row_max[r], new_max = std::max(old_max, tile_max);
-            float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < visible; ++j) {
-              const float e = exp2_nonpositive(s[j] - new_max);
-              s[j] = e;
-              sum += e;
-            }
-            std::fill(s + visible, s + bn, 0.f);
-            const float alpha = old_max == kNegInf ? 0.f : exp2_nonpositive(old_max - new_max);
-            row_sum[r] = row_sum[r] * alpha + sum;
-            row_max[r] = new_max;
-            if (alpha != 1.f) {
-              float* o = obuf.data() + r * dim;
-              for (int64_t d = 0; d < dim; ++d) o[d] *= alpha;
+          if (!unmasked) {
+            // Visible keys of row r form the prefix n0 .. row_pos[r] of the tile.
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t visible = std::clamp<int64_t>(row_pos[r] - n0 + 1, 0, bn);
+              std::fill(sbuf.data() + r * bn + visible, sbuf.data() + (r + 1) * bn, kNegInf);
             }
           }
+          // Online softmax over the tile with ATen's vectorised CPU kernels. Every row
+          // sees key 0 in the first tile, so the running maxima are finite from then on
+          // and masked scores become exp2(-inf) = 0.
+          at::amax_out(tmax_t, s_t, 1);
+          for (int64_t r = 0; r < rows; ++r) {
+            const float old_max = row_max[r], new_max = std::max(old_max, tile_max[r]);
+            alpha[r] = old_max == kNegInf ? 0.f : std::exp2(old_max - new_max);
+            row_max[r] = new_max;
+          }
+          s_t.sub_(max_t.unsqueeze(1)).exp2_();
+          at::sum_out(tsum_t, s_t, 1);
+          for (int64_t r = 0; r < rows; ++r) row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
+          if (n0 > 0) o_t.mul_(alpha_t.unsqueeze(1));
           // O += P V.
           o_t.addmm_(s_t, v_t);
         }
