@@ -1,8 +1,10 @@
 // The one registration file: every cacheblend op's schema, and its CPU / CUDA kernels.
 // Python-side fake (meta) implementations and typed wrappers live in cacheblend_ext/ops.py.
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "ops/rope.h"
+#include "ops/select.h"
 
 #ifdef CACHEBLEND_PYTHON_MODULE
 #include <Python.h>
@@ -40,6 +42,18 @@ void rope_reposition_inplace_cuda(const at::Tensor& key, const at::Tensor& src_p
 }
 #endif
 
+// ---- HKVD selection (kv_deviation, select_hkvd_batched) ----
+// Functional kv_deviation: allocates out [M] float32 and fills it.
+template <void (*Impl)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
+                       const at::Tensor&)>
+at::Tensor kv_deviation_functional(const at::Tensor& fresh, const at::Tensor& reused,
+                                   const std::optional<at::Tensor>& token_index) {
+  TORCH_CHECK(fresh.dim() == 3, "fresh must be [num_tokens, num_heads, head_dim], got shape ", fresh.sizes());
+  at::Tensor out = at::empty({fresh.size(0)}, fresh.options().dtype(at::kFloat));
+  Impl(fresh, reused, token_index, false, out);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cacheblend, m) {
@@ -54,6 +68,23 @@ TORCH_LIBRARY(cacheblend, m) {
   m.def(
       "rope_reposition_out(Tensor key, Tensor src_pos, Tensor dst_pos, Tensor cos_sin_cache, "
       "bool is_neox, *, Tensor(a!) out) -> ()");
+  // ---- HKVD selection ----
+  // Per-token deviation [M] float32: sum over heads and dims of (fresh[i] - reused[j])^2
+  // in fp32, j = token_index[i] (or i when token_index is None).
+  m.def("kv_deviation(Tensor fresh, Tensor reused, Tensor? token_index=None) -> Tensor");
+  // Same into out [M] float32; accumulate=True adds to out (K+V deviation = two calls).
+  m.def(
+      "kv_deviation_out(Tensor fresh, Tensor reused, Tensor? token_index, bool accumulate, *, "
+      "Tensor(a!) out) -> ()");
+  // Ragged batch of B requests (request b owns deviation[indptr[b]:indptr[b+1]]):
+  // every forced token plus the top-k[b] non-forced candidates (ties: lower position),
+  // as local positions ascending. Returns (indices [B, max_selected] int64 padded with
+  // -1, counts [B] int32 = full selection size; a row keeps its lowest max_selected
+  // positions when counts[b] > max_selected). Output shapes depend only on the
+  // arguments: no host sync, CUDA-graph safe.
+  m.def(
+      "select_hkvd_batched(Tensor deviation, Tensor indptr, Tensor k, Tensor? forced, Tensor? candidates, "
+      "int max_selected) -> (Tensor indices, Tensor counts)");
 }
 
 TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
@@ -63,6 +94,10 @@ TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
                                    bool is_neox, const at::Tensor& out) {
     rope_reposition_cpu(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
   });
+  // ---- HKVD selection ----
+  m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_cpu>);
+  m.impl("kv_deviation_out", &kv_deviation_cpu);
+  m.impl("select_hkvd_batched", &select_hkvd_batched_cpu);
 }
 
 #ifdef CACHEBLEND_WITH_CUDA
@@ -73,6 +108,10 @@ TORCH_LIBRARY_IMPL(cacheblend, CUDA, m) {
                                    bool is_neox, const at::Tensor& out) {
     rope_reposition_cuda(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
   });
+  // ---- HKVD selection ----
+  m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_cuda>);
+  m.impl("kv_deviation_out", &kv_deviation_cuda);
+  m.impl("select_hkvd_batched", &select_hkvd_batched_cuda);
 }
 #endif
 
