@@ -3,6 +3,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "ops/kv_concat.h"
 #include "ops/rope.h"
 #include "ops/select.h"
 
@@ -68,6 +69,14 @@ TORCH_LIBRARY(cacheblend, m) {
   m.def(
       "rope_reposition_out(Tensor key, Tensor src_pos, Tensor dst_pos, Tensor cos_sin_cache, "
       "bool is_neox, *, Tensor(a!) out) -> ()");
+
+  // Gather K and V of many chunks ([L, 2, T_i, H, D] each) for all layers into per-layer
+  // caches ([num_slots, H, D] or paged [num_blocks, block_size, H, D]) at slot_mapping
+  // (-1 = skip), re-rotating K from src_pos to dst_pos on the way. One launch.
+  m.def(
+      "fused_kv_concat(Tensor[] chunks, Tensor src_pos, Tensor dst_pos, Tensor slot_mapping, "
+      "Tensor cos_sin_cache, bool is_neox, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches) -> ()");
+
   // ---- HKVD selection ----
   // Per-token deviation [M] float32: sum over heads and dims of (fresh[i] - reused[j])^2
   // in fp32, j = token_index[i] (or i when token_index is None).
@@ -94,6 +103,7 @@ TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
                                    bool is_neox, const at::Tensor& out) {
     rope_reposition_cpu(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
   });
+  m.impl("fused_kv_concat", &fused_kv_concat_cpu);
   // ---- HKVD selection ----
   m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_cpu>);
   m.impl("kv_deviation_out", &kv_deviation_cpu);
@@ -108,6 +118,7 @@ TORCH_LIBRARY_IMPL(cacheblend, CUDA, m) {
                                    bool is_neox, const at::Tensor& out) {
     rope_reposition_cuda(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
   });
+  m.impl("fused_kv_concat", &fused_kv_concat_cuda);
   // ---- HKVD selection ----
   m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_cuda>);
   m.impl("kv_deviation_out", &kv_deviation_cuda);
