@@ -72,17 +72,31 @@ __global__ void kv_deviation_kernel(DeviationArgs args, const index_t* __restric
   const T* r = static_cast<const T*>(args.reused) + src * args.reused_token_stride;
   const int vecs_per_head = args.head_dim / VEC;
   const int num_vecs = args.num_heads * vecs_per_head;
+  // kUnroll vectors of each input per lane are loaded before any is used, so every lane
+  // keeps 2 * kUnroll 16-byte loads in flight (8 x 128 bf16 heads: one batch per row).
+  constexpr int kUnroll = 4;
   float acc = 0.f;
-#pragma unroll 4
-  for (int v = lane; v < num_vecs; v += 32) {
-    const int h = v / vecs_per_head;
-    const int d = (v - h * vecs_per_head) * VEC;
-    const V a = *reinterpret_cast<const V*>(f + h * args.fresh_head_stride + d);
-    const V b = *reinterpret_cast<const V*>(r + h * args.reused_head_stride + d);
+  for (int base = lane; base < num_vecs; base += 32 * kUnroll) {
+    V a[kUnroll], b[kUnroll];
 #pragma unroll
-    for (int e = 0; e < VEC; ++e) {
-      const float x = to_float(a.v[e]) - to_float(b.v[e]);
-      acc = fmaf(x, x, acc);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int v = base + 32 * u;
+      if (v < num_vecs) {
+        const int h = v / vecs_per_head;
+        const int d = (v - h * vecs_per_head) * VEC;
+        a[u] = *reinterpret_cast<const V*>(f + h * args.fresh_head_stride + d);
+        b[u] = *reinterpret_cast<const V*>(r + h * args.reused_head_stride + d);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (base + 32 * u < num_vecs) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const float x = to_float(a[u].v[e]) - to_float(b[u].v[e]);
+          acc = fmaf(x, x, acc);
+        }
+      }
     }
   }
   acc = warp_sum(acc);
@@ -142,9 +156,6 @@ __global__ void __launch_bounds__(kThreads) select_hkvd_kernel(SelectArgs args, 
   const float* dev = args.deviation + start;
   const bool* forced = args.forced != nullptr ? args.forced + start : nullptr;
   const bool* cand = args.candidates != nullptr ? args.candidates + start : nullptr;
-  auto is_candidate = [&](int64_t i) {
-    return !(forced != nullptr && forced[i]) && (cand == nullptr || cand[i]);
-  };
 
   // ---- 1. radix select of the threshold key among the candidates ----
   const bool select_none = kk == 0;
@@ -156,10 +167,27 @@ __global__ void __launch_bounds__(kThreads) select_hkvd_kernel(SelectArgs args, 
       const int shift = 24 - 8 * pass;
       for (int i = tid; i < 256; i += kThreads) s_hist[i] = 0u;
       __syncthreads();
-      for (int64_t i = tid; i < n; i += kThreads) {
-        if (!is_candidate(i)) continue;
-        const uint32_t key = order_key(dev[i]);
-        if ((key & mask) == prefix) atomicAdd(&s_hist[(key >> shift) & 0xFFu], 1u);
+      // kUnroll tokens per thread are loaded before any is counted (loads in flight).
+      constexpr int kUnroll = 4;
+      for (int64_t base = tid; base < n; base += static_cast<int64_t>(kThreads) * kUnroll) {
+        uint32_t keys[kUnroll];
+        bool counted[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t i = base + static_cast<int64_t>(kThreads) * u;
+          counted[u] = false;
+          keys[u] = 0u;
+          if (i < n) {
+            const bool is_forced = forced != nullptr && forced[i];
+            const bool is_cand = cand == nullptr || cand[i];
+            keys[u] = order_key(dev[i]);
+            counted[u] = !is_forced && is_cand;
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (counted[u] && (keys[u] & mask) == prefix) atomicAdd(&s_hist[(keys[u] >> shift) & 0xFFu], 1u);
+        }
       }
       __syncthreads();
       if (warp == 0) {
