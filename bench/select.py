@@ -7,6 +7,8 @@ Three tables, each against eager PyTorch and its ``torch.compile`` version in th
              ``kv_deviation`` + ``select_hkvd_batched`` (2 launches, no host sync); the
              composite = sum of squares, mask, ``torch.topk``, ``torch.cat``, ``torch.sort``.
   top-k only: from a given deviation vector to sorted indices.
+On CUDA a "GPU ops" column counts the kernels and memcpy/memset operations of one call
+(torch.profiler).
 Default shape: 4096 tokens x 8 KV heads x 128 (Mistral-7B), 15% recompute, the last 32
 tokens forced (the query). ``--requests R`` selects for R such requests in one call
 (the composite loops over them).
@@ -51,6 +53,9 @@ def _table(title, results, args, nbytes=None, copy_gbps=None):
     columns = ["impl", "median ms", "speed-up vs eager"]
     if nbytes is not None:
         columns = ["impl", "median ms", "GB/s", "% of copy BW", "speed-up vs eager"]
+    gpu = any("gpu_ops" in r for r in results.values())
+    if gpu:
+        columns.append("GPU ops")
     table = common.Table(title, columns)
     eager_ms = results["eager"]["median_ms"]
     for name, r in results.items():
@@ -60,10 +65,30 @@ def _table(title, results, args, nbytes=None, copy_gbps=None):
             r["pct_of_copy_bw"] = 100 * r["gbps"] / copy_gbps
             row += [r["gbps"], r["pct_of_copy_bw"]]
         r["speedup_vs_eager"] = eager_ms / r["median_ms"]
-        table.add(*row, r["speedup_vs_eager"])
+        row.append(r["speedup_vs_eager"])
+        if gpu:
+            row.append("?" if r.get("gpu_ops") is None else r["gpu_ops"])
+        table.add(*row)
     print(table.render())
     print()
     return table.as_dict()
+
+
+def count_gpu_ops(fn) -> int | None:
+    """Kernels and memcpy/memset operations one call of ``fn`` puts on the GPU (profiler)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        count = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        return count or None  # 0 means the profiler saw no device activity, not a free call
+    except Exception as exc:  # pragma: no cover - depends on the profiler build
+        common.progress(f"could not count GPU ops: {exc}")
+        return None
 
 
 def _time_all(impls: dict, device, args) -> dict:
@@ -74,6 +99,8 @@ def _time_all(impls: dict, device, args) -> dict:
             continue
         common.progress(f"timing {name}")
         results[name] = common.time_fn(fn, device, warmup, iters)
+        if torch.device(device).type == "cuda":
+            results[name]["gpu_ops"] = count_gpu_ops(fn)
     return results
 
 
