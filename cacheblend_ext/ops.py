@@ -200,20 +200,12 @@ def select_hkvd(
     ``k`` non-forced candidates by deviation (ties: lower index first; ``k`` beyond the
     candidates selects all of them; ``k = 0`` selects only the forced tokens).
 
-    Built on :func:`select_hkvd_batched`; it reads the selection size back to the host
-    to slice the result (one device-to-host sync on CUDA), so it is not CUDA-graph safe:
-    engines that capture graphs call :func:`select_hkvd_batched` directly.
+    Built on the batched kernel; the selection size is data dependent, so this reads it
+    back to the host (one device-to-host sync on CUDA) and is not CUDA-graph safe:
+    engines that capture graphs call :func:`select_hkvd_batched` directly. Under
+    ``torch.compile`` the result has an unbacked (data-dependent) size.
     """
-    k = int(k)
-    if k < 0:
-        raise RuntimeError(f"k must be >= 0, got {k}")
-    if deviation.dim() != 1:
-        raise RuntimeError(f"deviation must be 1-D [num_tokens], got shape {tuple(deviation.shape)}")
-    n = deviation.shape[0]
-    indptr = torch.tensor([0, n], dtype=torch.int64).to(deviation.device, non_blocking=True)
-    kk = torch.tensor([min(k, n)], dtype=torch.int64).to(deviation.device, non_blocking=True)
-    indices, counts = select_hkvd_batched(deviation, indptr, kk, forced, candidates, n)
-    return indices[0, : int(counts[0].item())]
+    return _ops.select_hkvd(deviation, int(k), forced, candidates)
 
 
 @torch.library.register_fake("cacheblend::kv_deviation")
@@ -225,6 +217,13 @@ def _kv_deviation_fake(fresh, reused, token_index=None):
 @torch.library.register_fake("cacheblend::kv_deviation_out")
 def _kv_deviation_out_fake(fresh, reused, token_index, accumulate, *, out) -> None:
     return None
+
+
+@torch.library.register_fake("cacheblend::select_hkvd")
+def _select_hkvd_fake(deviation, k, forced=None, candidates=None):
+    torch._check(k >= 0, lambda: f"k must be >= 0, got {k}")
+    size = torch.library.get_ctx().new_dynamic_size()
+    return deviation.new_empty((size,), dtype=torch.int64)
 
 
 @torch.library.register_fake("cacheblend::select_hkvd_batched")

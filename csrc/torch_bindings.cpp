@@ -3,6 +3,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <tuple>
+
 #include "ops/kv_concat.h"
 #include "ops/rope.h"
 #include "ops/select.h"
@@ -55,6 +58,27 @@ at::Tensor kv_deviation_functional(const at::Tensor& fresh, const at::Tensor& re
   return out;
 }
 
+// Single-request select_hkvd on top of the batched op: [S] int64 selected indices. The
+// selection size lives on the device, so this reads it back (a host sync on CUDA).
+template <std::tuple<at::Tensor, at::Tensor> (*Batched)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        const std::optional<at::Tensor>&,
+                                                        const std::optional<at::Tensor>&, int64_t)>
+at::Tensor select_hkvd_single(const at::Tensor& deviation, int64_t k, const std::optional<at::Tensor>& forced,
+                              const std::optional<at::Tensor>& candidates) {
+  TORCH_CHECK(k >= 0, "k must be >= 0, got ", k);
+  TORCH_CHECK(deviation.dim() == 1, "deviation must be 1-D [num_tokens], got shape ", deviation.sizes());
+  const int64_t n = deviation.size(0);
+  at::Tensor host = at::empty({3}, at::TensorOptions().dtype(at::kLong));
+  int64_t* h = host.data_ptr<int64_t>();
+  h[0] = 0;               // indptr = [0, n]
+  h[1] = n;
+  h[2] = std::min(k, n);  // k
+  const at::Tensor args = host.to(deviation.device());
+  auto [indices, counts] = Batched(deviation, args.narrow(0, 0, 2), args.narrow(0, 2, 1), forced, candidates, n);
+  const int64_t count = counts.item<int32_t>();
+  return indices.select(0, 0).narrow(0, 0, count).clone();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cacheblend, m) {
@@ -94,6 +118,9 @@ TORCH_LIBRARY(cacheblend, m) {
   m.def(
       "select_hkvd_batched(Tensor deviation, Tensor indptr, Tensor k, Tensor? forced, Tensor? candidates, "
       "int max_selected) -> (Tensor indices, Tensor counts)");
+  // One request: [S] int64 ascending (forced + top-k candidates). The size is data
+  // dependent: reads the count back to the host (not CUDA-graph safe).
+  m.def("select_hkvd(Tensor deviation, int k, Tensor? forced=None, Tensor? candidates=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
@@ -108,6 +135,7 @@ TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
   m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_cpu>);
   m.impl("kv_deviation_out", &kv_deviation_cpu);
   m.impl("select_hkvd_batched", &select_hkvd_batched_cpu);
+  m.impl("select_hkvd", &select_hkvd_single<&select_hkvd_batched_cpu>);
 }
 
 #ifdef CACHEBLEND_WITH_CUDA
@@ -123,6 +151,7 @@ TORCH_LIBRARY_IMPL(cacheblend, CUDA, m) {
   m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_cuda>);
   m.impl("kv_deviation_out", &kv_deviation_cuda);
   m.impl("select_hkvd_batched", &select_hkvd_batched_cuda);
+  m.impl("select_hkvd", &select_hkvd_single<&select_hkvd_batched_cuda>);
 }
 #endif
 

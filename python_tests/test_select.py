@@ -304,6 +304,9 @@ def test_select_opcheck(device):
     torch.library.opcheck(torch.ops.cacheblend.select_hkvd_batched.default, (deviation, indptr, k, forced, None, 20))
     torch.library.opcheck(torch.ops.cacheblend.select_hkvd_batched.default,
                           (deviation, indptr, k, None, ~forced, 40))
+    # data-dependent output size (the fake impl returns an unbacked size)
+    torch.library.opcheck(torch.ops.cacheblend.select_hkvd.default, (deviation, 7, forced, None))
+    torch.library.opcheck(torch.ops.cacheblend.select_hkvd.default, (deviation, 0, None, ~forced))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -374,3 +377,21 @@ def test_select_cuda_graph_replay():
             want = reference.select_hkvd(dev[s:e], int(k[b]), forced[s:e].cpu())
             assert counts[b].item() == want.numel()
             assert torch.equal(indices[b, : want.numel()].cpu(), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_select_torch_compile_fullgraph(device):
+    # Fake impls let the ops trace without graph breaks (aot_eager keeps the test fast).
+    def blend_select(fresh, reused, indptr, k, forced):
+        return ops.select_hkvd_batched(ops.kv_deviation(fresh, reused), indptr, k, forced, None, 64)
+
+    fresh, reused = torch.randn(2, 100, 2, 16, device=device).unbind(0)
+    indptr = torch.tensor([0, 40, 100], device=device)
+    k = torch.tensor([5, 20], device=device)
+    forced = torch.rand(100, device=device) < 0.1
+    compiled = torch.compile(blend_select, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(fresh, reused, indptr, k, forced), blend_select(fresh, reused, indptr, k, forced)):
+        assert torch.equal(got, want)
+    single = torch.compile(lambda d: ops.select_hkvd(d, 5), fullgraph=True, backend="aot_eager")
+    dev = torch.rand(50, device=device)
+    assert torch.equal(single(dev).cpu(), reference.select_hkvd(dev, 5))
