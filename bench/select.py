@@ -7,7 +7,8 @@ Three tables, each against eager PyTorch and its ``torch.compile`` version in th
              ``kv_deviation`` + ``select_hkvd_batched`` (2 launches, no host sync); the
              composite = sum of squares, mask, ``torch.topk``, ``torch.cat``, ``torch.sort``.
   top-k only: from a given deviation vector to sorted indices.
-On CUDA a "GPU ops" column counts the kernels and memcpy/memset operations of one call
+On the CPU the implementations are timed round-robin (one call each per round) so that
+load from other processes hits them alike. On CUDA a "GPU ops" column counts the kernels and memcpy/memset operations of one call
 (torch.profiler).
 Default shape: 4096 tokens x 8 KV heads x 128 (Mistral-7B), 15% recompute, the last 32
 tokens forced (the query). ``--requests R`` selects for R such requests in one call
@@ -17,6 +18,8 @@ tokens forced (the query). ``--requests R`` selects for R such requests in one c
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import torch
 
@@ -91,16 +94,33 @@ def count_gpu_ops(fn) -> int | None:
         return None
 
 
+def _time_interleaved_cpu(impls: dict, warmup: int, iters: int) -> dict:
+    """CPU medians with the implementations timed round-robin, one call each per round, so
+    load from other processes on a shared machine hits them all alike."""
+    for fn in impls.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in impls}
+    for _ in range(iters):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "iters": iters}
+            for name, t in times.items()}
+
+
 def _time_all(impls: dict, device, args) -> dict:
     warmup, iters = common.iterations(args)
+    impls = {name: fn for name, fn in impls.items() if fn is not None}
+    if torch.device(device).type != "cuda":
+        common.progress(f"timing {', '.join(impls)} (interleaved)")
+        return _time_interleaved_cpu(impls, warmup, iters)
     results = {}
     for name, fn in impls.items():
-        if fn is None:
-            continue
         common.progress(f"timing {name}")
         results[name] = common.time_fn(fn, device, warmup, iters)
-        if torch.device(device).type == "cuda":
-            results[name]["gpu_ops"] = count_gpu_ops(fn)
+        results[name]["gpu_ops"] = count_gpu_ops(fn)
     return results
 
 
