@@ -1,5 +1,6 @@
 // CPU implementations of kv_deviation and select_hkvd_batched.
-//   kv_deviation: one fused pass (no temporaries), tokens in parallel.
+//   kv_deviation: one fused pass (no temporaries), tokens in parallel; an AVX2/F16C row
+//   kernel when the CPU has it.
 //   select_hkvd_batched: requests in parallel; per request the top-k candidates are
 //   found with nth_element under the strict order (key desc, index asc), then the
 //   selection is written in position order.
@@ -9,13 +10,84 @@
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
 #include "kernels/select.h"
 #include "ops/select.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define CB_X86_AVX2_PATH 1
+#endif
+
 namespace cacheblend {
+
+namespace {
+
+#ifdef CB_X86_AVX2_PATH
+// AVX2 + FMA + F16C version of select::squared_diff_sum, chosen at run time when the CPU
+// has them (the extension itself is compiled for baseline x86-64). fp16 converts with
+// F16C, bf16 by widening the bits; two accumulators of 8 lanes.
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) inline __m256 load8_as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    static_assert(std::is_same_v<T, c10::BFloat16>, "fp32, fp16 or bf16");
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+  }
+}
+
+template <typename T>
+__attribute__((target("avx2,fma,f16c"))) float squared_diff_sum_avx2(const T* a, const T* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m256 d0 = _mm256_sub_ps(load8_as_float<T>(a + j), load8_as_float<T>(b + j));
+    const __m256 d1 = _mm256_sub_ps(load8_as_float<T>(a + j + 8), load8_as_float<T>(b + j + 8));
+    acc0 = _mm256_fmadd_ps(d0, d0, acc0);
+    acc1 = _mm256_fmadd_ps(d1, d1, acc1);
+  }
+  for (; j + 8 <= n; j += 8) {
+    const __m256 d0 = _mm256_sub_ps(load8_as_float<T>(a + j), load8_as_float<T>(b + j));
+    acc0 = _mm256_fmadd_ps(d0, d0, acc0);
+  }
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 v = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+  float sum = _mm_cvtss_f32(v);
+  for (; j < n; ++j) {
+    const float d = to_float(a[j]) - to_float(b[j]);
+    sum += d * d;
+  }
+  return sum;
+}
+
+bool cpu_has_avx2_fma_f16c() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+// The fastest squared-difference kernel this CPU runs for storage type T.
+template <typename T>
+auto squared_diff_sum_for_cpu() -> float (*)(const T*, const T*, int64_t) {
+#ifdef CB_X86_AVX2_PATH
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
+    if (cpu_has_avx2_fma_f16c()) return &squared_diff_sum_avx2<T>;
+  }
+#endif
+  return &select::squared_diff_sum<T>;
+}
+
+}  // namespace
 
 void kv_deviation_cpu(const at::Tensor& fresh, const at::Tensor& reused, const std::optional<at::Tensor>& token_index,
                       bool accumulate, const at::Tensor& out) {
@@ -33,6 +105,7 @@ void kv_deviation_cpu(const at::Tensor& fresh, const at::Tensor& reused, const s
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, fresh.scalar_type(), "kv_deviation_cpu", [&] {
       const scalar_t* f_base = fresh.data_ptr<scalar_t>();
       const scalar_t* r_base = reused.data_ptr<scalar_t>();
+      const auto row_sum = squared_diff_sum_for_cpu<scalar_t>();
       at::parallel_for(0, num_rows, 32, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           const int64_t src = index != nullptr ? static_cast<int64_t>(static_cast<index_t>(index[t])) : t;
@@ -40,9 +113,9 @@ void kv_deviation_cpu(const at::Tensor& fresh, const at::Tensor& reused, const s
           const scalar_t* r = r_base + src * rs0;
           float acc = 0.f;
           if (flat) {
-            acc = select::squared_diff_sum(f, r, num_heads * head_dim);
+            acc = row_sum(f, r, num_heads * head_dim);
           } else {
-            for (int64_t h = 0; h < num_heads; ++h) acc += select::squared_diff_sum(f + h * fs1, r + h * rs1, head_dim);
+            for (int64_t h = 0; h < num_heads; ++h) acc += row_sum(f + h * fs1, r + h * rs1, head_dim);
           }
           out_ptr[t] = accumulate ? out_ptr[t] + acc : acc;
         }
