@@ -60,6 +60,12 @@ CB_DEVICE void reposition_item(const T* in, T* out, const Rotation* rot, int rot
     }
     *reinterpret_cast<V*>(out + j * VEC) = a;
     *reinterpret_cast<V*>(out + half + j * VEC) = b;
+  } else if constexpr (VEC == 1) {
+    // Scalar path: rows may be only element-aligned, so no paired loads.
+    float x = to_float(in[2 * j]), y = to_float(in[2 * j + 1]);
+    rotate(x, y, rot[j]);
+    out[2 * j] = from_float<T>(x);
+    out[2 * j + 1] = from_float<T>(y);
   } else {
     constexpr int W = kItemWidth<VEC, NEOX>;
     using V = Array<T, W>;
