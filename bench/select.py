@@ -132,9 +132,21 @@ def run(args) -> dict:
     assert 0 <= args.forced <= n and k >= 0, "need 0 <= forced <= tokens"
     gen = torch.Generator(device="cpu").manual_seed(0)
     common.progress("allocating inputs")
-    reused = torch.randn(total, args.kv_heads, args.head_dim, generator=gen).to(device=device, dtype=dtype)
-    noise = torch.rand(total, 1, 1, generator=gen) * torch.randn(total, args.kv_heads, args.head_dim, generator=gen)
-    fresh = (reused.float() + noise.to(device)).to(dtype)
+    # One layer's K fits in CPU caches (a large shared L3): cycle through enough input
+    # copies to exceed 1 GiB (on a GPU the L2 is flushed between calls instead).
+    pair_bytes = 2 * total * args.kv_heads * args.head_dim * torch.empty(0, dtype=dtype).element_size()
+    copies = 1 if device.startswith("cuda") else max(2, min(64, math.ceil((1 << 30) / max(pair_bytes, 1))))
+    pairs = []
+    for _ in range(copies):
+        reused = torch.randn(total, args.kv_heads, args.head_dim, generator=gen).to(device=device, dtype=dtype)
+        noise = torch.rand(total, 1, 1, generator=gen) * torch.randn(total, args.kv_heads, args.head_dim,
+                                                                      generator=gen)
+        pairs.append(((reused.float() + noise.to(device)).to(dtype), reused))
+    fresh, reused = pairs[0]
+    turn = iter(range(1 << 62))
+
+    def next_pair():
+        return pairs[next(turn) % copies]
     forced = torch.zeros(total, dtype=torch.bool, device=device)
     forced.view(r, n)[:, n - args.forced:] = True
     pool = ~forced
@@ -151,15 +163,16 @@ def run(args) -> dict:
         print("WARNING: cacheblend and the composite selected different tokens")
 
     def cb_selection():
-        d = ops.kv_deviation(fresh, reused)
-        return ops.select_hkvd_batched(d, indptr, kk, forced, None, max_selected)
+        f, u = next_pair()
+        return ops.select_hkvd_batched(ops.kv_deviation(f, u), indptr, kk, forced, None, max_selected)
 
     def cb_selection_single():  # one request, reads the count back (host sync on CUDA)
-        return ops.select_hkvd(ops.kv_deviation(fresh[:n], reused[:n]), k, forced[:n])
+        f, u = next_pair()
+        return ops.select_hkvd(ops.kv_deviation(f[:n], u[:n]), k, forced[:n])
 
-    def eager_selection():
-        return [selection_eager(fresh[i * n:(i + 1) * n], reused[i * n:(i + 1) * n], pool[:n], forced_idx, k)
-                for i in range(r)]
+    def eager_selection(fn=selection_eager):
+        f, u = next_pair()
+        return [fn(f[i * n:(i + 1) * n], u[i * n:(i + 1) * n], pool[:n], forced_idx, k) for i in range(r)]
 
     def eager_topk():
         return [topk_eager(dev[i * n:(i + 1) * n], pool[:n], forced_idx, k) for i in range(r)]
@@ -172,15 +185,14 @@ def run(args) -> dict:
     copy_gbps = common.measure_copy_bandwidth(device)
     out = torch.empty(total, device=device)
     dev_results = _time_all({
-        "cacheblend": lambda: ops.kv_deviation(fresh, reused, out=out),
-        "eager": lambda: deviation_eager(fresh, reused),
-        "torch.compile": (lambda: compiled_dev(fresh, reused)) if compiled_dev else None,
+        "cacheblend": lambda: ops.kv_deviation(*next_pair(), out=out),
+        "eager": lambda: deviation_eager(*next_pair()),
+        "torch.compile": (lambda: compiled_dev(*next_pair())) if compiled_dev else None,
     }, device, args)
     sel_impls = {
         "cacheblend (2 launches, no sync)": cb_selection,
         "eager": eager_selection,
-        "torch.compile": (lambda: [compiled_sel(fresh[i * n:(i + 1) * n], reused[i * n:(i + 1) * n], pool[:n],
-                                                forced_idx, k) for i in range(r)]) if compiled_sel else None,
+        "torch.compile": (lambda: eager_selection(compiled_sel)) if compiled_sel else None,
     }
     if r == 1:
         sel_impls["cacheblend select_hkvd (reads count)"] = cb_selection_single
@@ -194,7 +206,7 @@ def run(args) -> dict:
 
     nbytes = 2 * fresh.numel() * fresh.element_size() + 4 * total
     shape = {"tokens": n, "requests": r, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": str(dtype),
-             "k": k, "forced": args.forced}
+             "k": k, "forced": args.forced, "input_copies": copies}
     desc = f"{r} x {n} tokens x {args.kv_heads} x {args.head_dim} {str(dtype).replace('torch.', '')}"
     tables = [
         _table(f"kv_deviation, K of one layer, {desc}", dev_results, args, nbytes, copy_gbps),
