@@ -4,7 +4,7 @@ Three tables, each against eager PyTorch and its ``torch.compile`` version in th
   deviation: ``kv_deviation`` over one layer's K ``[T, H, D]`` (fresh vs reused); bytes =
              both inputs read once + the fp32 output; GB/s and % of measured copy bandwidth.
   selection: the whole check-layer selection from K to sorted indices. cacheblend =
-             ``kv_deviation`` + ``select_hkvd_batched`` (2 launches, no host sync); the
+             ``kv_deviation`` + ``select_hkvd_batched`` (2 GPU launches, no host sync); the
              composite = sum of squares, mask, ``torch.topk``, ``torch.cat``, ``torch.sort``.
   top-k only: from a given deviation vector to sorted indices.
 On the CPU the implementations are timed round-robin (one call each per round) so that
@@ -190,7 +190,7 @@ def run(args) -> dict:
         "torch.compile": (lambda: compiled_dev(*next_pair())) if compiled_dev else None,
     }, device, args)
     sel_impls = {
-        "cacheblend (2 launches, no sync)": cb_selection,
+        "cacheblend batched (no sync)": cb_selection,
         "eager": eager_selection,
         "torch.compile": (lambda: eager_selection(compiled_sel)) if compiled_sel else None,
     }
