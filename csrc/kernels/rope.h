@@ -32,6 +32,13 @@ CB_HOST_DEVICE Rotation reposition_rotation(const float* src_row, const float* d
   return {(cd * cs + sd * ss) * inv_norm, (sd * cs - cd * ss) * inv_norm};
 }
 
+// All `rotary_dim / 2` rotations of one token (CPU path; the CUDA kernels split the
+// loop over threads).
+inline void token_rotations(const float* table, int rotary_dim, int64_t src, int64_t dst, Rotation* out) {
+  const int half = rotary_dim / 2;
+  for (int i = 0; i < half; ++i) out[i] = reposition_rotation(table + src * rotary_dim, table + dst * rotary_dim, half, i);
+}
+
 CB_HOST_DEVICE void rotate(float& x, float& y, Rotation r) {
   const float nx = x * r.cos - y * r.sin;
   const float ny = y * r.cos + x * r.sin;
@@ -51,14 +58,14 @@ CB_HOST_DEVICE void pair_offsets(bool is_neox, int half, int i, int& a, int& b) 
 }
 
 // Re-position one head of one token: `in` and `out` may alias (in-place).
-// `rotations` holds the `half` rotations of this token (shared by all its heads).
-template <typename T>
-CB_HOST_DEVICE void reposition_head(const T* in, T* out, const Rotation* rotations,
-                                    int rotary_dim, int head_dim, bool is_neox) {
+// `rotations` holds the `half` rotations of this token (shared by all its heads). The
+// style is a template parameter so the CPU loops vectorise (contiguous halves for NeoX).
+template <bool NEOX, typename T>
+CB_HOST_DEVICE void reposition_head(const T* in, T* out, const Rotation* rotations, int rotary_dim, int head_dim) {
   const int half = rotary_dim / 2;
   for (int i = 0; i < half; ++i) {
     int a, b;
-    pair_offsets(is_neox, half, i, a, b);
+    pair_offsets(NEOX, half, i, a, b);
     float x = to_float(in[a]), y = to_float(in[b]);
     rotate(x, y, rotations[i]);
     out[a] = from_float<T>(x);
@@ -66,6 +73,16 @@ CB_HOST_DEVICE void reposition_head(const T* in, T* out, const Rotation* rotatio
   }
   if (in != out) {
     for (int d = rotary_dim; d < head_dim; ++d) out[d] = in[d];
+  }
+}
+
+template <typename T>
+CB_HOST_DEVICE void reposition_head(const T* in, T* out, const Rotation* rotations, int rotary_dim, int head_dim,
+                                    bool is_neox) {
+  if (is_neox) {
+    reposition_head<true>(in, out, rotations, rotary_dim, head_dim);
+  } else {
+    reposition_head<false>(in, out, rotations, rotary_dim, head_dim);
   }
 }
 
