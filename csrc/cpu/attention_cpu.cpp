@@ -7,7 +7,10 @@
 // block's largest position are never touched and tiles wholly before its smallest
 // position need no mask. Per work item the memory is O(rows * (D + tile)); no M x N
 // matrix exists. The two matrix products of a tile run as BLAS GEMMs on views of
-// per-item buffers (fp32 math; fp16/bf16 K/V tiles are converted to fp32 first).
+// per-item buffers (fp32 math; fp16/bf16 K/V tiles are converted to fp32 first), and
+// the softmax updates use ATen's vectorised CPU kernels on the same views (ATen ops run
+// single-threaded inside the parallel region). Work items are handed out dynamically,
+// most expensive first, since an item's cost grows with its positions.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
