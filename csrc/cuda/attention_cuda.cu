@@ -60,7 +60,6 @@ void sparse_query_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
                                  const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,
                                  const std::optional<at::Tensor>& lse) {
-  validate_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
   const int64_t num_q = q.size(0);
   TORCH_CHECK(num_q < (int64_t{1} << 31), "sparse_query_attention: at most 2^31 - 1 queries, got ", num_q);
   TORCH_CHECK(k.size(1) <= 65535, "sparse_query_attention: at most 65535 kv heads, got ", k.size(1));
