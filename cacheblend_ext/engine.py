@@ -301,10 +301,11 @@ class BlendEngine:
 
     # ------------------------------------------------------------------ HF helpers
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache=None):
+    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache=None, logits_to_keep: int = 1):
         kwargs = {self._cache_kw: cache} if cache is not None else {}
+        # Only the last position's logits are needed (as a serving engine computes them).
         return self.model(input_ids=input_ids[None].to(self.device), position_ids=position_ids[None].to(self.device),
-                          use_cache=True, **kwargs)
+                          use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
 
     @staticmethod
     def _cache_layers(cache):
