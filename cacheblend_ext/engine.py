@@ -355,8 +355,9 @@ class BlendEngine:
             if not torch.equal(reuse_prefix.token_ids, ids[:p]) or int(reuse_prefix.positions[0]) != 0:
                 raise ValueError("reuse_prefix must be an exact prefix of the request computed at position 0")
             kv = reuse_prefix.kv.to(self.device)
-            cache = make_dynamic_cache(self.model, [kv[l, 0].transpose(0, 1)[None].clone() for l in range(kv.shape[0])],
-                                       [kv[l, 1].transpose(0, 1)[None].clone() for l in range(kv.shape[0])])
+            # views: Hugging Face's cache concatenates into new tensors, the chunk is not modified
+            cache = make_dynamic_cache(self.model, [kv[l, 0].transpose(0, 1)[None] for l in range(kv.shape[0])],
+                                       [kv[l, 1].transpose(0, 1)[None] for l in range(kv.shape[0])])
             start = p
         pos = torch.arange(start, ids.numel(), dtype=torch.int64)
         out = self._forward(ids[start:], pos, cache)
