@@ -20,7 +20,7 @@ HELP = "answer quality (F1/EM, agreement and KL vs full prefill) of CacheBlend a
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="bundled model name or local HF model dir")
-    parser.add_argument("--samples", type=int, default=24)
+    parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--chunks", type=int, default=4, help="chunks per request")
     parser.add_argument("--chunk-words", type=int, default=80, help="filler words per chunk (plus planted facts)")
     parser.add_argument("--seed", type=int, default=0)
