@@ -228,7 +228,7 @@ def test_hf_generate_continues_from_blend_cache(tiny):
     first = int(result.logits.argmax())
     ids = torch.cat([result.input_ids, torch.tensor([first])])[None]
     with torch.inference_mode():
-        out = tiny.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=result.cache,
+        out = tiny.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{engine._cache_kw: result.cache},
                             max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     hf_tokens = [first] + out[0, ids.shape[1]:].tolist()
     result2 = engine.blend([prefix, *chunks, query])
