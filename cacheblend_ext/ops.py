@@ -232,3 +232,50 @@ def _select_hkvd_batched_fake(deviation, indptr, k, forced, candidates, max_sele
     indices = deviation.new_empty((num_requests, max_selected), dtype=torch.int64)
     counts = deviation.new_empty((num_requests,), dtype=torch.int32)
     return indices, counts
+
+
+# ---------------------------------------------------------------------------
+# Sparse-query attention
+# ---------------------------------------------------------------------------
+
+
+def sparse_query_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    scale: float | None = None,
+    *,
+    q_indptr: torch.Tensor | None = None,
+    kv_indptr: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of selected queries with the exact position-causal mask.
+
+    ``q`` ``[M, Hq, D]`` holds queries at absolute positions ``q_pos`` ``[M]`` (int32 or
+    int64, positions within their request); ``k``, ``v`` ``[N, Hkv, D]`` hold the
+    request's keys and values, key ``j`` at position ``j``; ``Hq`` is a multiple of
+    ``Hkv`` (grouped-query attention). Key ``j`` is visible to query ``i`` iff
+    ``j <= q_pos[i]``. ``scale`` defaults to ``1 / sqrt(D)``.
+
+    Ragged batches: ``q_indptr`` and ``kv_indptr`` ``[B + 1]`` (both or neither) give each
+    request's rows of ``q`` / ``q_pos`` and of ``k`` / ``v``; ``None`` means one request.
+    A request may have no queries.
+
+    Returns ``out`` ``[M, Hq, D]`` in ``q``'s dtype (written into ``out`` when given) and,
+    with ``return_lse``, also the natural-log log-sum-exp of the scaled scores
+    ``[M, Hq]`` float32. Matches :func:`cacheblend_ext.reference.sparse_query_attention`.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+    _ops.sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, float(scale), out, lse)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("cacheblend::sparse_query_attention")
+def _sparse_query_attention_fake(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse) -> None:
+    return None

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "ops/attention.h"
 #include "ops/kv_concat.h"
 #include "ops/rope.h"
 #include "ops/select.h"
@@ -121,6 +122,14 @@ TORCH_LIBRARY(cacheblend, m) {
   // One request: [S] int64 ascending (forced + top-k candidates). The size is data
   // dependent: reads the count back to the host (not CUDA-graph safe).
   m.def("select_hkvd(Tensor deviation, int k, Tensor? forced=None, Tensor? candidates=None) -> Tensor");
+
+  // ---- sparse_query_attention ----
+  // Selected queries q [M, Hq, D] at positions q_pos [M] against keys/values [N, Hkv, D]
+  // with the exact position-causal mask (key j visible iff j <= q_pos); ragged batches
+  // through q_indptr / kv_indptr [B + 1]. Writes out [M, Hq, D] and, if given, lse [M, Hq].
+  m.def(
+      "sparse_query_attention(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor? q_indptr, "
+      "Tensor? kv_indptr, float scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
@@ -136,6 +145,9 @@ TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
   m.impl("kv_deviation_out", &kv_deviation_cpu);
   m.impl("select_hkvd_batched", &select_hkvd_batched_cpu);
   m.impl("select_hkvd", &select_hkvd_single<&select_hkvd_batched_cpu>);
+
+  // ---- sparse_query_attention ----
+  m.impl("sparse_query_attention", &sparse_query_attention_cpu);
 }
 
 #ifdef CACHEBLEND_WITH_CUDA
@@ -152,6 +164,9 @@ TORCH_LIBRARY_IMPL(cacheblend, CUDA, m) {
   m.impl("kv_deviation_out", &kv_deviation_cuda);
   m.impl("select_hkvd_batched", &select_hkvd_batched_cuda);
   m.impl("select_hkvd", &select_hkvd_single<&select_hkvd_batched_cuda>);
+
+  // ---- sparse_query_attention ----
+  m.impl("sparse_query_attention", &sparse_query_attention_cuda);
 }
 #endif
 
