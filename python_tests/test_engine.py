@@ -11,6 +11,8 @@ from cacheblend_ext.chunk import ChunkKV
 from cacheblend_ext.engine import BlendConfig, BlendEngine, make_dynamic_cache
 from cacheblend_ext.models import bundled_model_available
 
+from conftest import DEVICES
+
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 
 
@@ -47,9 +49,18 @@ def tiny_model(arch: str):
     return model
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+def _cases():
+    for dev in DEVICES:
+        marks = getattr(dev, "marks", ())
+        name = dev.values[0] if hasattr(dev, "values") else dev
+        for arch in ARCHS:
+            yield pytest.param((arch, name), marks=marks, id=f"{arch}-{name}")
+
+
+@pytest.fixture(scope="module", params=list(_cases()))
 def tiny(request):
-    return tiny_model(request.param)
+    arch, device = request.param
+    return tiny_model(arch).to(device)
 
 
 def request_parts(seed=0, sizes=(19, 26, 13)):
@@ -61,6 +72,7 @@ def request_parts(seed=0, sizes=(19, 26, 13)):
 
 
 def hf_logits_and_greedy(model, ids: torch.Tensor, steps: int = 32):
+    ids = ids.to(model.device)
     with torch.inference_mode():
         logits = model(input_ids=ids[None]).logits[0, -1].float()
         out = model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=steps,
@@ -72,9 +84,10 @@ def full_reuse_reference(engine: BlendEngine, prefix: torch.Tensor, chunks: list
     """Prefix prefilled by HF, chunk KV re-rotated to its new positions (float64 reference),
     then the query prefilled by HF on top of that cache: first-token logits."""
     model = engine.model
+    dev = model.device
     rope = engine.rope(4096)
     with torch.inference_mode():
-        cache_out = model(input_ids=prefix[None], use_cache=True)
+        cache_out = model(input_ids=prefix[None].to(dev), use_cache=True)
         base = getattr(cache_out, "cache", None) or cache_out.past_key_values
         keys = [layer.keys[0].transpose(0, 1) for layer in base.layers]
         values = [layer.values[0].transpose(0, 1) for layer in base.layers]
@@ -82,7 +95,8 @@ def full_reuse_reference(engine: BlendEngine, prefix: torch.Tensor, chunks: list
         for c in chunks:
             dst = torch.arange(n, n + c.num_tokens)
             for l in range(c.num_layers):
-                k = reference.rope_reposition(c.kv[l, 0], c.positions, dst, rope.cos_sin_cache, True).float()
+                k = reference.rope_reposition(c.kv[l, 0].cpu(), c.positions.cpu(), dst, rope.cos_sin_cache.cpu(),
+                                              True).float().to(dev)
                 keys[l] = torch.cat([keys[l], k])
                 values[l] = torch.cat([values[l], c.kv[l, 1]])
             n += c.num_tokens
@@ -183,14 +197,15 @@ def test_partial_ratio_exercises_sparse_path_against_masked_reference(tiny):
     n = result.num_tokens
     rope = engine.rope(n)
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[sel] = True
+    mask[sel.cpu()] = True
     start = prefix.numel()
     for l in range(2, 4):
-        k = result.cache.layers[l].keys[0].transpose(0, 1)
+        k = result.cache.layers[l].keys[0].transpose(0, 1).cpu()
         pos = start
         for c in chunks:
             dst = torch.arange(pos, pos + c.num_tokens)
-            want = reference.rope_reposition(c.kv[l, 0], c.positions, dst, rope.cos_sin_cache, True).float()
+            want = reference.rope_reposition(c.kv[l, 0].cpu(), c.positions.cpu(), dst, rope.cos_sin_cache.cpu(),
+                                             True).float()
             keep = ~mask[pos:pos + c.num_tokens]
             torch.testing.assert_close(k[pos:pos + c.num_tokens][keep], want[keep], rtol=1e-5, atol=1e-5)
             pos += c.num_tokens
@@ -226,7 +241,7 @@ def test_hf_generate_continues_from_blend_cache(tiny):
     chunks = [engine.encode_chunk(c) for c in chunk_ids]
     result = engine.blend([prefix, *chunks, query])
     first = int(result.logits.argmax())
-    ids = torch.cat([result.input_ids, torch.tensor([first])])[None]
+    ids = torch.cat([result.input_ids, torch.tensor([first])])[None].to(tiny.device)
     with torch.inference_mode():
         out = tiny.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{engine._cache_kw: result.cache},
                             max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
