@@ -184,8 +184,8 @@ def make_dynamic_cache(model, keys: Sequence[torch.Tensor], values: Sequence[tor
     for l, (k, v) in enumerate(zip(keys, values)):
         if l < len(cache.layers):
             layer = cache.layers[l]
-            if not layer.is_initialized:
-                layer.lazy_initialization(k, v)
+            if not getattr(layer, "is_initialized", False):
+                layer.update(k[..., :0, :], v[..., :0, :])  # initialise (device, dtype) without copying
             layer.keys, layer.values = k, v
         else:
             cache.update(k, v, l)
