@@ -18,11 +18,18 @@ namespace {
 
 using attention::AttentionArgs;
 
-// CACHEBLEND_ATTENTION_IMPL=simt forces the SIMT kernel for fp16 / bf16 too (read per
-// call, so tests can switch it).
-bool simt_forced() {
+// CACHEBLEND_ATTENTION_IMPL selects the kernel for fp16 / bf16 (read per call, so tests
+// and benchmarks can switch it): "simt" forces the SIMT kernel, "mma_v1" the first
+// tensor-core kernel (one block per row tile and kv head, no key split); anything else
+// (or unset) the default split-key tensor-core kernel.
+enum class Impl { kDefault, kMmaV1, kSimt };
+
+Impl requested_impl() {
   const char* impl = std::getenv("CACHEBLEND_ATTENTION_IMPL");
-  return impl != nullptr && std::strcmp(impl, "simt") == 0;
+  if (impl == nullptr) return Impl::kDefault;
+  if (std::strcmp(impl, "simt") == 0) return Impl::kSimt;
+  if (std::strcmp(impl, "mma_v1") == 0) return Impl::kMmaV1;
+  return Impl::kDefault;
 }
 
 bool device_has_mma(int device) {
@@ -104,7 +111,7 @@ void sparse_query_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   const bool use_mma = q.scalar_type() != at::kFloat && (args.head_dim == 64 || args.head_dim == 128) &&
                        args.group <= attention::kMmaRows && is_aligned16(q, {q.stride(0), q.stride(1)}) &&
                        is_aligned16(k, {k.stride(0), k.stride(1)}) && is_aligned16(v, {v.stride(0), v.stride(1)}) &&
-                       !simt_forced() && device_has_mma(q.get_device());
+                       requested_impl() != Impl::kSimt && device_has_mma(q.get_device());
 
   AT_DISPATCH_SWITCH(
       q.scalar_type(), "sparse_query_attention_cuda",
