@@ -24,14 +24,16 @@ using attention::AttentionArgs;
 // CACHEBLEND_ATTENTION_IMPL selects the kernel for fp16 / bf16 (read per call, so tests
 // and benchmarks can switch it): "simt" forces the SIMT kernel, "mma_v1" the first
 // tensor-core kernel (one block per row tile and kv head, no key split); anything else
-// (or unset) the default split-key tensor-core kernel.
-enum class Impl { kDefault, kMmaV1, kSimt };
+// (or unset) the default split-key tensor-core kernel; "split_sync" that kernel without
+// cp.async double-buffering.
+enum class Impl { kDefault, kSplitSync, kMmaV1, kSimt };
 
 Impl requested_impl() {
   const char* impl = std::getenv("CACHEBLEND_ATTENTION_IMPL");
   if (impl == nullptr) return Impl::kDefault;
   if (std::strcmp(impl, "simt") == 0) return Impl::kSimt;
   if (std::strcmp(impl, "mma_v1") == 0) return Impl::kMmaV1;
+  if (std::strcmp(impl, "split_sync") == 0) return Impl::kSplitSync;
   return Impl::kDefault;
 }
 
@@ -53,7 +55,7 @@ int choose_splits(int64_t num_row_tiles, int64_t num_k, int hkv) {
   return static_cast<int>(std::max<int64_t>(splits, 1));
 }
 
-template <typename scalar_t, typename pos_t, int D>
+template <typename scalar_t, typename pos_t, int D, bool kPipelined>
 void launch_split(const AttentionArgs& args, const pos_t* q_pos, const at::Tensor& q, cudaStream_t stream) {
   const int tokens_per_block = attention::kMmaRows / args.group;
   const int64_t row_tiles = ceil_div(args.num_q, int64_t{tokens_per_block});
@@ -70,8 +72,12 @@ void launch_split(const AttentionArgs& args, const pos_t* q_pos, const at::Tenso
     ws.part_lse = part_lse.data_ptr<float>();
   }
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(args.hkv), static_cast<unsigned>(splits));
-  attention::sparse_query_attention_split_kernel<scalar_t, pos_t, D>
-      <<<grid, attention::kMmaThreads, 0, stream>>>(args, q_pos, ws);
+  constexpr int smem_bytes = attention::split_kernel_smem_bytes<D, kPipelined>();
+  auto* kernel = attention::sparse_query_attention_split_kernel<scalar_t, pos_t, D, kPipelined>;
+  // Above 48 KB of dynamic shared memory needs the opt-in (a host-side attribute of the
+  // function on the current device; cheap, and allowed during graph capture).
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  kernel<<<grid, attention::kMmaThreads, smem_bytes, stream>>>(args, q_pos, ws);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     const int64_t rows = args.num_q * args.hq;
@@ -86,11 +92,19 @@ template <typename scalar_t, typename pos_t>
 void launch(const AttentionArgs& args, const pos_t* q_pos, bool use_mma, Impl impl, const at::Tensor& q,
             cudaStream_t stream) {
   if constexpr (!std::is_same_v<scalar_t, float>) {
-    if (use_mma && impl == Impl::kDefault) {
-      if (args.head_dim == 64)
-        launch_split<scalar_t, pos_t, 64>(args, q_pos, q, stream);
-      else
-        launch_split<scalar_t, pos_t, 128>(args, q_pos, q, stream);
+    if (use_mma && (impl == Impl::kDefault || impl == Impl::kSplitSync)) {
+      const bool pipelined = impl == Impl::kDefault;
+      if (args.head_dim == 64) {
+        if (pipelined)
+          launch_split<scalar_t, pos_t, 64, true>(args, q_pos, q, stream);
+        else
+          launch_split<scalar_t, pos_t, 64, false>(args, q_pos, q, stream);
+      } else {
+        if (pipelined)
+          launch_split<scalar_t, pos_t, 128, true>(args, q_pos, q, stream);
+        else
+          launch_split<scalar_t, pos_t, 128, false>(args, q_pos, q, stream);
+      }
       return;
     }
     if (use_mma) {

@@ -1,6 +1,6 @@
 // CUDA kernels of sparse_query_attention (exact position-causal mask, GQA, ragged batches).
 //
-// Two kernels:
+// Kernels:
 //  * sparse_query_attention_simt_kernel: one warp per (query, query head), keys visited
 //    one by one with an online softmax in fp32. Simple and obviously correct; used for
 //    fp32 inputs, head dims other than 64 / 128, unaligned inputs, GPUs before sm_80,
@@ -10,7 +10,11 @@
 //    64 "rows", each row one (query token, query head of that kv head's group) pair, so
 //    every K/V tile loaded into shared memory serves the whole group. Key tiles past the
 //    block's largest query position are never visited; tiles wholly at or before its
-//    smallest position skip the mask.
+//    smallest position skip the mask. Selected with CACHEBLEND_ATTENTION_IMPL=mma_v1.
+//  * sparse_query_attention_split_kernel (+ sparse_query_attention_combine_kernel): the
+//    default for fp16 / bf16 with head_dim 64 / 128. The same row tiles and fragments,
+//    with the key range split across blocks, coalesced K / V loads read through
+//    ldmatrix, and cp.async double-buffering of the K / V tiles.
 //
 // Ragged batches without a host sync: the grid covers the flat query range; a block
 // finds the requests its rows belong to by binary search in q_indptr and, when its rows
@@ -507,6 +511,29 @@ CB_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* p) {
 #endif
 }
 
+// 16-byte asynchronous global -> shared copy (L2 only), and its group fences.
+CB_DEVICE void cp_async16(uint16_t* dst, const uint16_t* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)), "l"(src) : "memory");
+#else
+  __trap();
+#endif
+}
+
+CB_DEVICE void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+CB_DEVICE void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 CB_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -527,8 +554,18 @@ struct SplitWorkspace {
   int tiles_per_split;
 };
 
-// Requires: group <= kMmaRows; q, k, v rows 16-byte aligned; sm_80+.
-template <typename scalar_t, typename pos_t, int D>
+// Dynamic shared memory of the split kernel: kBuffers x (K tile, V tile), each
+// kMmaKeys x (D + 8) 16-bit elements.
+template <int D, bool kPipelined>
+constexpr int split_kernel_smem_bytes() {
+  return (kPipelined ? 2 : 1) * 2 * kMmaKeys * (D + 8) * 2;
+}
+
+// kPipelined: K / V tiles are double-buffered with cp.async (tile i + 1 is in flight
+// while tile i is computed); otherwise one buffer with plain loads.
+// Requires: group <= kMmaRows; q, k, v rows 16-byte aligned; sm_80+; launched with
+// split_kernel_smem_bytes<D, kPipelined>() bytes of dynamic shared memory.
+template <typename scalar_t, typename pos_t, int D, bool kPipelined>
 __global__ void __launch_bounds__(kMmaThreads)
     sparse_query_attention_split_kernel(const AttentionArgs a, const pos_t* __restrict__ q_pos,
                                         const SplitWorkspace ws) {
@@ -537,10 +574,13 @@ __global__ void __launch_bounds__(kMmaThreads)
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   using Ops = MmaOps<scalar_t>;
 
-  __shared__ __align__(16) uint16_t sK[kMmaKeys * kStride];  // Q tile, then K tiles [key][d]
-  __shared__ __align__(16) uint16_t sV[kMmaKeys * kStride];  // V tiles [key][d]
-  __shared__ int64_t sPos[kMmaRows];                         // row position; -1: inactive row
-  static_assert(kMmaKeys >= kMmaRows, "the Q tile is staged in sK");
+  constexpr int kTileElems = kMmaKeys * kStride;
+  // Buffer b: K tile at smem + 2 b kTileElems, V tile right after it, both [key][d].
+  // The Q tile is staged in buffer 0's K tile.
+  extern __shared__ __align__(16) uint16_t smem[];
+  __shared__ int64_t sPos[kMmaRows];  // row position; -1: inactive row
+  static_assert(kMmaKeys >= kMmaRows, "the Q tile is staged in a K tile");
+  uint16_t* const sQ = smem;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
@@ -603,17 +643,17 @@ __global__ void __launch_bounds__(kMmaThreads)
           const int head = kv_head * group + r % group;
           val = *reinterpret_cast<const uint4*>(q_base + tok * a.q_s0 + head * a.q_s1 + c * 8);
         }
-        *reinterpret_cast<uint4*>(&sK[r * kStride + c * 8]) = val;
+        *reinterpret_cast<uint4*>(&sQ[r * kStride + c * 8]) = val;
       }
       __syncthreads();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        qf[kk][0] = load_word(&sK[row0 * kStride + kk * 16 + 2 * t]);
-        qf[kk][1] = load_word(&sK[row1 * kStride + kk * 16 + 2 * t]);
-        qf[kk][2] = load_word(&sK[row0 * kStride + kk * 16 + 8 + 2 * t]);
-        qf[kk][3] = load_word(&sK[row1 * kStride + kk * 16 + 8 + 2 * t]);
+        qf[kk][0] = load_word(&sQ[row0 * kStride + kk * 16 + 2 * t]);
+        qf[kk][1] = load_word(&sQ[row1 * kStride + kk * 16 + 2 * t]);
+        qf[kk][2] = load_word(&sQ[row0 * kStride + kk * 16 + 8 + 2 * t]);
+        qf[kk][3] = load_word(&sQ[row1 * kStride + kk * 16 + 8 + 2 * t]);
       }
-      __syncthreads();  // sK now holds K tiles
+      __syncthreads();  // buffer 0 now takes K / V tiles
     }
 
     float o[D / 8][4];
@@ -622,23 +662,61 @@ __global__ void __launch_bounds__(kMmaThreads)
     float m0 = -INFINITY, m1 = -INFINITY;  // running max (base-2 scaled scores) of rows row0 / row1
     float l0 = 0.f, l1 = 0.f;              // this thread's part of the running sums
 
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    // K and V tiles into buffer `buf`, row-major [key][d]: consecutive threads read
+    // consecutive 16-byte chunks of one key row. Keys past the request are zero-filled
+    // (plain stores): they are masked, and zeros keep 0 * V finite.
+    auto load_tile = [&](int64_t tile, int buf) {
       const int64_t n0 = tile * kMmaKeys;
-      // K and V tiles, row-major [key][d]: consecutive threads read consecutive 16-byte
-      // chunks of one key row. Keys past the request are zero-filled: they are masked,
-      // and zeros keep 0 * V finite.
+      uint16_t* const dK = smem + buf * 2 * kTileElems;
+      uint16_t* const dV = dK + kTileElems;
       for (int i = tid; i < kMmaKeys * kChunks; i += kMmaThreads) {
         const int j = i / kChunks, c = i % kChunks;
-        uint4 kval = make_uint4(0u, 0u, 0u, 0u), vval = make_uint4(0u, 0u, 0u, 0u);
+        uint16_t* const dk = dK + j * kStride + c * 8;
+        uint16_t* const dv = dV + j * kStride + c * 8;
         if (n0 + j < req.kv_len) {
           const int64_t key = req.kv_begin + n0 + j;
-          kval = *reinterpret_cast<const uint4*>(k_base + key * a.k_s0 + kv_head * a.k_s1 + c * 8);
-          vval = *reinterpret_cast<const uint4*>(v_base + key * a.v_s0 + kv_head * a.v_s1 + c * 8);
+          const uint16_t* const sk = k_base + key * a.k_s0 + kv_head * a.k_s1 + c * 8;
+          const uint16_t* const sv = v_base + key * a.v_s0 + kv_head * a.v_s1 + c * 8;
+          if constexpr (kPipelined) {
+            cp_async16(dk, sk);
+            cp_async16(dv, sv);
+          } else {
+            *reinterpret_cast<uint4*>(dk) = *reinterpret_cast<const uint4*>(sk);
+            *reinterpret_cast<uint4*>(dv) = *reinterpret_cast<const uint4*>(sv);
+          }
+        } else {
+          *reinterpret_cast<uint4*>(dk) = make_uint4(0u, 0u, 0u, 0u);
+          *reinterpret_cast<uint4*>(dv) = make_uint4(0u, 0u, 0u, 0u);
         }
-        *reinterpret_cast<uint4*>(&sK[j * kStride + c * 8]) = kval;
-        *reinterpret_cast<uint4*>(&sV[j * kStride + c * 8]) = vval;
+      }
+    };
+
+    // Pipelined: tile i + 1 is copied into buffer (i + 1) & 1 while tile i is computed
+    // from buffer i & 1. The barrier at the end of iteration i - 1 guarantees nobody still
+    // reads the buffer that iteration i starts overwriting; wait_group + the barrier
+    // below make tile i's copies (all threads') visible before it is read.
+    if (kPipelined && tile_begin < tile_end) {
+      load_tile(tile_begin, 0);
+      cp_async_commit();
+    }
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t n0 = tile * kMmaKeys;
+      int buf = 0;
+      if constexpr (kPipelined) {
+        buf = static_cast<int>((tile - tile_begin) & 1);
+        if (tile + 1 < tile_end) {
+          load_tile(tile + 1, buf ^ 1);
+          cp_async_commit();
+          cp_async_wait<1>();  // tile's group is complete; tile + 1's may be in flight
+        } else {
+          cp_async_wait<0>();
+        }
+      } else {
+        load_tile(tile, 0);
       }
       __syncthreads();
+      const uint16_t* const sK = smem + buf * 2 * kTileElems;
+      const uint16_t* const sV = sK + kTileElems;
 
       // S = Q K^T: 16 rows x 64 keys per warp.
       float s[kMmaKeys / 8][4];
@@ -717,7 +795,7 @@ __global__ void __launch_bounds__(kMmaThreads)
           Ops::mma(o[dn + 1], pa, vb[2], vb[3]);
         }
       }
-      __syncthreads();  // before the next tile overwrites sK / sV
+      __syncthreads();  // before the next load overwrites this buffer
     }
 
 #pragma unroll
