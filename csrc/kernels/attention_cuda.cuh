@@ -469,8 +469,10 @@ __global__ void __launch_bounds__(kMmaThreads)
 //  * K and V tiles are loaded coalesced (consecutive threads read consecutive 16-byte
 //    chunks of one key row) and both stored row-major [key][d]; the B fragments are read
 //    with ldmatrix (K: non-transposed; V: .trans).
-//  * Row tiles are visited in reverse order (blockIdx.x = 0 takes the last row tile):
-//    with sorted positions the last row tiles walk the most keys, so they start first.
+//  * Row tiles and splits are visited in reverse order (blockIdx.x = 0 takes the last row
+//    tile, blockIdx.z = 0 the last split): with sorted positions the last row tiles walk
+//    the most keys, so they start first, and the short blocks (split 0 of the first row
+//    tiles) come last.
 //
 // ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (PTX ISA): lanes 8i .. 8i + 7 give the
 // shared addresses of rows 0 .. 7 of matrix i (16 bytes each: 8 consecutive 16-bit
@@ -588,7 +590,9 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int tokens_per_block = kMmaRows / group;
   const int rows_used = tokens_per_block * group;
   const int kv_head = blockIdx.y;
-  const int split = blockIdx.z, num_splits = gridDim.z;
+  // Splits in reverse launch order too: the last blocks to start are then split 0's
+  // lowest row tiles, the shortest work when positions are sorted.
+  const int num_splits = gridDim.z, split = num_splits - 1 - static_cast<int>(blockIdx.z);
   const int64_t row_tile = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
   const int64_t tok_begin = row_tile * tokens_per_block;
   const int64_t tok_end = min(a.num_q, tok_begin + tokens_per_block);
