@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "cuda/dispatch_utils.cuh"
@@ -64,6 +65,8 @@ void launch_split(const AttentionArgs& args, const pos_t* q_pos, const at::Tenso
   attention::SplitWorkspace ws{nullptr, nullptr, static_cast<int>(ceil_div(key_tiles, int64_t{splits}))};
   at::Tensor part_o, part_lse;
   if (splits > 1) {
+    TORCH_CHECK(ceil_div(args.num_q * args.hq, int64_t{attention::kCombineWarps}) <= std::numeric_limits<int32_t>::max(),
+                "sparse_query_attention: too many (query, head) rows: ", args.num_q * args.hq);
     // Sizes from the shapes only: safe under CUDA-graph capture (caching allocator).
     const auto opts = q.options().dtype(at::kFloat);
     part_o = at::empty({splits, args.num_q, args.hq, D}, opts);
