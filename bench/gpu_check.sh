@@ -3,7 +3,7 @@
 # torch, runs the CUDA tests and the benchmarks, and writes everything under $OUT
 # (default bench/out/<date>): gpu_check.log (all output), pytest.log, results.json.
 #
-#   OUT=/some/dir bash bench/gpu_check.sh [bench commands...]   (default: all below)
+#   OUT=/some/dir bash bench/gpu_check.sh [COMMAND[:FLAGS]...]   (default: all below)
 #
 # Needs no network: the build uses --no-build-isolation --no-deps.
 set -uo pipefail
@@ -41,11 +41,18 @@ ERRORS="bad_inputs or argument_errors or errors or mismatch"
 "$PY" -m pytest python_tests -q -k "$ERRORS" -p no:cacheprovider -rs 2>&1 | tee -a "$OUT/pytest.log" | tail -n 15
 echo "tests took $((SECONDS - t0)) s"
 
-for cmd in "${COMMANDS[@]}"; do
-  echo "== bench $cmd"
+# Each argument is a bench command, optionally with extra flags after a colon, e.g.
+# "e2e:--source ram --ratios 0,15"; e2e always runs the Mistral-7B-shaped random model.
+n=0
+for spec in "${COMMANDS[@]}"; do
+  cmd=${spec%%:*}
   extra=()
-  [[ "$cmd" == e2e ]] && extra=(--model random-7b)
-  timeout 240 "$PY" -m bench "$cmd" --device cuda "${extra[@]}" --json "$OUT/json/$cmd.json" || echo "bench $cmd FAILED ($?)"
+  [[ "$spec" == *:* ]] && read -r -a extra <<<"${spec#*:}"
+  [[ "$cmd" == e2e ]] && extra+=(--model random-7b)
+  n=$((n + 1))
+  echo "== bench $cmd ${extra[*]}"
+  timeout 240 "$PY" -m bench "$cmd" --device cuda "${extra[@]}" --json "$OUT/json/$n-$cmd.json" ||
+    echo "bench $cmd FAILED ($?)"
 done
 
 "$PY" - "$OUT" <<'PY'
