@@ -5,8 +5,10 @@
 multiplied by the scheme's attention factor (YaRN's ``mscale``; 1 elsewhere). The
 inverse frequencies come from Hugging Face's own RoPE initialisers, so every scaling
 type that transformers supports (default, linear, dynamic at its base length, llama3,
-yarn, longrope's short factors) gives the table the model itself uses. Angles are
-computed in float64 and rounded once.
+yarn, longrope's short factors) gives the table the model itself uses. The inverse
+frequencies are Hugging Face's float32 values; the angles ``p * inv_freq`` are then
+computed in float64 and rounded once (Hugging Face rounds them to float32, off by about
+1e-3 rad at 32k positions).
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ def inv_freq_from_config(config) -> tuple[torch.Tensor, float, str]:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         dim = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
         base = float(params["rope_theta"])
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        return inv_freq, 1.0, rope_type
+        # float32 like Hugging Face computes it: the frequencies the model was run with.
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return inv_freq.to(torch.float64), 1.0, rope_type
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(
             f"rope_type {rope_type!r} is not supported by this transformers version "

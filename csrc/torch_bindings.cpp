@@ -2,6 +2,7 @@
 // Python-side fake (meta) implementations and typed wrappers live in cacheblend_ext/ops.py.
 #include <torch/library.h>
 
+#include "ops/kv_concat.h"
 #include "ops/rope.h"
 
 #ifdef CACHEBLEND_PYTHON_MODULE
@@ -54,6 +55,13 @@ TORCH_LIBRARY(cacheblend, m) {
   m.def(
       "rope_reposition_out(Tensor key, Tensor src_pos, Tensor dst_pos, Tensor cos_sin_cache, "
       "bool is_neox, *, Tensor(a!) out) -> ()");
+
+  // Gather K and V of many chunks ([L, 2, T_i, H, D] each) for all layers into per-layer
+  // caches ([num_slots, H, D] or paged [num_blocks, block_size, H, D]) at slot_mapping
+  // (-1 = skip), re-rotating K from src_pos to dst_pos on the way. One launch.
+  m.def(
+      "fused_kv_concat(Tensor[] chunks, Tensor src_pos, Tensor dst_pos, Tensor slot_mapping, "
+      "Tensor cos_sin_cache, bool is_neox, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
@@ -63,6 +71,7 @@ TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
                                    bool is_neox, const at::Tensor& out) {
     rope_reposition_cpu(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
   });
+  m.impl("fused_kv_concat", &fused_kv_concat_cpu);
 }
 
 #ifdef CACHEBLEND_WITH_CUDA
@@ -73,6 +82,7 @@ TORCH_LIBRARY_IMPL(cacheblend, CUDA, m) {
                                    bool is_neox, const at::Tensor& out) {
     rope_reposition_cuda(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
   });
+  m.impl("fused_kv_concat", &fused_kv_concat_cuda);
 }
 #endif
 

@@ -19,28 +19,23 @@ void rope_reposition_cpu(const at::Tensor& key, const at::Tensor& out, const at:
   const float* table = cos_sin_cache.data_ptr<float>();
 
   AT_DISPATCH_INDEX_TYPES(src_pos.scalar_type(), "rope_reposition_cpu", [&] {
-    using src_index_t = index_t;
-    const src_index_t* src = src_pos.data_ptr<src_index_t>();
-    AT_DISPATCH_INDEX_TYPES(dst_pos.scalar_type(), "rope_reposition_cpu", [&] {
-      const index_t* dst = dst_pos.data_ptr<index_t>();
-      check_positions_in_range(src, num_tokens, max_pos, "src_pos", "cos_sin_cache rows");
-      check_positions_in_range(dst, num_tokens, max_pos, "dst_pos", "cos_sin_cache rows");
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "rope_reposition_cpu", [&] {
-        const scalar_t* in_base = key.data_ptr<scalar_t>();
-        scalar_t* out_base = out.data_ptr<scalar_t>();
-        at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
-          std::vector<rope::Rotation> rotations(half);
-          for (int64_t t = begin; t < end; ++t) {
-            const float* src_row = table + static_cast<int64_t>(src[t]) * rotary_dim;
-            const float* dst_row = table + static_cast<int64_t>(dst[t]) * rotary_dim;
-            for (int i = 0; i < half; ++i) rotations[i] = rope::reposition_rotation(src_row, dst_row, half, i);
-            for (int64_t h = 0; h < num_heads; ++h) {
-              rope::reposition_head(in_base + t * key.stride(0) + h * key.stride(1),
-                                    out_base + t * out.stride(0) + h * out.stride(1), rotations.data(),
-                                    rotary_dim, static_cast<int>(head_dim), is_neox);
-            }
+    const index_t* src = src_pos.data_ptr<index_t>();
+    const index_t* dst = dst_pos.data_ptr<index_t>();
+    check_positions_in_range(src, num_tokens, max_pos, "src_pos", "cos_sin_cache rows");
+    check_positions_in_range(dst, num_tokens, max_pos, "dst_pos", "cos_sin_cache rows");
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "rope_reposition_cpu", [&] {
+      const scalar_t* in_base = key.data_ptr<scalar_t>();
+      scalar_t* out_base = out.data_ptr<scalar_t>();
+      at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
+        std::vector<rope::Rotation> rotations(half);
+        for (int64_t t = begin; t < end; ++t) {
+          rope::token_rotations(table, rotary_dim, src[t], dst[t], rotations.data());
+          for (int64_t h = 0; h < num_heads; ++h) {
+            rope::reposition_head(in_base + t * key.stride(0) + h * key.stride(1),
+                                  out_base + t * out.stride(0) + h * out.stride(1), rotations.data(), rotary_dim,
+                                  static_cast<int>(head_dim), is_neox);
           }
-        });
+        }
       });
     });
   });

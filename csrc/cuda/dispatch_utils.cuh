@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 namespace cacheblend {
 
@@ -24,6 +25,19 @@ inline bool is_aligned16(const at::Tensor& t, std::initializer_list<int64_t> str
   for (int64_t s : strides)
     if (s % vec != 0) return false;
   return true;
+}
+
+// Calls launch(std::integral_constant<int, V>, std::bool_constant<NEOX>) with V = kVec
+// when the 16-byte vector path applies (else 1) and NEOX = is_neox.
+template <int kVec, typename Launch>
+inline void dispatch_vec_and_style(bool vec_ok, bool is_neox, Launch&& launch) {
+  if (vec_ok) {
+    is_neox ? launch(std::integral_constant<int, kVec>{}, std::true_type{})
+            : launch(std::integral_constant<int, kVec>{}, std::false_type{});
+  } else {
+    is_neox ? launch(std::integral_constant<int, 1>{}, std::true_type{})
+            : launch(std::integral_constant<int, 1>{}, std::false_type{});
+  }
 }
 
 }  // namespace cacheblend

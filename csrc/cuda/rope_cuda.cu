@@ -32,23 +32,14 @@ void rope_reposition_cuda(const at::Tensor& key, const at::Tensor& out, const at
                         is_aligned16(key, {key.stride(0), key.stride(1)}) &&
                         is_aligned16(out, {out.stride(0), out.stride(1)});
     AT_DISPATCH_INDEX_TYPES(src_pos.scalar_type(), "rope_reposition_cuda", [&] {
-      using src_index_t = index_t;
-      AT_DISPATCH_INDEX_TYPES(dst_pos.scalar_type(), "rope_reposition_cuda", [&] {
-        auto launch = [&](auto vec_tag, auto neox_tag) {
-          constexpr int V = decltype(vec_tag)::value;
-          constexpr bool N = decltype(neox_tag)::value;
-          rope::rope_reposition_kernel<scalar_t, src_index_t, index_t, V, N>
-              <<<num_tokens, 128, smem, stream>>>(args, src_pos.data_ptr<src_index_t>(), dst_pos.data_ptr<index_t>());
-        };
-        if (vec_ok) {
-          is_neox ? launch(std::integral_constant<int, kVec>{}, std::true_type{})
-                  : launch(std::integral_constant<int, kVec>{}, std::false_type{});
-        } else {
-          is_neox ? launch(std::integral_constant<int, 1>{}, std::true_type{})
-                  : launch(std::integral_constant<int, 1>{}, std::false_type{});
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
+      auto launch = [&](auto vec_tag, auto neox_tag) {
+        constexpr int V = decltype(vec_tag)::value;
+        constexpr bool N = decltype(neox_tag)::value;
+        rope::rope_reposition_kernel<scalar_t, index_t, V, N>
+            <<<num_tokens, 128, smem, stream>>>(args, src_pos.data_ptr<index_t>(), dst_pos.data_ptr<index_t>());
+      };
+      dispatch_vec_and_style<kVec>(vec_ok, is_neox, launch);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }

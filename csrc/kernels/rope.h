@@ -32,6 +32,13 @@ CB_HOST_DEVICE Rotation reposition_rotation(const float* src_row, const float* d
   return {(cd * cs + sd * ss) * inv_norm, (sd * cs - cd * ss) * inv_norm};
 }
 
+// All `rotary_dim / 2` rotations of one token (CPU path; the CUDA kernels split the
+// loop over threads).
+inline void token_rotations(const float* table, int rotary_dim, int64_t src, int64_t dst, Rotation* out) {
+  const int half = rotary_dim / 2;
+  for (int i = 0; i < half; ++i) out[i] = reposition_rotation(table + src * rotary_dim, table + dst * rotary_dim, half, i);
+}
+
 CB_HOST_DEVICE void rotate(float& x, float& y, Rotation r) {
   const float nx = x * r.cos - y * r.sin;
   const float ny = y * r.cos + x * r.sin;

@@ -75,9 +75,9 @@ CB_DEVICE void reposition_item(const T* in, T* out, const Rotation* rot, int rot
   }
 }
 
-template <typename T, typename src_index_t, typename dst_index_t, int VEC, bool NEOX>
-__global__ void rope_reposition_kernel(RopeKernelArgs args, const src_index_t* __restrict__ src_pos,
-                                       const dst_index_t* __restrict__ dst_pos) {
+template <typename T, typename index_t, int VEC, bool NEOX>
+__global__ void rope_reposition_kernel(RopeKernelArgs args, const index_t* __restrict__ src_pos,
+                                       const index_t* __restrict__ dst_pos) {
   extern __shared__ Rotation token_rotations[];
   const int64_t t = blockIdx.x;
   load_token_rotations(token_rotations, args.cos_sin_cache, args.max_pos, args.rotary_dim,

@@ -27,6 +27,8 @@ inline void validate_rope_reposition(const at::Tensor& key, const at::Tensor& ou
                 "), got ", t->size(0));
     check_same_device(*t, key, name, "key");
   }
+  TORCH_CHECK(dst_pos.scalar_type() == src_pos.scalar_type(), "dst_pos must have the dtype of src_pos (",
+              src_pos.scalar_type(), "), got ", dst_pos.scalar_type());
   check_cos_sin_cache(cos_sin_cache, key.size(2), key, "key");
 }
 

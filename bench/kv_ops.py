@@ -1,0 +1,134 @@
+"""``python -m bench rope`` and ``python -m bench concat``: the memory-bound KV ops.
+
+rope:   re-position K of one layer in place ([T, H, D]); bytes = read + write of K.
+concat: gather K and V of all chunks for all layers into a contiguous [L, N, H, D]
+        request cache, re-rotating K; bytes = read + write of K and V, every layer.
+Both are compared, in the same run, with eager PyTorch and torch.compile versions of the
+same computation (table lookups, rotation in fp32, torch.cat + copy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench import common
+from cacheblend_ext import ops
+from cacheblend_ext.rope import build_cos_sin_cache
+
+
+
+
+def add_shape_arguments(parser) -> None:
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--chunks", type=int, default=6)
+    parser.add_argument("--chunk-len", type=int, default=512)
+    parser.add_argument("--gptj", action="store_true", help="interleaved (GPT-J) pairs instead of NeoX")
+
+
+def _table(head_dim: int, max_pos: int, device) -> torch.Tensor:
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return build_cos_sin_cache(inv_freq, max_pos, device=device)
+
+
+def eager_reposition(key: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, table: torch.Tensor,
+                     is_neox: bool) -> torch.Tensor:
+    """The same math in plain PyTorch ops (fp32), for [..., T, H, D] keys."""
+    half = table.shape[1] // 2
+    s, d = table[src], table[dst]
+    cs, ss, cd, sd = s[:, :half], s[:, half:], d[:, :half], d[:, half:]
+    inv = 1.0 / (cs * cs + ss * ss)
+    c = ((cd * cs + sd * ss) * inv)[:, None, :]
+    sn = ((sd * cs - cd * ss) * inv)[:, None, :]
+    x = key.float()
+    if is_neox:
+        a, b = x[..., :half], x[..., half:]
+        out = torch.cat([a * c - b * sn, b * c + a * sn], dim=-1)
+    else:
+        a, b = x[..., 0::2], x[..., 1::2]
+        out = torch.stack([a * c - b * sn, b * c + a * sn], dim=-1).flatten(-2)
+    return out.to(key.dtype)
+
+
+def eager_concat(chunks, src, dst, table, is_neox, k_out, v_out):
+    k_all = torch.cat([c[:, 0] for c in chunks], dim=1)
+    k_out.copy_(eager_reposition(k_all, src, dst, table, is_neox))
+    v_out.copy_(torch.cat([c[:, 1] for c in chunks], dim=1))
+
+
+def _report(title, results, nbytes, copy_gbps, args, device, extra):
+    table = common.Table(title, ["impl", "median ms", "GB/s", "% of copy BW", "speed-up vs eager"])
+    eager_ms = results["eager"]["median_ms"]
+    for name, r in results.items():
+        gbps = nbytes / (r["median_ms"] * 1e-3) / 1e9
+        r["gbps"] = gbps
+        r["pct_of_copy_bw"] = 100 * gbps / copy_gbps
+        table.add(name, r["median_ms"], gbps, r["pct_of_copy_bw"], eager_ms / r["median_ms"])
+    print(table.render())
+    print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write); device: {common.device_name(device)}")
+    return {"command": args.command, "environment": common.environment(device), "shape": extra, "bytes": nbytes,
+            "copy_bandwidth_gbps": copy_gbps, "results": results, "table": table.as_dict()}
+
+
+def _run_impls(impls: dict, device, args) -> dict:
+    warmup, iters = common.iterations(args)
+    results = {}
+    for name, fn in impls.items():
+        if fn is None:
+            continue
+        common.progress(f"timing {name}")
+        results[name] = common.time_fn(fn, device, warmup, iters)
+    return results
+
+
+def run_rope(args) -> dict:
+    device, dtype = args.device, common.resolve_dtype(args)
+    n = args.chunks * args.chunk_len
+    is_neox = not args.gptj
+    table = _table(args.head_dim, 2 * n + 1, device)
+    key = torch.randn(n, args.kv_heads, args.head_dim, device=device).to(dtype)
+    src = torch.arange(n, device=device) % args.chunk_len
+    dst = torch.arange(n, device=device) + 1
+    compiled = common.maybe_compile(lambda: key.copy_(eager_reposition(key, src, dst, table, is_neox)), args)
+    impls = {
+        "cacheblend": lambda: ops.rope_reposition(key, src, dst, table, is_neox),
+        "eager": lambda: key.copy_(eager_reposition(key, src, dst, table, is_neox)),
+        "torch.compile": compiled,
+    }
+    common.progress("measuring copy bandwidth")
+    copy_gbps = common.measure_copy_bandwidth(device)
+    results = _run_impls(impls, device, args)
+    nbytes = 2 * key.numel() * key.element_size()
+    shape = {"tokens": n, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": str(dtype), "neox": is_neox}
+    return _report(f"rope_reposition in place, K of one layer {tuple(key.shape)} {dtype}", results, nbytes, copy_gbps,
+                   args, device, shape)
+
+
+def run_concat(args) -> dict:
+    device, dtype = args.device, common.resolve_dtype(args)
+    n = args.chunks * args.chunk_len
+    is_neox = not args.gptj
+    table = _table(args.head_dim, n + 1, device)
+    common.progress("allocating chunks")
+    chunks = [torch.randn(args.layers, 2, args.chunk_len, args.kv_heads, args.head_dim, device=device).to(dtype)
+              for _ in range(args.chunks)]
+    src = (torch.arange(n, device=device) % args.chunk_len)
+    dst = torch.arange(n, device=device) + 1  # after a one-token prefix
+    slots = torch.arange(n, device=device)
+    k_out = torch.empty(args.layers, n, args.kv_heads, args.head_dim, device=device, dtype=dtype)
+    v_out = torch.empty_like(k_out)
+    compiled_fn = common.maybe_compile(eager_concat, args)
+    impls = {
+        "cacheblend": lambda: ops.fused_kv_concat(chunks, src, dst, slots, table, is_neox, k_out, v_out),
+        "eager": lambda: eager_concat(chunks, src, dst, table, is_neox, k_out, v_out),
+        "torch.compile": (lambda: compiled_fn(chunks, src, dst, table, is_neox, k_out, v_out)) if compiled_fn else None,
+    }
+    common.progress("measuring copy bandwidth")
+    copy_gbps = common.measure_copy_bandwidth(device)
+    results = _run_impls(impls, device, args)
+    nbytes = 2 * 2 * k_out.numel() * k_out.element_size()
+    shape = {"layers": args.layers, "chunks": args.chunks, "chunk_len": args.chunk_len, "kv_heads": args.kv_heads,
+             "head_dim": args.head_dim, "dtype": str(dtype), "neox": is_neox}
+    return _report(f"fused_kv_concat, {args.chunks} chunks x {args.chunk_len} tokens, {args.layers} layers, "
+                   f"K+V {args.kv_heads}x{args.head_dim} {dtype}", results, nbytes, copy_gbps, args, device, shape)
