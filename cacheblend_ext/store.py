@@ -635,7 +635,7 @@ class ChunkStore:
         gpu_bytes, cpu_bytes, disk_bytes: byte budgets per tier (``disk_bytes=None``:
             unbounded).
         device: CUDA device of the GPU tier (default: the current one when CUDA is
-            available).
+            available and ``gpu_bytes > 0``).
         pin_memory: page-lock CPU-tier tensors (default: when CUDA is available).
         fsync: ``fsync`` each file before publishing it (durable across power loss).
     """
@@ -646,7 +646,12 @@ class ChunkStore:
         self.model_id = str(model_id)
         self.rope_id = str(rope_id)
         cuda = torch.cuda.is_available()
-        self.device = torch.device(device) if device is not None else (torch.device("cuda", torch.cuda.current_device()) if cuda else None)
+        if device is not None:
+            self.device = torch.device(device)
+            if self.device.type == "cuda" and self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+        else:  # only a GPU tier needs a device (and a CUDA context)
+            self.device = torch.device("cuda", torch.cuda.current_device()) if cuda and gpu_bytes > 0 else None
         if self.device is not None and self.device.type != "cuda":
             self.device = None
         self.pin_memory = bool(cuda if pin_memory is None else pin_memory and cuda)
