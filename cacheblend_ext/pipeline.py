@@ -330,7 +330,7 @@ class StoreLayerSource:
         return LoadReport(
             mode="pipelined" if self.pipelined else "sync", device=str(self.device), num_layers=L,
             num_chunks=len(self.handles), tiers=tiers, bytes_loaded=self._bytes_per_layer * L,
-            load_ms=load_ms, exposed_ms=min(exposed_ms, load_ms) if load_ms > 0 else exposed_ms,
+            load_ms=load_ms, exposed_ms=min(exposed_ms, load_ms),  # waits can only expose actual loading
             hidden_ms=hidden, hidden_fraction=(hidden / load_ms) if load_ms > 0 else 1.0,
             load_ms_per_layer=load, exposed_ms_per_layer=exposed,
         )
