@@ -115,3 +115,167 @@ def fused_kv_concat(
 @torch.library.register_fake("cacheblend::fused_kv_concat")
 def _fused_kv_concat_fake(chunks, src_pos, dst_pos, slot_mapping, cos_sin_cache, is_neox, k_caches, v_caches) -> None:
     return None
+
+
+# ---------------------------------------------------------------------------
+# HKVD selection: KV deviation + top-k
+# ---------------------------------------------------------------------------
+
+
+def kv_deviation(
+    fresh: torch.Tensor,
+    reused: torch.Tensor,
+    token_index: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """Per-token deviation ``[M]`` float32 between fresh and reused K (or V).
+
+    ``fresh`` is ``[M, H, D]``, ``reused`` ``[N, H, D]`` (same dtype: fp16, bf16 or
+    fp32; last dim contiguous, other strides free). Row ``i`` of ``fresh`` is compared
+    with ``reused[token_index[i]]`` (int32/int64), or with ``reused[i]`` when
+    ``token_index`` is None (then ``M == N``). Result: ``sum over heads and dims of
+    (fresh - reused)^2`` accumulated in fp32. With ``out`` (``[M]`` float32,
+    contiguous) the result is written there, or added to it when ``accumulate=True``
+    (K+V deviation = two calls). One pass over the inputs, no host sync.
+    """
+    if out is None:
+        if accumulate:
+            raise ValueError("kv_deviation: accumulate=True needs an out tensor to add into")
+        return _ops.kv_deviation(fresh, reused, token_index)
+    _ops.kv_deviation_out(fresh, reused, token_index, accumulate, out=out)
+    return out
+
+
+def select_hkvd_batched(
+    deviation: torch.Tensor,
+    indptr: torch.Tensor,
+    k: torch.Tensor,
+    forced: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
+    max_selected: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HKVD selection for a ragged batch of requests; CUDA-graph safe.
+
+    Request ``b`` owns ``deviation[indptr[b]:indptr[b + 1]]`` (``deviation`` ``[total]``
+    float32, ``indptr`` ``[B + 1]`` int32/int64, non-decreasing, ``indptr[-1] <= total``).
+    ``k`` ``[B]`` int32/int64 (a tensor, so it may change between replays of a captured
+    graph). ``forced`` / ``candidates`` are optional bool masks ``[total]`` (None: no
+    forced token / every token a candidate).
+
+    Request ``b`` selects every forced token plus the ``k[b]`` non-forced candidates with
+    the largest deviation (ties: lower position first; ``k[b]`` at least the number of
+    candidates selects them all; ``k[b] = 0`` selects only the forced tokens). NaN
+    deviations rank above every number; ``-0.0`` ties with ``0.0``.
+
+    Returns ``(indices, counts)``: ``indices`` ``[B, max_selected]`` int64 holds the
+    selected *local* positions (0 = the request's first token) ascending, padded with
+    -1; ``counts`` ``[B]`` int32 is the full selection size. If ``counts[b] >
+    max_selected`` the row keeps the lowest ``max_selected`` positions (size
+    ``max_selected`` as ``max over b of (forced_b + k[b])`` or the longest request to
+    never truncate). Shapes depend only on the arguments: no host sync and no
+    data-dependent allocation. ``max_selected`` defaults to ``deviation.shape[0]``.
+
+    CUDA: one kernel launch, one block per request (radix select on the order-preserving
+    bits of the deviation, then an ordered compaction); invalid ``indptr`` or negative
+    ``k`` raise a device-side assert. CPU: requests in parallel, the same errors raised
+    as ``RuntimeError``.
+    """
+    if max_selected is None:
+        max_selected = deviation.shape[0]
+    return _ops.select_hkvd_batched(deviation, indptr, k, forced, candidates, int(max_selected))
+
+
+def select_hkvd(
+    deviation: torch.Tensor,
+    k: int,
+    forced: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Selected token indices (int64 ``[S]``, ascending) of one request.
+
+    ``deviation`` ``[N]`` float32; ``forced`` / ``candidates`` bool masks ``[N]`` (None:
+    no forced token / every token a candidate). Selects every forced token plus the top
+    ``k`` non-forced candidates by deviation (ties: lower index first; ``k`` beyond the
+    candidates selects all of them; ``k = 0`` selects only the forced tokens).
+
+    Built on the batched kernel; the selection size is data dependent, so this reads it
+    back to the host (one device-to-host sync on CUDA) and is not CUDA-graph safe:
+    engines that capture graphs call :func:`select_hkvd_batched` directly. Under
+    ``torch.compile`` the result has an unbacked (data-dependent) size.
+    """
+    return _ops.select_hkvd(deviation, int(k), forced, candidates)
+
+
+@torch.library.register_fake("cacheblend::kv_deviation")
+def _kv_deviation_fake(fresh, reused, token_index=None):
+    torch._check(fresh.dim() == 3, lambda: f"fresh must be [num_tokens, num_heads, head_dim], got {fresh.shape}")
+    return fresh.new_empty((fresh.shape[0],), dtype=torch.float32)
+
+
+@torch.library.register_fake("cacheblend::kv_deviation_out")
+def _kv_deviation_out_fake(fresh, reused, token_index, accumulate, *, out) -> None:
+    return None
+
+
+@torch.library.register_fake("cacheblend::select_hkvd")
+def _select_hkvd_fake(deviation, k, forced=None, candidates=None):
+    torch._check(k >= 0, lambda: f"k must be >= 0, got {k}")
+    size = torch.library.get_ctx().new_dynamic_size()
+    return deviation.new_empty((size,), dtype=torch.int64)
+
+
+@torch.library.register_fake("cacheblend::select_hkvd_batched")
+def _select_hkvd_batched_fake(deviation, indptr, k, forced, candidates, max_selected):
+    num_requests = indptr.shape[0] - 1
+    indices = deviation.new_empty((num_requests, max_selected), dtype=torch.int64)
+    counts = deviation.new_empty((num_requests,), dtype=torch.int32)
+    return indices, counts
+
+
+# ---------------------------------------------------------------------------
+# Sparse-query attention
+# ---------------------------------------------------------------------------
+
+
+def sparse_query_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    scale: float | None = None,
+    *,
+    q_indptr: torch.Tensor | None = None,
+    kv_indptr: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of selected queries with the exact position-causal mask.
+
+    ``q`` ``[M, Hq, D]`` holds queries at absolute positions ``q_pos`` ``[M]`` (int32 or
+    int64, positions within their request); ``k``, ``v`` ``[N, Hkv, D]`` hold the
+    request's keys and values, key ``j`` at position ``j``; ``Hq`` is a multiple of
+    ``Hkv`` (grouped-query attention). Key ``j`` is visible to query ``i`` iff
+    ``j <= q_pos[i]``. ``scale`` defaults to ``1 / sqrt(D)``.
+
+    Ragged batches: ``q_indptr`` and ``kv_indptr`` ``[B + 1]`` (both or neither) give each
+    request's rows of ``q`` / ``q_pos`` and of ``k`` / ``v``; ``None`` means one request.
+    A request may have no queries.
+
+    Returns ``out`` ``[M, Hq, D]`` in ``q``'s dtype (written into ``out`` when given) and,
+    with ``return_lse``, also the natural-log log-sum-exp of the scaled scores
+    ``[M, Hq]`` float32. Matches :func:`cacheblend_ext.reference.sparse_query_attention`.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+    _ops.sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, float(scale), out, lse)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("cacheblend::sparse_query_attention")
+def _sparse_query_attention_fake(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse) -> None:
+    return None

@@ -1,9 +1,15 @@
 // The one registration file: every cacheblend op's schema, and its CPU / CUDA kernels.
 // Python-side fake (meta) implementations and typed wrappers live in cacheblend_ext/ops.py.
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <tuple>
+
+#include "ops/attention.h"
 #include "ops/kv_concat.h"
 #include "ops/rope.h"
+#include "ops/select.h"
 
 #ifdef CACHEBLEND_PYTHON_MODULE
 #include <Python.h>
@@ -41,6 +47,39 @@ void rope_reposition_inplace_cuda(const at::Tensor& key, const at::Tensor& src_p
 }
 #endif
 
+// ---- HKVD selection (kv_deviation, select_hkvd_batched) ----
+// Functional kv_deviation: allocates out [M] float32 and fills it.
+template <void (*Impl)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
+                       const at::Tensor&)>
+at::Tensor kv_deviation_functional(const at::Tensor& fresh, const at::Tensor& reused,
+                                   const std::optional<at::Tensor>& token_index) {
+  TORCH_CHECK(fresh.dim() == 3, "fresh must be [num_tokens, num_heads, head_dim], got shape ", fresh.sizes());
+  at::Tensor out = at::empty({fresh.size(0)}, fresh.options().dtype(at::kFloat));
+  Impl(fresh, reused, token_index, false, out);
+  return out;
+}
+
+// Single-request select_hkvd on top of the batched op: [S] int64 selected indices. The
+// selection size lives on the device, so this reads it back (a host sync on CUDA).
+template <std::tuple<at::Tensor, at::Tensor> (*Batched)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        const std::optional<at::Tensor>&,
+                                                        const std::optional<at::Tensor>&, int64_t)>
+at::Tensor select_hkvd_single(const at::Tensor& deviation, int64_t k, const std::optional<at::Tensor>& forced,
+                              const std::optional<at::Tensor>& candidates) {
+  TORCH_CHECK(k >= 0, "k must be >= 0, got ", k);
+  TORCH_CHECK(deviation.dim() == 1, "deviation must be 1-D [num_tokens], got shape ", deviation.sizes());
+  const int64_t n = deviation.size(0);
+  at::Tensor host = at::empty({3}, at::TensorOptions().dtype(at::kLong));
+  int64_t* h = host.data_ptr<int64_t>();
+  h[0] = 0;               // indptr = [0, n]
+  h[1] = n;
+  h[2] = std::min(k, n);  // k
+  const at::Tensor args = host.to(deviation.device());
+  auto [indices, counts] = Batched(deviation, args.narrow(0, 0, 2), args.narrow(0, 2, 1), forced, candidates, n);
+  const int64_t count = counts.item<int32_t>();
+  return indices.select(0, 0).narrow(0, 0, count).clone();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cacheblend, m) {
@@ -62,6 +101,35 @@ TORCH_LIBRARY(cacheblend, m) {
   m.def(
       "fused_kv_concat(Tensor[] chunks, Tensor src_pos, Tensor dst_pos, Tensor slot_mapping, "
       "Tensor cos_sin_cache, bool is_neox, Tensor(a!)[] k_caches, Tensor(b!)[] v_caches) -> ()");
+
+  // ---- HKVD selection ----
+  // Per-token deviation [M] float32: sum over heads and dims of (fresh[i] - reused[j])^2
+  // in fp32, j = token_index[i] (or i when token_index is None).
+  m.def("kv_deviation(Tensor fresh, Tensor reused, Tensor? token_index=None) -> Tensor");
+  // Same into out [M] float32; accumulate=True adds to out (K+V deviation = two calls).
+  m.def(
+      "kv_deviation_out(Tensor fresh, Tensor reused, Tensor? token_index, bool accumulate, *, "
+      "Tensor(a!) out) -> ()");
+  // Ragged batch of B requests (request b owns deviation[indptr[b]:indptr[b+1]]):
+  // every forced token plus the top-k[b] non-forced candidates (ties: lower position),
+  // as local positions ascending. Returns (indices [B, max_selected] int64 padded with
+  // -1, counts [B] int32 = full selection size; a row keeps its lowest max_selected
+  // positions when counts[b] > max_selected). Output shapes depend only on the
+  // arguments: no host sync, CUDA-graph safe.
+  m.def(
+      "select_hkvd_batched(Tensor deviation, Tensor indptr, Tensor k, Tensor? forced, Tensor? candidates, "
+      "int max_selected) -> (Tensor indices, Tensor counts)");
+  // One request: [S] int64 ascending (forced + top-k candidates). The size is data
+  // dependent: reads the count back to the host (not CUDA-graph safe).
+  m.def("select_hkvd(Tensor deviation, int k, Tensor? forced=None, Tensor? candidates=None) -> Tensor");
+
+  // ---- sparse_query_attention ----
+  // Selected queries q [M, Hq, D] at positions q_pos [M] against keys/values [N, Hkv, D]
+  // with the exact position-causal mask (key j visible iff j <= q_pos); ragged batches
+  // through q_indptr / kv_indptr [B + 1]. Writes out [M, Hq, D] and, if given, lse [M, Hq].
+  m.def(
+      "sparse_query_attention(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor? q_indptr, "
+      "Tensor? kv_indptr, float scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
@@ -72,6 +140,14 @@ TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
     rope_reposition_cpu(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
   });
   m.impl("fused_kv_concat", &fused_kv_concat_cpu);
+  // ---- HKVD selection ----
+  m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_cpu>);
+  m.impl("kv_deviation_out", &kv_deviation_cpu);
+  m.impl("select_hkvd_batched", &select_hkvd_batched_cpu);
+  m.impl("select_hkvd", &select_hkvd_single<&select_hkvd_batched_cpu>);
+
+  // ---- sparse_query_attention ----
+  m.impl("sparse_query_attention", &sparse_query_attention_cpu);
 }
 
 #ifdef CACHEBLEND_WITH_CUDA
@@ -83,6 +159,14 @@ TORCH_LIBRARY_IMPL(cacheblend, CUDA, m) {
     rope_reposition_cuda(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
   });
   m.impl("fused_kv_concat", &fused_kv_concat_cuda);
+  // ---- HKVD selection ----
+  m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_cuda>);
+  m.impl("kv_deviation_out", &kv_deviation_cuda);
+  m.impl("select_hkvd_batched", &select_hkvd_batched_cuda);
+  m.impl("select_hkvd", &select_hkvd_single<&select_hkvd_batched_cuda>);
+
+  // ---- sparse_query_attention ----
+  m.impl("sparse_query_attention", &sparse_query_attention_cuda);
 }
 #endif
 

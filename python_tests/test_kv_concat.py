@@ -92,13 +92,16 @@ def test_paged_destination_random_slots(index_dtype, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_strided_sources_and_many_chunks(dtype, device):
-    """Chunks that are views (token slices of one store buffer, heads permuted) are read in
-    place; 40 chunks exceed one launch's chunk table on CUDA; per-layer list destinations."""
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+def test_strided_sources_and_many_chunks(misaligned, dtype, device):
+    """Chunks that are views (token slices of one store buffer, heads permuted, rows one
+    element off 16-byte alignment) are read in place; 40 chunks exceed one launch's chunk
+    table on CUDA; per-layer list destinations."""
     gen = torch.Generator().manual_seed(4)
     head_dim = 64
     table = _table(head_dim)
-    store = torch.randn(LAYERS, 2, 300, HEADS, head_dim, generator=gen).to(device, dtype)
+    pad = 1 if misaligned else 0
+    store = torch.randn(LAYERS, 2, 300, HEADS, head_dim + pad, generator=gen).to(device, dtype)[..., pad:]
     permuted = torch.randn(LAYERS, 2, HEADS, 50, head_dim, generator=gen).to(device, dtype).transpose(2, 3)
     lengths = [int(x) for x in torch.randint(1, 7, (40,), generator=gen)]
     chunks, begin = [], 0

@@ -105,14 +105,16 @@ def test_formula_styles_partial_rotary(num_tokens, head_dim, rotary_dim, is_neox
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
-def test_out_of_place_strided(is_neox, dtype, device):
-    """Strided key (a head-sliced view of a larger buffer) and strided out; key unchanged,
-    every out element written (NaN poison), pass-through dims copied."""
+@pytest.mark.parametrize("out_offset", [8, 1], ids=["aligned", "misaligned"])
+def test_out_of_place_strided(out_offset, is_neox, dtype, device):
+    """Strided key (a head-sliced view of a larger buffer) and strided out (16-byte aligned
+    rows, or rows one element off); key unchanged, every out element written (NaN poison),
+    pass-through dims copied."""
     table = _table(64).to(device)
     big = torch.randn(130, 5, 128, device=device).to(dtype)
     key = big[::2, 1:4, :96]  # token stride 2*5*128, head stride 128, D = 96 > rotary_dim
     out_big = poison_(torch.empty(65, 4, 112, device=device, dtype=dtype))
-    out = out_big[:, :3, 8:104]
+    out = out_big[:, :3, out_offset:out_offset + 96]
     before = key.clone()
     src = torch.randint(0, 5000, (65,), device=device, dtype=torch.int32)
     dst = torch.randint(0, 5000, (65,), device=device, dtype=torch.int32)
@@ -123,7 +125,7 @@ def test_out_of_place_strided(is_neox, dtype, device):
     assert_close_to_ref(out, expected, dtype)
     assert torch.equal(out[..., 64:].cpu(), key[..., 64:].cpu())
     # Elements of out_big outside the view stay poisoned.
-    assert out_big[:, 3:].isnan().all() and out_big[:, :, :8].isnan().all()
+    assert out_big[:, 3:].isnan().all() and out_big[:, :, :out_offset].isnan().all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -44,7 +44,7 @@ template <typename T, typename index_t, int VEC, bool NEOX>
 __global__ void fused_kv_concat_kernel(ChunkTable chunks, LayerTable layers, Problem p,
                                        const index_t* __restrict__ src_pos, const index_t* __restrict__ dst_pos,
                                        const index_t* __restrict__ slot_mapping) {
-  extern __shared__ rope::Rotation token_rotations[];
+  extern __shared__ rope::Rotation rotations_smem[];
   const int64_t t = blockIdx.x;  // token within this launch
   const int64_t slot = static_cast<int64_t>(slot_mapping[p.token_offset + t]);
   CB_DEVICE_CHECK(slot >= -1 && slot < layers.num_slots, "fused_kv_concat: slot_mapping entry outside the cache");
@@ -52,7 +52,7 @@ __global__ void fused_kv_concat_kernel(ChunkTable chunks, LayerTable layers, Pro
   int c = 0;
   while (c + 1 < chunks.num_chunks && chunks.token_begin[c + 1] <= t) ++c;
   const int64_t tc = t - chunks.token_begin[c];
-  rope::load_token_rotations(token_rotations, p.cos_sin_cache, p.max_pos, p.rotary_dim,
+  rope::load_token_rotations(rotations_smem, p.cos_sin_cache, p.max_pos, p.rotary_dim,
                              static_cast<int64_t>(src_pos[p.token_offset + t]),
                              static_cast<int64_t>(dst_pos[p.token_offset + t]));
   __syncthreads();
@@ -73,7 +73,7 @@ __global__ void fused_kv_concat_kernel(ChunkTable chunks, LayerTable layers, Pro
     const T* src_k = src_token + l * chunks.layer_stride[c] + h * chunks.head_stride[c];
     const int64_t dst = dst_row + h * layers.head_stride;
     if (j < rot_items) {
-      rope::reposition_item<T, VEC, NEOX>(src_k, static_cast<T*>(layers.k[l]) + dst, token_rotations, p.rotary_dim, j);
+      rope::reposition_item<T, VEC, NEOX>(src_k, static_cast<T*>(layers.k[l]) + dst, rotations_smem, p.rotary_dim, j);
     } else if (j < rot_items + pass_items) {
       const int d = p.rotary_dim + (j - rot_items) * VEC;
       *reinterpret_cast<V*>(static_cast<T*>(layers.k[l]) + dst + d) = *reinterpret_cast<const V*>(src_k + d);

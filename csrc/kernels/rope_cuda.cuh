@@ -60,6 +60,12 @@ CB_DEVICE void reposition_item(const T* in, T* out, const Rotation* rot, int rot
     }
     *reinterpret_cast<V*>(out + j * VEC) = a;
     *reinterpret_cast<V*>(out + half + j * VEC) = b;
+  } else if constexpr (VEC == 1) {
+    // Scalar path: rows may be only element-aligned, so no paired loads.
+    float x = to_float(in[2 * j]), y = to_float(in[2 * j + 1]);
+    rotate(x, y, rot[j]);
+    out[2 * j] = from_float<T>(x);
+    out[2 * j + 1] = from_float<T>(y);
   } else {
     constexpr int W = kItemWidth<VEC, NEOX>;
     using V = Array<T, W>;
@@ -78,9 +84,9 @@ CB_DEVICE void reposition_item(const T* in, T* out, const Rotation* rot, int rot
 template <typename T, typename index_t, int VEC, bool NEOX>
 __global__ void rope_reposition_kernel(RopeKernelArgs args, const index_t* __restrict__ src_pos,
                                        const index_t* __restrict__ dst_pos) {
-  extern __shared__ Rotation token_rotations[];
+  extern __shared__ Rotation rotations_smem[];
   const int64_t t = blockIdx.x;
-  load_token_rotations(token_rotations, args.cos_sin_cache, args.max_pos, args.rotary_dim,
+  load_token_rotations(rotations_smem, args.cos_sin_cache, args.max_pos, args.rotary_dim,
                        static_cast<int64_t>(src_pos[t]), static_cast<int64_t>(dst_pos[t]));
   __syncthreads();
   const T* in = static_cast<const T*>(args.in) + t * args.in_token_stride;
@@ -96,7 +102,7 @@ __global__ void rope_reposition_kernel(RopeKernelArgs args, const index_t* __res
     const T* in_h = in + h * args.in_head_stride;
     T* out_h = out + h * args.out_head_stride;
     if (j < rot_items) {
-      reposition_item<T, VEC, NEOX>(in_h, out_h, token_rotations, args.rotary_dim, j);
+      reposition_item<T, VEC, NEOX>(in_h, out_h, rotations_smem, args.rotary_dim, j);
     } else {
       using V = Array<T, VEC>;
       const int d = args.rotary_dim + (j - rot_items) * VEC;

@@ -1,0 +1,131 @@
+// ATen wrapper of the sparse_query_attention CUDA kernels (kernels/attention_cuda.cuh):
+// picks the tensor-core kernel or the SIMT kernel and launches on the current stream.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include "cuda/dispatch_utils.cuh"
+#include "kernels/attention_cuda.cuh"
+#include "ops/attention.h"
+
+namespace cacheblend {
+namespace {
+
+using attention::AttentionArgs;
+
+// CACHEBLEND_ATTENTION_IMPL=simt forces the SIMT kernel for fp16 / bf16 too (read per
+// call, so tests can switch it).
+bool simt_forced() {
+  const char* impl = std::getenv("CACHEBLEND_ATTENTION_IMPL");
+  return impl != nullptr && std::strcmp(impl, "simt") == 0;
+}
+
+bool device_has_mma(int device) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
+}
+
+template <typename scalar_t, typename pos_t>
+void launch(const AttentionArgs& args, const pos_t* q_pos, bool use_mma, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (use_mma) {
+      const int tokens_per_block = attention::kMmaRows / args.group;
+      const dim3 grid(static_cast<unsigned>(ceil_div(args.num_q, tokens_per_block)), args.hkv);
+      if (args.head_dim == 64) {
+        attention::sparse_query_attention_mma_kernel<scalar_t, pos_t, 64>
+            <<<grid, attention::kMmaThreads, 0, stream>>>(args, q_pos);
+      } else {
+        attention::sparse_query_attention_mma_kernel<scalar_t, pos_t, 128>
+            <<<grid, attention::kMmaThreads, 0, stream>>>(args, q_pos);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
+  const dim3 grid(static_cast<unsigned>(args.num_q), static_cast<unsigned>(ceil_div(args.hq, attention::kSimtWarps)));
+  attention::sparse_query_attention_simt_kernel<scalar_t, pos_t>
+      <<<grid, attention::kSimtWarps * 32, 0, stream>>>(args, q_pos);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void sparse_query_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
+                                 const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,
+                                 const std::optional<at::Tensor>& lse) {
+  validate_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
+  const int64_t num_q = q.size(0);
+  TORCH_CHECK(num_q < (int64_t{1} << 31), "sparse_query_attention: at most 2^31 - 1 queries, got ", num_q);
+  TORCH_CHECK(k.size(1) <= 65535, "sparse_query_attention: at most 65535 kv heads, got ", k.size(1));
+  if (num_q == 0) return;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  // Offsets as int64 (an on-device conversion when they are int32; no host sync).
+  at::Tensor q_ind, kv_ind;
+  if (q_indptr.has_value()) {
+    q_ind = q_indptr->to(at::kLong);
+    kv_ind = kv_indptr->to(at::kLong);
+  }
+
+  AttentionArgs args{};
+  args.q = q.data_ptr();
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  args.out = out.data_ptr();
+  args.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
+  args.q_indptr = q_indptr.has_value() ? q_ind.data_ptr<int64_t>() : nullptr;
+  args.kv_indptr = q_indptr.has_value() ? kv_ind.data_ptr<int64_t>() : nullptr;
+  args.q_s0 = q.stride(0);
+  args.q_s1 = q.stride(1);
+  args.k_s0 = k.stride(0);
+  args.k_s1 = k.stride(1);
+  args.v_s0 = v.stride(0);
+  args.v_s1 = v.stride(1);
+  args.o_s0 = out.stride(0);
+  args.o_s1 = out.stride(1);
+  args.lse_s0 = lse.has_value() ? lse->stride(0) : 0;
+  args.lse_s1 = lse.has_value() ? lse->stride(1) : 0;
+  args.num_q = num_q;
+  args.num_k = k.size(0);
+  args.num_requests = q_indptr.has_value() ? static_cast<int>(q_indptr->size(0) - 1) : 1;
+  args.hq = static_cast<int>(q.size(1));
+  args.hkv = static_cast<int>(k.size(1));
+  args.group = args.hq / args.hkv;
+  args.head_dim = static_cast<int>(q.size(2));
+  args.scale_log2 = static_cast<float>(scale) * attention::kLog2e;
+
+  const bool use_mma = q.scalar_type() != at::kFloat && (args.head_dim == 64 || args.head_dim == 128) &&
+                       args.group <= attention::kMmaRows && is_aligned16(q, {q.stride(0), q.stride(1)}) &&
+                       is_aligned16(k, {k.stride(0), k.stride(1)}) && is_aligned16(v, {v.stride(0), v.stride(1)}) &&
+                       !simt_forced() && device_has_mma(q.get_device());
+
+  AT_DISPATCH_SWITCH(
+      q.scalar_type(), "sparse_query_attention_cuda",
+      AT_DISPATCH_CASE(at::kFloat,
+                       [&] {
+                         AT_DISPATCH_INDEX_TYPES(q_pos.scalar_type(), "sparse_query_attention_cuda", [&] {
+                           launch<scalar_t, index_t>(args, q_pos.data_ptr<index_t>(), use_mma, stream);
+                         });
+                       })
+      AT_DISPATCH_CASE(at::kHalf,
+                       [&] {
+                         AT_DISPATCH_INDEX_TYPES(q_pos.scalar_type(), "sparse_query_attention_cuda", [&] {
+                           launch<scalar_t, index_t>(args, q_pos.data_ptr<index_t>(), use_mma, stream);
+                         });
+                       })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] {
+        AT_DISPATCH_INDEX_TYPES(q_pos.scalar_type(), "sparse_query_attention_cuda", [&] {
+          launch<scalar_t, index_t>(args, q_pos.data_ptr<index_t>(), use_mma, stream);
+        });
+      }));
+}
+
+}  // namespace cacheblend

@@ -1,0 +1,49 @@
+// HKVD selection math shared by the CPU and CUDA implementations: the order key of a
+// deviation and the per-row squared difference.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/common.h"
+
+namespace cacheblend {
+namespace select {
+
+// Monotone map float -> uint32: a > b (as floats) iff order_key(a) > order_key(b).
+// -0.0 and +0.0 map to the same key (they tie), and every NaN maps to the largest key
+// (a NaN deviation ranks above +inf, so a broken token is recomputed).
+CB_HOST_DEVICE uint32_t order_key(float x) {
+  if (x != x) return 0xFFFFFFFFu;
+  if (x == 0.0f) x = 0.0f;
+#if defined(__CUDA_ARCH__)
+  const uint32_t bits = __float_as_uint(x);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+#endif
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// sum_j (a[j] - b[j])^2 over n contiguous elements, fp32. Eight independent partial
+// sums so the host compiler vectorises the loop (a single fp32 accumulator is a serial
+// dependency chain it may not reorder).
+template <typename T>
+inline float squared_diff_sum(const T* a, const T* b, int64_t n) {
+  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int e = 0; e < 8; ++e) {
+      const float d = to_float(a[j + e]) - to_float(b[j + e]);
+      part[e] += d * d;
+    }
+  }
+  for (; j < n; ++j) {
+    const float d = to_float(a[j]) - to_float(b[j]);
+    part[0] += d * d;
+  }
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+}  // namespace select
+}  // namespace cacheblend

@@ -1,0 +1,88 @@
+// cacheblend::sparse_query_attention: declarations and the argument contract shared by
+// the CPU and CUDA implementations.
+//
+// q [M, Hq, D] at absolute positions q_pos [M] (int32/int64, position within its request),
+// k, v [N, Hkv, D] (key j of a request sits at position j), Hq a multiple of Hkv (GQA).
+// Key j of a request is visible to query i iff j <= q_pos[i]. Ragged batches: q_indptr and
+// kv_indptr [B + 1] (both or neither) split q / q_pos and k / v into B requests.
+// out [M, Hq, D] in q's dtype; lse [M, Hq] fp32 natural-log log-sum-exp (optional).
+#pragma once
+
+#include <cmath>
+#include <optional>
+
+#include "checks.h"
+
+namespace cacheblend {
+
+// Head dims every path accepts. 64 and 128 run the tensor-core kernel on CUDA for
+// fp16/bf16; other supported dims run the SIMT kernel.
+inline bool attention_head_dim_supported(int64_t d) { return d >= 8 && d <= 256 && d % 8 == 0; }
+
+inline void validate_sparse_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            const at::Tensor& q_pos,
+                                            const std::optional<at::Tensor>& q_indptr,
+                                            const std::optional<at::Tensor>& kv_indptr, double scale,
+                                            const at::Tensor& out, const std::optional<at::Tensor>& lse) {
+  check_float_storage(q, "q");
+  TORCH_CHECK(q.dim() == 3, "q must be [num_queries, num_q_heads, head_dim], got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, "k must be [num_keys, num_kv_heads, head_dim], got shape ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  for (auto [t, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, " must have the dtype of q (", q.scalar_type(),
+                "), got ", t->scalar_type());
+    check_same_device(*t, q, name, "q");
+  }
+  for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
+    check_last_dim_contiguous(*t, name);
+  const int64_t m = q.size(0), hq = q.size(1), d = q.size(2), hkv = k.size(1);
+  TORCH_CHECK(k.size(2) == d, "k head_dim (", k.size(2), ") must equal q head_dim (", d, ")");
+  TORCH_CHECK(attention_head_dim_supported(d), "head_dim ", d,
+              " is not supported (supported: multiples of 8 from 8 to 256; 64 and 128 use tensor cores "
+              "on CUDA)");
+  TORCH_CHECK(hkv > 0 && hq > 0 && hq % hkv == 0, "num_q_heads (", hq,
+              ") must be a positive multiple of num_kv_heads (", hkv, ")");
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+
+  check_index_tensor(q_pos, "q_pos");
+  TORCH_CHECK(q_pos.size(0) == m, "q_pos must have one entry per query (", m, "), got ", q_pos.size(0));
+  check_same_device(q_pos, q, "q_pos", "q");
+
+  TORCH_CHECK(q_indptr.has_value() == kv_indptr.has_value(),
+              "q_indptr and kv_indptr must be given together (or both omitted)");
+  if (q_indptr.has_value()) {
+    check_index_tensor(*q_indptr, "q_indptr");
+    check_index_tensor(*kv_indptr, "kv_indptr");
+    TORCH_CHECK(q_indptr->size(0) >= 2, "q_indptr must be [num_requests + 1] with at least one request, got ",
+                q_indptr->sizes());
+    TORCH_CHECK(kv_indptr->size(0) == q_indptr->size(0), "kv_indptr must have the length of q_indptr (",
+                q_indptr->size(0), "), got ", kv_indptr->size(0));
+    check_same_device(*q_indptr, q, "q_indptr", "q");
+    check_same_device(*kv_indptr, q, "kv_indptr", "q");
+  }
+
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), "out must have the dtype of q (", q.scalar_type(),
+              "), got ", out.scalar_type());
+  check_last_dim_contiguous(out, "out");
+  check_same_device(out, q, "out", "q");
+  if (lse.has_value()) {
+    TORCH_CHECK(lse->scalar_type() == at::kFloat, "lse must be float32, got ", lse->scalar_type());
+    TORCH_CHECK(lse->dim() == 2 && lse->size(0) == m && lse->size(1) == hq, "lse must be [", m, ", ", hq,
+                "] (num_queries, num_q_heads), got ", lse->sizes());
+    check_same_device(*lse, q, "lse", "q");
+  }
+}
+
+void sparse_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
+                                const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,
+                                const std::optional<at::Tensor>& lse);
+#ifdef CACHEBLEND_WITH_CUDA
+void sparse_query_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
+                                 const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,
+                                 const std::optional<at::Tensor>& lse);
+#endif
+
+}  // namespace cacheblend
