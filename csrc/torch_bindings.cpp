@@ -40,10 +40,49 @@ void rope_reposition_inplace_cpu(const at::Tensor& key, const at::Tensor& src_po
 }
 
 #ifdef CACHEBLEND_WITH_CUDA
+// CUDA entry points. Arguments are validated here, in host-compiled code, and the launch
+// wrappers in csrc/cuda/ assume valid arguments: a bad argument raises from this file,
+// never from inside nvcc-compiled code.
+void rope_reposition_out_cuda(const at::Tensor& key, const at::Tensor& src_pos, const at::Tensor& dst_pos,
+                              const at::Tensor& cos_sin_cache, bool is_neox, const at::Tensor& out) {
+  validate_rope_reposition(key, out, src_pos, dst_pos, cos_sin_cache);
+  rope_reposition_cuda(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
+}
+
 void rope_reposition_inplace_cuda(const at::Tensor& key, const at::Tensor& src_pos,
                                   const at::Tensor& dst_pos, const at::Tensor& cos_sin_cache,
                                   bool is_neox) {
-  rope_reposition_cuda(key, key, src_pos, dst_pos, cos_sin_cache, is_neox);
+  rope_reposition_out_cuda(key, src_pos, dst_pos, cos_sin_cache, is_neox, key);
+}
+
+void fused_kv_concat_checked_cuda(at::TensorList chunks, const at::Tensor& src_pos, const at::Tensor& dst_pos,
+                                  const at::Tensor& slot_mapping, const at::Tensor& cos_sin_cache, bool is_neox,
+                                  at::TensorList k_caches, at::TensorList v_caches) {
+  validate_fused_kv_concat(chunks, src_pos, dst_pos, slot_mapping, cos_sin_cache, k_caches, v_caches);
+  fused_kv_concat_cuda(chunks, src_pos, dst_pos, slot_mapping, cos_sin_cache, is_neox, k_caches, v_caches);
+}
+
+void kv_deviation_checked_cuda(const at::Tensor& fresh, const at::Tensor& reused,
+                               const std::optional<at::Tensor>& token_index, bool accumulate, const at::Tensor& out) {
+  validate_kv_deviation(fresh, reused, token_index, out);
+  kv_deviation_cuda(fresh, reused, token_index, accumulate, out);
+}
+
+std::tuple<at::Tensor, at::Tensor> select_hkvd_batched_checked_cuda(const at::Tensor& deviation,
+                                                                    const at::Tensor& indptr, const at::Tensor& k,
+                                                                    const std::optional<at::Tensor>& forced,
+                                                                    const std::optional<at::Tensor>& candidates,
+                                                                    int64_t max_selected) {
+  validate_select_hkvd(deviation, indptr, k, forced, candidates, max_selected);
+  return select_hkvd_batched_cuda(deviation, indptr, k, forced, candidates, max_selected);
+}
+
+void sparse_query_attention_checked_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
+                                         const std::optional<at::Tensor>& kv_indptr, double scale,
+                                         const at::Tensor& out, const std::optional<at::Tensor>& lse) {
+  validate_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
+  sparse_query_attention_cuda(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
 }
 #endif
 
@@ -153,20 +192,16 @@ TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
 #ifdef CACHEBLEND_WITH_CUDA
 TORCH_LIBRARY_IMPL(cacheblend, CUDA, m) {
   m.impl("rope_reposition", &rope_reposition_inplace_cuda);
-  m.impl("rope_reposition_out", [](const at::Tensor& key, const at::Tensor& src_pos,
-                                   const at::Tensor& dst_pos, const at::Tensor& cos_sin_cache,
-                                   bool is_neox, const at::Tensor& out) {
-    rope_reposition_cuda(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
-  });
-  m.impl("fused_kv_concat", &fused_kv_concat_cuda);
+  m.impl("rope_reposition_out", &rope_reposition_out_cuda);
+  m.impl("fused_kv_concat", &fused_kv_concat_checked_cuda);
   // ---- HKVD selection ----
-  m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_cuda>);
-  m.impl("kv_deviation_out", &kv_deviation_cuda);
-  m.impl("select_hkvd_batched", &select_hkvd_batched_cuda);
-  m.impl("select_hkvd", &select_hkvd_single<&select_hkvd_batched_cuda>);
+  m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_checked_cuda>);
+  m.impl("kv_deviation_out", &kv_deviation_checked_cuda);
+  m.impl("select_hkvd_batched", &select_hkvd_batched_checked_cuda);
+  m.impl("select_hkvd", &select_hkvd_single<&select_hkvd_batched_checked_cuda>);
 
   // ---- sparse_query_attention ----
-  m.impl("sparse_query_attention", &sparse_query_attention_cuda);
+  m.impl("sparse_query_attention", &sparse_query_attention_checked_cuda);
 }
 #endif
 

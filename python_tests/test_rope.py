@@ -181,7 +181,7 @@ def test_bad_inputs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_device_mismatch():
+def test_device_mismatch_cuda():
     key = torch.randn(4, 2, 64, device="cuda")
     with pytest.raises(RuntimeError, match="src_pos must be on the same device as key"):
         ops.rope_reposition(key, torch.arange(4), torch.arange(4, device="cuda"), _table(64).cuda())

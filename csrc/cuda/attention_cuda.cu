@@ -1,12 +1,16 @@
 // ATen wrapper of the sparse_query_attention CUDA kernels (kernels/attention_cuda.cuh):
-// picks the tensor-core kernel or the SIMT kernel and launches on the current stream.
+// picks the split-key tensor-core kernel (default), the first tensor-core kernel or the
+// SIMT kernel and launches on the current stream.
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "cuda/dispatch_utils.cuh"
@@ -18,11 +22,20 @@ namespace {
 
 using attention::AttentionArgs;
 
-// CACHEBLEND_ATTENTION_IMPL=simt forces the SIMT kernel for fp16 / bf16 too (read per
-// call, so tests can switch it).
-bool simt_forced() {
+// CACHEBLEND_ATTENTION_IMPL selects the kernel for fp16 / bf16 (read per call, so tests
+// and benchmarks can switch it): "simt" forces the SIMT kernel, "mma_v1" the first
+// tensor-core kernel (one block per row tile and kv head, no key split); anything else
+// (or unset) the default split-key tensor-core kernel; "split_sync" that kernel without
+// cp.async double-buffering.
+enum class Impl { kDefault, kSplitSync, kMmaV1, kSimt };
+
+Impl requested_impl() {
   const char* impl = std::getenv("CACHEBLEND_ATTENTION_IMPL");
-  return impl != nullptr && std::strcmp(impl, "simt") == 0;
+  if (impl == nullptr) return Impl::kDefault;
+  if (std::strcmp(impl, "simt") == 0) return Impl::kSimt;
+  if (std::strcmp(impl, "mma_v1") == 0) return Impl::kMmaV1;
+  if (std::strcmp(impl, "split_sync") == 0) return Impl::kSplitSync;
+  return Impl::kDefault;
 }
 
 bool device_has_mma(int device) {
@@ -31,9 +44,72 @@ bool device_has_mma(int device) {
   return major >= 8;
 }
 
+// Key splits of the split kernel, from the shapes only (no device reads): enough blocks
+// for about four waves of two blocks on a 132-SM GPU, at least kSplitMinTiles key tiles
+// per split.
+int choose_splits(int64_t num_row_tiles, int64_t num_k, int hkv) {
+  const int64_t base_blocks = num_row_tiles * hkv;
+  const int64_t key_tiles = ceil_div(num_k, int64_t{attention::kMmaKeys});
+  int64_t splits = ceil_div(int64_t{attention::kSplitTargetBlocks}, base_blocks);
+  splits = std::min(splits, key_tiles / attention::kSplitMinTiles);
+  splits = std::min<int64_t>(splits, attention::kSplitMaxSplits);
+  return static_cast<int>(std::max<int64_t>(splits, 1));
+}
+
+template <typename scalar_t, typename pos_t, int D, bool kPipelined>
+void launch_split(const AttentionArgs& args, const pos_t* q_pos, const at::Tensor& q, cudaStream_t stream) {
+  const int tokens_per_block = attention::kMmaRows / args.group;
+  const int64_t row_tiles = ceil_div(args.num_q, int64_t{tokens_per_block});
+  const int splits = choose_splits(row_tiles, args.num_k, args.hkv);
+  const int64_t key_tiles = std::max<int64_t>(ceil_div(args.num_k, int64_t{attention::kMmaKeys}), 1);
+  attention::SplitWorkspace ws{nullptr, nullptr, static_cast<int>(ceil_div(key_tiles, int64_t{splits}))};
+  at::Tensor part_o, part_lse;
+  if (splits > 1) {
+    TORCH_CHECK(ceil_div(args.num_q * args.hq, int64_t{attention::kCombineWarps}) <= std::numeric_limits<int32_t>::max(),
+                "sparse_query_attention: too many (query, head) rows: ", args.num_q * args.hq);
+    // Sizes from the shapes only: safe under CUDA-graph capture (caching allocator).
+    const auto opts = q.options().dtype(at::kFloat);
+    part_o = at::empty({splits, args.num_q, args.hq, D}, opts);
+    part_lse = at::empty({splits, args.num_q, args.hq}, opts);
+    ws.part_o = part_o.data_ptr<float>();
+    ws.part_lse = part_lse.data_ptr<float>();
+  }
+  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(args.hkv), static_cast<unsigned>(splits));
+  constexpr int smem_bytes = attention::split_kernel_smem_bytes<D, kPipelined>();
+  auto* kernel = attention::sparse_query_attention_split_kernel<scalar_t, pos_t, D, kPipelined>;
+  // Above 48 KB of dynamic shared memory needs the opt-in (a host-side attribute of the
+  // function on the current device; cheap, and allowed during graph capture).
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  kernel<<<grid, attention::kMmaThreads, smem_bytes, stream>>>(args, q_pos, ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    const int64_t rows = args.num_q * args.hq;
+    const dim3 cgrid(static_cast<unsigned>(ceil_div(rows, int64_t{attention::kCombineWarps})));
+    attention::sparse_query_attention_combine_kernel<scalar_t>
+        <<<cgrid, attention::kCombineWarps * 32, 0, stream>>>(args, ws.part_o, ws.part_lse, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 template <typename scalar_t, typename pos_t>
-void launch(const AttentionArgs& args, const pos_t* q_pos, bool use_mma, cudaStream_t stream) {
+void launch(const AttentionArgs& args, const pos_t* q_pos, bool use_mma, Impl impl, const at::Tensor& q,
+            cudaStream_t stream) {
   if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (use_mma && (impl == Impl::kDefault || impl == Impl::kSplitSync)) {
+      const bool pipelined = impl == Impl::kDefault;
+      if (args.head_dim == 64) {
+        if (pipelined)
+          launch_split<scalar_t, pos_t, 64, true>(args, q_pos, q, stream);
+        else
+          launch_split<scalar_t, pos_t, 64, false>(args, q_pos, q, stream);
+      } else {
+        if (pipelined)
+          launch_split<scalar_t, pos_t, 128, true>(args, q_pos, q, stream);
+        else
+          launch_split<scalar_t, pos_t, 128, false>(args, q_pos, q, stream);
+      }
+      return;
+    }
     if (use_mma) {
       const int tokens_per_block = attention::kMmaRows / args.group;
       const dim3 grid(static_cast<unsigned>(ceil_div(args.num_q, tokens_per_block)), args.hkv);
@@ -60,7 +136,6 @@ void sparse_query_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
                                  const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,
                                  const std::optional<at::Tensor>& lse) {
-  validate_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
   const int64_t num_q = q.size(0);
   TORCH_CHECK(num_q < (int64_t{1} << 31), "sparse_query_attention: at most 2^31 - 1 queries, got ", num_q);
   TORCH_CHECK(k.size(1) <= 65535, "sparse_query_attention: at most 65535 kv heads, got ", k.size(1));
@@ -102,28 +177,29 @@ void sparse_query_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   args.head_dim = static_cast<int>(q.size(2));
   args.scale_log2 = static_cast<float>(scale) * attention::kLog2e;
 
+  const Impl impl = requested_impl();
   const bool use_mma = q.scalar_type() != at::kFloat && (args.head_dim == 64 || args.head_dim == 128) &&
                        args.group <= attention::kMmaRows && is_aligned16(q, {q.stride(0), q.stride(1)}) &&
                        is_aligned16(k, {k.stride(0), k.stride(1)}) && is_aligned16(v, {v.stride(0), v.stride(1)}) &&
-                       !simt_forced() && device_has_mma(q.get_device());
+                       impl != Impl::kSimt && device_has_mma(q.get_device());
 
   AT_DISPATCH_SWITCH(
       q.scalar_type(), "sparse_query_attention_cuda",
       AT_DISPATCH_CASE(at::kFloat,
                        [&] {
                          AT_DISPATCH_INDEX_TYPES(q_pos.scalar_type(), "sparse_query_attention_cuda", [&] {
-                           launch<scalar_t, index_t>(args, q_pos.data_ptr<index_t>(), use_mma, stream);
+                           launch<scalar_t, index_t>(args, q_pos.data_ptr<index_t>(), use_mma, impl, q, stream);
                          });
                        })
       AT_DISPATCH_CASE(at::kHalf,
                        [&] {
                          AT_DISPATCH_INDEX_TYPES(q_pos.scalar_type(), "sparse_query_attention_cuda", [&] {
-                           launch<scalar_t, index_t>(args, q_pos.data_ptr<index_t>(), use_mma, stream);
+                           launch<scalar_t, index_t>(args, q_pos.data_ptr<index_t>(), use_mma, impl, q, stream);
                          });
                        })
       AT_DISPATCH_CASE(at::kBFloat16, [&] {
         AT_DISPATCH_INDEX_TYPES(q_pos.scalar_type(), "sparse_query_attention_cuda", [&] {
-          launch<scalar_t, index_t>(args, q_pos.data_ptr<index_t>(), use_mma, stream);
+          launch<scalar_t, index_t>(args, q_pos.data_ptr<index_t>(), use_mma, impl, q, stream);
         });
       }));
 }

@@ -17,7 +17,6 @@ namespace cacheblend {
 
 void kv_deviation_cuda(const at::Tensor& fresh, const at::Tensor& reused,
                        const std::optional<at::Tensor>& token_index, bool accumulate, const at::Tensor& out) {
-  validate_kv_deviation(fresh, reused, token_index, out);
   const int64_t num_rows = fresh.size(0);
   if (num_rows == 0) return;
   TORCH_CHECK(fresh.size(1) * fresh.size(2) < (int64_t{1} << 31), "kv_deviation: num_heads * head_dim must be < 2^31");
@@ -66,7 +65,6 @@ std::tuple<at::Tensor, at::Tensor> select_hkvd_batched_cuda(const at::Tensor& de
                                                             const std::optional<at::Tensor>& forced,
                                                             const std::optional<at::Tensor>& candidates,
                                                             int64_t max_selected) {
-  validate_select_hkvd(deviation, indptr, k, forced, candidates, max_selected);
   const int64_t num_requests = indptr.size(0) - 1;
   at::Tensor indices = at::empty({num_requests, max_selected}, deviation.options().dtype(at::kLong));
   at::Tensor counts = at::empty({num_requests}, deviation.options().dtype(at::kInt));

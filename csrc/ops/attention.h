@@ -79,6 +79,7 @@ void sparse_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,
                                 const std::optional<at::Tensor>& lse);
 #ifdef CACHEBLEND_WITH_CUDA
+// Launch wrappers: they assume validated arguments (torch_bindings.cpp validates first).
 void sparse_query_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
                                  const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,

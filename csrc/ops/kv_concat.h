@@ -82,6 +82,7 @@ void fused_kv_concat_cpu(at::TensorList chunks, const at::Tensor& src_pos, const
                          const at::Tensor& slot_mapping, const at::Tensor& cos_sin_cache, bool is_neox,
                          at::TensorList k_caches, at::TensorList v_caches);
 #ifdef CACHEBLEND_WITH_CUDA
+// Launch wrappers: they assume validated arguments (torch_bindings.cpp validates first).
 void fused_kv_concat_cuda(at::TensorList chunks, const at::Tensor& src_pos, const at::Tensor& dst_pos,
                           const at::Tensor& slot_mapping, const at::Tensor& cos_sin_cache, bool is_neox,
                           at::TensorList k_caches, at::TensorList v_caches);

@@ -35,6 +35,7 @@ inline void validate_rope_reposition(const at::Tensor& key, const at::Tensor& ou
 void rope_reposition_cpu(const at::Tensor& key, const at::Tensor& out, const at::Tensor& src_pos,
                          const at::Tensor& dst_pos, const at::Tensor& cos_sin_cache, bool is_neox);
 #ifdef CACHEBLEND_WITH_CUDA
+// Launch wrappers: they assume validated arguments (torch_bindings.cpp validates first).
 void rope_reposition_cuda(const at::Tensor& key, const at::Tensor& out, const at::Tensor& src_pos,
                           const at::Tensor& dst_pos, const at::Tensor& cos_sin_cache,
                           bool is_neox);

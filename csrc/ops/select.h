@@ -77,6 +77,7 @@ std::tuple<at::Tensor, at::Tensor> select_hkvd_batched_cpu(const at::Tensor& dev
                                                            const std::optional<at::Tensor>& candidates,
                                                            int64_t max_selected);
 #ifdef CACHEBLEND_WITH_CUDA
+// Launch wrappers: they assume validated arguments (torch_bindings.cpp validates first).
 void kv_deviation_cuda(const at::Tensor& fresh, const at::Tensor& reused,
                        const std::optional<at::Tensor>& token_index, bool accumulate, const at::Tensor& out);
 std::tuple<at::Tensor, at::Tensor> select_hkvd_batched_cuda(const at::Tensor& deviation, const at::Tensor& indptr,

@@ -1,0 +1,151 @@
+"""Time to first token of a RAG request (prefix + 6 x 512-token chunks + query, chunk KV
+already in memory): full prefill vs prefix caching (only the first chunk's KV reused) vs
+full KV reuse vs CacheBlend at several recompute ratios.
+
+``--model random-7b`` builds a Mistral-7B-shaped model with random weights (bf16, meant
+for a GPU); anything else is the bundled model or a local Hugging Face directory.
+``--source`` picks where the blend reads the reused per-layer KV from (see ``SOURCES``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from bench import common
+
+COMMAND = "e2e"
+HELP = "TTFT of full prefill, prefix caching, full KV reuse and CacheBlend on a 6 x 512-token RAG request"
+
+# Layer sources the blend can read reused KV from: name -> factory(engine, chunks, args)
+# returning a layer source (see cacheblend_ext.engine) or None for the in-memory default.
+# A factory may return a callable instead, called once per timed blend to make a fresh
+# source (for sources that are consumed by one blend). Other modules add entries here.
+SOURCES = {"memory": lambda engine, chunks, args: None}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="smollm2-135m-instruct, random-7b (Mistral-7B shape, random bf16) or a local HF dir")
+    parser.add_argument("--chunks", type=int, default=6)
+    parser.add_argument("--chunk-tokens", type=int, default=512)
+    parser.add_argument("--query-tokens", type=int, default=32)
+    parser.add_argument("--ratios", default="0,5,10,15,20,30,100", help="CacheBlend recompute ratios in percent")
+    parser.add_argument("--check-layer", type=int, default=1)
+    parser.add_argument("--source", default="memory", help=f"reused-KV layer source ({', '.join(SOURCES)})")
+
+
+def random_7b(device, dtype):
+    """A Mistral-7B-shaped model (32 layers, 4096 hidden, 32 q / 8 kv heads) with random weights."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                        rope_theta=10000.0, sliding_window=None, bos_token_id=1, eos_token_id=2)
+    cfg._name_or_path = "random-7b"
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = MistralForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+def run(args) -> dict:
+    with torch.inference_mode():
+        return _run(args)
+
+
+def _run(args) -> dict:
+    from cacheblend_ext import _kernels
+    from cacheblend_ext.engine import BlendConfig, BlendEngine
+    from cacheblend_ext.models import load_model
+
+    dtype = common.resolve_dtype(args)
+    gpu = args.device.startswith("cuda")
+    warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    iters = args.iters if args.iters is not None else (10 if gpu else 5)
+    if args.model == "random-7b":
+        model, tok = random_7b(args.device, dtype), None
+    else:
+        model, tok = load_model(args.model, dtype=dtype, device=args.device)
+    engine = BlendEngine(model, tok, BlendConfig(check_layers=(args.check_layer,)))
+    common.progress(f"kernels: {_kernels.backends()}")
+
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    bos = engine._bos()
+    prefix = torch.tensor(bos + torch.randint(100, vocab, (7,), generator=g).tolist())
+    chunk_ids = [torch.randint(100, vocab, (args.chunk_tokens,), generator=g) for _ in range(args.chunks)]
+    query = torch.randint(100, vocab, (args.query_tokens,), generator=g)
+    common.progress(f"encoding {args.chunks} chunks x {args.chunk_tokens} tokens")
+    chunks = engine.encode_chunks(chunk_ids)
+    first = engine.encode_prefix([prefix, chunk_ids[0]])  # exact-prefix KV for prefix caching
+    segments = [prefix, *chunks, query]
+    n = prefix.numel() + sum(c.numel() for c in chunk_ids) + query.numel()
+    if args.source not in SOURCES:
+        raise SystemExit(f"unknown --source {args.source!r} (known: {', '.join(SOURCES)})")
+    made = SOURCES[args.source](engine, chunks, args)
+
+    def source():
+        return made() if callable(made) else made
+
+    # Prefix caching twice: Hugging Face continuing from the cached prefix (its SDPA then
+    # takes an explicit-mask path), and the engine's own kernels with the prefix KV reused
+    # and every later token forced (same math, same attention kernel as CacheBlend).
+    prefix_segments = [first, *chunk_ids[1:], query]
+    methods = [("full prefill", 1.0, lambda: engine.full_prefill(segments)),
+               ("prefix caching (chunk 1 reused), HF", None,
+                lambda: engine.full_prefill(segments, reuse_prefix=first)),
+               ("prefix caching (chunk 1 reused), engine", None,
+                lambda: engine.blend(prefix_segments, BlendConfig(recompute_ratio=0.0, check_layers=(args.check_layer,))))]
+    for r in [float(x) / 100 for x in args.ratios.split(",") if x.strip()]:
+        cfg = BlendConfig(recompute_ratio=r, check_layers=(args.check_layer,))
+        name = "full KV reuse" if r == 0 else f"CacheBlend {r:.0%}"
+        methods.append((name, r, lambda cfg=cfg: engine.blend(segments, cfg, source=source())))
+
+    table = common.Table(
+        f"TTFT, {args.model} ({dtype}) on {common.device_name(args.device)}: {args.chunks} x {args.chunk_tokens}-token "
+        f"chunks + query = {n} tokens, KV in memory, source {args.source}",
+        ["method", "recomputed", "TTFT ms", "x full prefill", "speed-up", "min ms", "x full (min)"])
+    recomputed = {}
+    for name, ratio, fn in methods:
+        common.progress(f"{name}: warm-up")
+        res = fn()
+        recomputed[name] = res.recomputed_fraction() if ratio is not None else (n - first.num_tokens) / n
+        for _ in range(warmup - 1):
+            fn()
+    timings = {}
+    if gpu:
+        for name, _, fn in methods:
+            timings[name] = common.time_fn(fn, args.device, 0, iters, flush_l2=False)
+            torch.cuda.empty_cache()
+    else:
+        # CPU: round-robin over the methods so load from other processes hits them alike
+        samples = {name: [] for name, _, _ in methods}
+        for i in range(iters):
+            common.progress(f"round {i + 1}/{iters}")
+            for name, _, fn in methods:
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+        for name, xs in samples.items():
+            timings[name] = {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "iters": iters}
+    rows, base, base_min = [], None, None
+    for name, ratio, fn in methods:
+        t = timings[name]
+        recomputed_n = recomputed[name]
+        base = base or t["median_ms"]
+        rows.append({"method": name, "ratio": ratio, "recomputed": recomputed_n, **t,
+                     "vs_full": t["median_ms"] / base, "speedup": base / t["median_ms"]})
+        base_min = base_min or t["min_ms"]
+        table.add(name, recomputed_n, t["median_ms"], t["median_ms"] / base, base / t["median_ms"], t["min_ms"],
+                  t["min_ms"] / base_min)
+    print(table.render())
+    return {"command": COMMAND, "environment": common.environment(args.device), "kernels": _kernels.backends(),
+            "model": args.model, "dtype": str(dtype), "tokens": n, "warmup": warmup, "iters": iters,
+            "table": table.as_dict(), "rows": rows}
