@@ -1,0 +1,295 @@
+"""``python -m bench load``: loading stored chunk KV layer by layer behind the recompute.
+
+A request of ``--chunks`` x ``--chunk-tokens`` reused tokens plus a query runs a
+CacheBlend-shaped per-layer computation (its real cost, synthetic weights): per layer
+the reused chunks' K/V are gathered into the request's KV buffer, ``ratio * N`` tokens
+go through the QKV projection, attention over all ``N`` keys, the output projection and
+the MLP. The chunks' KV comes from
+
+* ``memory``: already on the compute device (the blend engine's default),
+* ``ram``: the store's CPU tier (pinned when on a GPU),
+* ``disk``: the store's files, read cold (dropped from the page cache before each run),
+
+each loaded with the layer-wise pipeline (``pipelined``) and, as the baseline, on demand
+with a wait per layer (``sync``). Reported: time to first token (median), overhead vs
+``memory``, the load time and the fraction of it hidden behind compute; the full
+prefill of the same request (ratio 1, nothing reused) for reference; and the loading
+controller's decisions on the numbers measured here.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench import common
+from cacheblend_ext.controller import LoadingController, Measurements, _drop_page_cache
+from cacheblend_ext.pipeline import MemoryLayerSource, open_layer_source
+from cacheblend_ext.store import ChunkStore
+
+COMMAND = "load"
+HELP = "TTFT with chunk KV loaded from CPU memory or disk, pipelined vs per-layer sync, vs KV in memory"
+
+SHAPES = {
+    # SmolLM2-135M (the bundled model) and Mistral-7B
+    "smollm2": dict(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, inter=1536),
+    "mistral7b": dict(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=14336),
+}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--source", choices=["ram", "disk", "both"], default="both",
+                        help="where the chunk KV is loaded from (default: both)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="model shape (default: smollm2 on CPU, mistral7b on GPU)")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    parser.add_argument("--chunks", type=int, default=6)
+    parser.add_argument("--chunk-tokens", type=int, default=512)
+    parser.add_argument("--query-tokens", type=int, default=32)
+    parser.add_argument("--ratio", type=float, default=0.15, help="recompute ratio")
+    parser.add_argument("--depth", type=int, default=1, help="pipeline depth (layers loaded ahead)")
+    parser.add_argument("--disk-dir", default=None, help="directory for the disk tier (default: a temp dir)")
+
+
+class SyntheticModel:
+    """One set of random layer weights reused by every layer (the cost of a real layer)."""
+
+    def __init__(self, shape: dict, device, dtype):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        s = shape
+        self.s = s
+        rnd = lambda *size: (torch.randn(*size, generator=g) / math.sqrt(size[0])).to(device=device, dtype=dtype)
+        qkv = (s["heads"] + 2 * s["kv_heads"]) * s["head_dim"]
+        self.w_qkv = rnd(s["hidden"], qkv)
+        self.w_o = rnd(s["heads"] * s["head_dim"], s["hidden"])
+        self.w_gate_up = rnd(s["hidden"], 2 * s["inter"])
+        self.w_down = rnd(s["inter"], s["hidden"])
+        self.device, self.dtype = device, dtype
+
+    def run(self, n: int, offsets: list, sel: torch.Tensor | None, source, kbuf, vbuf, hidden) -> torch.Tensor:
+        """Layers 0..L-1 for the tokens ``sel`` (all when None) of an ``n``-token request."""
+        s = self.s
+        hq, hk, d = s["heads"], s["kv_heads"], s["head_dim"]
+        x = hidden if sel is None else hidden[sel]
+        for l in range(kbuf.shape[0]):
+            if source is not None:
+                for (start, end), kv in zip(offsets, source.layer(l)):
+                    kbuf[l, start:end].copy_(kv[0])
+                    vbuf[l, start:end].copy_(kv[1])
+            qkv = x @ self.w_qkv
+            q = qkv[:, : hq * d].view(-1, hq, d)
+            k = qkv[:, hq * d: (hq + hk) * d].view(-1, hk, d)
+            v = qkv[:, (hq + hk) * d:].view(-1, hk, d)
+            if sel is None:
+                kbuf[l].copy_(k)
+                vbuf[l].copy_(v)
+            else:
+                kbuf[l].index_copy_(0, sel, k)
+                vbuf[l].index_copy_(0, sel, v)
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kbuf[l].transpose(0, 1)[None],
+                                               vbuf[l].transpose(0, 1)[None], is_causal=sel is None,
+                                               enable_gqa=hq != hk)[0].transpose(0, 1)
+            x = x + o.reshape(o.shape[0], -1) @ self.w_o
+            gu = x @ self.w_gate_up
+            x = x + (F.silu(gu[:, : s["inter"]]) * gu[:, s["inter"]:]) @ self.w_down
+        return x[-1]
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtype = common.resolve_dtype(args)
+    gpu = device.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
+    iters = args.iters if args.iters is not None else (10 if gpu else 3)
+    shape = dict(SHAPES[args.shape or ("mistral7b" if gpu else "smollm2")])
+    if args.layers:
+        shape["layers"] = args.layers
+    L, hk, d = shape["layers"], shape["kv_heads"], shape["head_dim"]
+    sizes = [args.chunk_tokens] * args.chunks
+    n = sum(sizes) + args.query_tokens
+    offsets, start = [], 0
+    for t in sizes:
+        offsets.append((start, start + t))
+        start += t
+    m = max(1, math.ceil(args.ratio * n))
+    g = torch.Generator(device="cpu").manual_seed(1)
+    sel = torch.cat([torch.randperm(n - 1, generator=g)[: m - 1].sort().values, torch.tensor([n - 1])]).to(device)
+
+    common.progress(f"{common.device_name(device)}: {args.chunks} x {args.chunk_tokens} + {args.query_tokens} tokens, "
+                    f"{L} layers, {hk} KV heads x {d}, ratio {args.ratio}, {dtype}")
+    model = SyntheticModel(shape, device, dtype)
+    hidden = torch.randn(n, shape["hidden"], device=device, dtype=dtype)
+    kbuf = torch.empty(L, n, hk, d, device=device, dtype=dtype)
+    vbuf = torch.empty_like(kbuf)
+    kvs_cpu = [torch.randn(L, 2, t, hk, d, generator=g).to(dtype) for t in sizes]
+    kv_bytes = sum(kv.numel() * kv.element_size() for kv in kvs_cpu)
+    kvs_dev = [kv.to(device) for kv in kvs_cpu]
+
+    def once(make_source):
+        _sync(device)
+        t0 = time.perf_counter()
+        source = make_source()  # opening the chunks (and starting the loader) is part of the request
+        model.run(n, offsets, sel if source is not None else None, source, kbuf, vbuf, hidden)
+        _sync(device)
+        dt = (time.perf_counter() - t0) * 1e3
+        report = None
+        if source is not None:
+            source.close()
+            report = source.report()
+        return dt, report
+
+    # The full prefill is long on a CPU: fewer runs.
+    full_times = [once(lambda: None)[0] for _ in range(max(1, min(iters, 2 if not gpu else iters)) + (1 if gpu else 0))]
+    full_ms = statistics.median(full_times[1:] if gpu else full_times)
+    common.progress(f"full prefill: {full_ms:.1f} ms")
+
+    # Every other variant runs round-robin, so machine noise hits them alike.
+    sources = ["ram", "disk"] if args.source == "both" else [args.source]
+    tmp = tempfile.TemporaryDirectory(dir=args.disk_dir, prefix="cacheblend-bench-")
+    variants = [("memory", None, lambda: None, lambda: MemoryLayerSource(kvs_dev))]
+    for src in sources:
+        store = ChunkStore("bench", "bench", disk_dir=tmp.name if src == "disk" else None,
+                           cpu_bytes=0 if src == "disk" else 2 * kv_bytes + (1 << 20))
+        keys = [store.put(f"chunk{i}", kv, torch.arange(kv.shape[2])) for i, kv in enumerate(kvs_cpu)]
+
+        def prepare(store=store, keys=keys, src=src):
+            if src == "disk":  # cold reads: drop the files from the page cache (not timed)
+                for k in keys:
+                    _drop_page_cache(store._disk.path(k))
+
+        def make(pipelined, store=store, keys=keys):
+            source, missing = open_layer_source(store, keys, device, pipelined=pipelined, depth=args.depth)
+            assert not missing
+            return source
+
+        for pipelined in (True, False):
+            variants.append((src, pipelined, prepare, (lambda make=make, p=pipelined: make(p))))
+    times = {i: [] for i in range(len(variants))}
+    reports = {i: [] for i in range(len(variants))}
+    try:
+        for it in range(warmup + iters):
+            for i, (_, _, prepare, make_source) in enumerate(variants):
+                prepare()
+                dt, rep = once(make_source)
+                if it >= warmup:
+                    times[i].append(dt)
+                    if rep is not None:
+                        reports[i].append(rep)
+            common.progress(f"round {it + 1}/{warmup + iters}" + (" (warm-up)" if it < warmup else ""))
+    finally:
+        tmp.cleanup()
+
+    mem_ms = statistics.median(times[0])
+    rows = [["full prefill (nothing reused)", full_ms, 1.0, None, None, None, None],
+            [f"CacheBlend r={args.ratio}, KV in memory", mem_ms, mem_ms / full_ms, 0.0, None, None, None]]
+    results = {"memory": {"ttft_ms": mem_ms, "vs_full_prefill": mem_ms / full_ms, "times_ms": times[0]}}
+    measured_gbps = {"gpu": math.inf}
+    for i, (src, pipelined, _, _) in enumerate(variants):
+        if pipelined is None:
+            continue
+        ms = statistics.median(times[i])
+        load = statistics.median(r.load_ms for r in reports[i])
+        exposed = statistics.median(r.exposed_ms for r in reports[i])
+        hidden_frac = statistics.median(r.hidden_fraction for r in reports[i])
+        label = f"CacheBlend r={args.ratio}, KV from {src}, {'pipelined' if pipelined else 'sync per layer'}"
+        rows.append([label, ms, ms / full_ms, (ms - mem_ms) / mem_ms * 100, load, exposed,
+                     hidden_frac if load > 0 else None])
+        results[f"{src}_{'pipelined' if pipelined else 'sync'}"] = {
+            "ttft_ms": ms, "vs_full_prefill": ms / full_ms, "overhead_vs_memory_pct": (ms - mem_ms) / mem_ms * 100,
+            "load_ms": load, "exposed_ms": exposed, "hidden_fraction": hidden_frac, "times_ms": times[i],
+            "reports": [r.as_dict() for r in reports[i]]}
+        if not pipelined:
+            tier = "cpu" if src == "ram" else "disk"
+            measured_gbps[tier] = (kv_bytes / (load * 1e-3) / 1e9) if load > 0 else math.inf
+
+    table = common.Table(f"TTFT, {common.device_name(device)}, {args.shape or ('mistral7b' if gpu else 'smollm2')} "
+                         f"shape ({L} layers), {args.chunks} x {args.chunk_tokens} + {args.query_tokens} tokens",
+                         ["variant", "TTFT ms", "x full", "+% vs memory", "load ms", "exposed ms", "hidden"])
+    for r in rows:
+        table.add(*[("-" if v is None else v) for v in r])
+    print(table.render())
+
+    # Controller on the numbers measured above.
+    for tier in ("cpu", "disk"):
+        measured_gbps.setdefault(tier, math.inf if tier == "cpu" and not gpu else None)
+    gbps = {k: v for k, v in measured_gbps.items() if v is not None}
+    # Recompute at ratio r costs r * prefill_layer(N): calibrate prefill_layer(N) from the
+    # measured blend with the KV in memory (mem_ms / L at ratio args.ratio).
+    meas = Measurements(prefill_a_ms=mem_ms / L / max(args.ratio, 1e-6) / n, kv_bytes_per_layer_token=2 * hk * d * kvs_cpu[0].element_size(),
+                        tier_gbps=gbps, num_layers=L, device=str(device), dtype=str(dtype))
+    ctl = LoadingController(meas, r_quality=args.ratio)
+    decisions = {f"ratio_for_{t}": ctl.choose_ratio(n, t).as_dict() for t in gbps}
+    decisions["tier_for_ratio"] = ctl.choose_tier(n, args.ratio).as_dict()
+    ctable = common.Table("Loading controller on the measured numbers (per layer)",
+                          ["decision", "tier", "ratio", "r_load", "recompute ms", "load ms", "hidden"])
+    for name, dd in decisions.items():
+        ctable.add(name, dd["tier"], dd["ratio"], dd["r_load"], dd["recompute_ms_per_layer"], dd["load_ms_per_layer"],
+                   str(dd["hidden"]))
+    print(ctable.render())
+    for name, dd in decisions.items():
+        print(f"  {name}: {dd['reason']}")
+
+    return {"command": COMMAND, "env": common.environment(device), "shape": shape, "num_tokens": n,
+            "ratio": args.ratio, "dtype": str(dtype), "kv_bytes": kv_bytes, "full_prefill_ms": full_ms,
+            "memory_ms": mem_ms, "results": results, "table": table.as_dict(), "controller": decisions,
+            "controller_table": ctable.as_dict()}
+
+
+# ---------------------------------------------------------------------------
+# Layer sources for ``python -m bench e2e --source ram|disk[-sync]``: the real blend
+# engine reading its reused KV from the chunk store.
+# ---------------------------------------------------------------------------
+
+
+class StoreSourceMaker:
+    """Stores the request's chunks once, then makes a fresh layer source per blend and
+    keeps the load reports (``summary()``)."""
+
+    def __init__(self, engine, chunks, tier: str, pipelined: bool, depth: int = 1):
+        self.tier, self.pipelined, self.device = tier, pipelined, engine.device
+        self.tmp = tempfile.TemporaryDirectory(prefix="cacheblend-e2e-") if tier == "disk" else None
+        nbytes = sum(c.kv.numel() * c.kv.element_size() for c in chunks)
+        self.store = ChunkStore("e2e", "e2e", disk_dir=self.tmp.name if self.tmp else None,
+                                cpu_bytes=0 if tier == "disk" else 2 * nbytes + (1 << 20))
+        self.keys = [self.store.put(c.key, c.kv, c.positions, c.token_ids) for c in chunks]
+        self.depth = depth
+        self.sources = []
+
+    def __call__(self):
+        if self.tier == "disk":  # cold reads (fsync + fadvise of clean pages: well under a millisecond)
+            for k in self.keys:
+                _drop_page_cache(self.store._disk.path(k))
+        source, missing = open_layer_source(self.store, self.keys, self.device, pipelined=self.pipelined,
+                                            depth=self.depth)
+        assert not missing
+        self.sources.append(source)
+        return source
+
+    def summary(self) -> dict:
+        reports = [s.report() for s in self.sources]
+        self.sources = []
+        if not reports:
+            return {}
+        return {"source": self.tier, "pipelined": self.pipelined, "blends": len(reports),
+                "load_ms": statistics.median(r.load_ms for r in reports),
+                "exposed_ms": statistics.median(r.exposed_ms for r in reports),
+                "hidden_fraction": statistics.median(r.hidden_fraction for r in reports)}
+
+
+def e2e_sources() -> dict:
+    """``name -> factory(engine, chunks, args)`` entries for ``bench.e2e.SOURCES``."""
+    out = {}
+    for tier, name in (("cpu", "ram"), ("disk", "disk")):
+        out[name] = lambda engine, chunks, args, tier=tier: StoreSourceMaker(engine, chunks, tier, True)
+        out[f"{name}-sync"] = lambda engine, chunks, args, tier=tier: StoreSourceMaker(engine, chunks, tier, False)
+    return out
