@@ -36,9 +36,9 @@ t0=$SECONDS
 # Numerical tests first; the bad-argument tests (CPU and CUDA) in their own process, so
 # that a crash there cannot hide the other results.
 ERRORS="bad_inputs or argument_errors or errors or mismatch"
-"$PY" -m pytest python_tests -q -k "(cuda or CUDA or gpu) and not ($ERRORS)" -p no:cacheprovider -rs \
+timeout 240 "$PY" -m pytest python_tests -q -k "(cuda or CUDA or gpu) and not ($ERRORS)" -p no:cacheprovider -rs \
   2>&1 | tee "$OUT/pytest.log" | tail -n 40
-"$PY" -m pytest python_tests -q -k "$ERRORS" -p no:cacheprovider -rs 2>&1 | tee -a "$OUT/pytest.log" | tail -n 15
+timeout 120 "$PY" -m pytest python_tests -q -k "$ERRORS" -p no:cacheprovider -rs 2>&1 | tee -a "$OUT/pytest.log" | tail -n 15
 echo "tests took $((SECONDS - t0)) s"
 
 # Each argument is a bench command, optionally with extra flags after a colon, e.g.
