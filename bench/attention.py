@@ -4,9 +4,9 @@ Default shape: 32 query heads, 8 KV heads, head_dim 128, N = 4096 keys, M = 15% 
 queries at random distinct positions (sorted, as the blend engine passes its selection),
 bf16 on a GPU, fp32 on the CPU. Measured in the same run:
 
-- ``cacheblend``: ``torch.ops.cacheblend.sparse_query_attention`` (on CUDA also its
-  split-key kernel without cp.async, ``CACHEBLEND_ATTENTION_IMPL=split_sync``, its first
-  tensor-core kernel, ``CACHEBLEND_ATTENTION_IMPL=mma_v1``, and its SIMT kernel,
+- ``cacheblend``: ``torch.ops.cacheblend.sparse_query_attention`` (on CUDA the default
+  tensor-core kernel, plus its split-key kernel with and without cp.async,
+  ``CACHEBLEND_ATTENTION_IMPL=split`` / ``split_sync``, and its SIMT kernel,
   ``CACHEBLEND_ATTENTION_IMPL=simt``);
 - ``sdpa explicit mask``: SDPA with the exact boolean ``[M, N]`` mask (the exact alternative);
 - ``sdpa bottom-right causal``: SDPA with ``causal_lower_right(M, N)`` (what public
@@ -103,8 +103,8 @@ def run(args) -> dict:
 
             return fn
 
+        candidates.append(("cacheblend (split kernel, cp.async)", with_impl("split"), exact_flops, None))
         candidates.append(("cacheblend (split kernel, no cp.async)", with_impl("split_sync"), exact_flops, None))
-        candidates.append(("cacheblend (mma v1 kernel)", with_impl("mma_v1"), exact_flops, None))
         candidates.append(("cacheblend (SIMT kernel)", with_impl("simt"), exact_flops, None))
     candidates.append(("sdpa explicit mask", lambda: F.scaled_dot_product_attention(q_h, k_h, v_h, attn_mask=mask),
                        exact_flops, None))

@@ -16,14 +16,14 @@ from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, poison_
 _cuda_skip = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (or CUDA kernels not built)")
 
 # (device, CUDA kernel choice): CUDA runs every case through the default dispatch (the
-# split-key tensor-core kernel with cp.async for fp16/bf16 with head_dim 64/128), the same
-# kernel without cp.async (split_sync), the first tensor-core kernel (mma_v1) and the
-# simple SIMT kernel.
+# first tensor-core kernel, mma_v1, for fp16/bf16 with head_dim 64/128), the split-key
+# tensor-core kernel with and without cp.async (split, split_sync) and the simple SIMT
+# kernel.
 TARGETS = [
     pytest.param(("cpu", None), id="cpu"),
-    pytest.param(("cuda", "auto"), id="cuda", marks=_cuda_skip),
+    pytest.param(("cuda", None), id="cuda", marks=_cuda_skip),
+    pytest.param(("cuda", "split"), id="cuda-split", marks=_cuda_skip),
     pytest.param(("cuda", "split_sync"), id="cuda-split-sync", marks=_cuda_skip),
-    pytest.param(("cuda", "mma_v1"), id="cuda-v1", marks=_cuda_skip),
     pytest.param(("cuda", "simt"), id="cuda-simt", marks=_cuda_skip),
 ]
 

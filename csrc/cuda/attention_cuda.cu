@@ -23,19 +23,23 @@ namespace {
 using attention::AttentionArgs;
 
 // CACHEBLEND_ATTENTION_IMPL selects the kernel for fp16 / bf16 (read per call, so tests
-// and benchmarks can switch it): "simt" forces the SIMT kernel, "mma_v1" the first
-// tensor-core kernel (one block per row tile and kv head, no key split); anything else
-// (or unset) the default split-key tensor-core kernel; "split_sync" that kernel without
-// cp.async double-buffering.
-enum class Impl { kDefault, kSplitSync, kMmaV1, kSimt };
+// and benchmarks can switch it):
+//   unset / "mma_v1": the tensor-core kernel verified on an H100 (one block per row tile
+//                     and kv head, no key split) -- the default;
+//   "split":          the split-key tensor-core kernel with cp.async double-buffering
+//                     and a combine kernel (compile-checked and emulated; not yet run on
+//                     a GPU, hence not the default);
+//   "split_sync":     the split-key kernel without cp.async;
+//   "simt":           the SIMT kernel.
+enum class Impl { kMmaV1, kSplit, kSplitSync, kSimt };
 
 Impl requested_impl() {
   const char* impl = std::getenv("CACHEBLEND_ATTENTION_IMPL");
-  if (impl == nullptr) return Impl::kDefault;
-  if (std::strcmp(impl, "simt") == 0) return Impl::kSimt;
-  if (std::strcmp(impl, "mma_v1") == 0) return Impl::kMmaV1;
+  if (impl == nullptr || impl[0] == '\0' || std::strcmp(impl, "mma_v1") == 0) return Impl::kMmaV1;
+  if (std::strcmp(impl, "split") == 0) return Impl::kSplit;
   if (std::strcmp(impl, "split_sync") == 0) return Impl::kSplitSync;
-  return Impl::kDefault;
+  if (std::strcmp(impl, "simt") == 0) return Impl::kSimt;
+  TORCH_CHECK(false, "CACHEBLEND_ATTENTION_IMPL must be unset, mma_v1, split, split_sync or simt, got '", impl, "'");
 }
 
 bool device_has_mma(int device) {
@@ -95,8 +99,8 @@ template <typename scalar_t, typename pos_t>
 void launch(const AttentionArgs& args, const pos_t* q_pos, bool use_mma, Impl impl, const at::Tensor& q,
             cudaStream_t stream) {
   if constexpr (!std::is_same_v<scalar_t, float>) {
-    if (use_mma && (impl == Impl::kDefault || impl == Impl::kSplitSync)) {
-      const bool pipelined = impl == Impl::kDefault;
+    if (use_mma && (impl == Impl::kSplit || impl == Impl::kSplitSync)) {
+      const bool pipelined = impl == Impl::kSplit;
       if (args.head_dim == 64) {
         if (pipelined)
           launch_split<scalar_t, pos_t, 64, true>(args, q_pos, q, stream);

@@ -10,11 +10,14 @@
 //    64 "rows", each row one (query token, query head of that kv head's group) pair, so
 //    every K/V tile loaded into shared memory serves the whole group. Key tiles past the
 //    block's largest query position are never visited; tiles wholly at or before its
-//    smallest position skip the mask. Selected with CACHEBLEND_ATTENTION_IMPL=mma_v1.
+//    smallest position skip the mask. The default for fp16 / bf16 with head_dim 64 / 128
+//    (verified on an H100; CACHEBLEND_ATTENTION_IMPL=mma_v1 names it explicitly).
 //  * sparse_query_attention_split_kernel (+ sparse_query_attention_combine_kernel): the
-//    default for fp16 / bf16 with head_dim 64 / 128. The same row tiles and fragments,
-//    with the key range split across blocks, coalesced K / V loads read through
-//    ldmatrix, and cp.async double-buffering of the K / V tiles.
+//    same row tiles and fragments, with the key range split across blocks, coalesced
+//    K / V loads read through ldmatrix, and cp.async double-buffering of the K / V tiles
+//    (CACHEBLEND_ATTENTION_IMPL=split, or split_sync without cp.async). Checked by a
+//    fragment-level emulator and compiled, not yet run on a GPU: not the default until
+//    its CUDA tests pass there.
 //
 // Ragged batches without a host sync: the grid covers the flat query range; a block
 // finds the requests its rows belong to by binary search in q_indptr and, when its rows
