@@ -9,6 +9,8 @@ same computation (table lookups, rotation in fp32, torch.cat + copy).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from bench import common
@@ -94,7 +96,7 @@ def run_rope(args) -> dict:
     key = keys[0]
     src = torch.arange(n, device=device) % args.chunk_len
     dst = torch.arange(n, device=device) + 1
-    turn = iter(range(1 << 62))
+    turn = itertools.count()
 
     def next_key():
         return keys[next(turn) % copies]
