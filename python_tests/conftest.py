@@ -40,6 +40,15 @@ def assert_close_to_ref(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dt
     assert err <= tol, f"max abs error {err:.3e} > tolerance {tol:.3e} ({dtype})"
 
 
+def request_parts(seed=0, sizes=(19, 26, 13), vocab=160):
+    """A random RAG request for the tiny test models: prefix ids, chunk ids, query ids."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.tensor([1, 7, 9])
+    chunks = [torch.randint(3, vocab, (n,), generator=g) for n in sizes]
+    query = torch.randint(3, vocab, (8,), generator=g)
+    return prefix, chunks, query
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -8,11 +8,10 @@ import os
 import pytest
 import torch
 
-engine_mod = pytest.importorskip("cacheblend_ext.engine", reason="the blend engine is not in this tree")
-
-from cacheblend_ext.cached import CachedBlender  # noqa: E402
-from cacheblend_ext.store import FILE_SUFFIX  # noqa: E402
-from conftest import DEVICES  # noqa: E402
+import cacheblend_ext.engine as engine_mod
+from cacheblend_ext.cached import CachedBlender
+from cacheblend_ext.store import FILE_SUFFIX
+from conftest import DEVICES, request_parts
 
 
 def tiny_llama(device):
@@ -23,14 +22,6 @@ def tiny_llama(device):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1,
                          eos_token_id=2, initializer_range=0.1, tie_word_embeddings=False, rope_theta=10000.0)
     return tf.LlamaForCausalLM(cfg).eval().to(device)
-
-
-def parts(seed=0, sizes=(19, 26, 13)):
-    g = torch.Generator().manual_seed(seed)
-    prefix = torch.tensor([1, 7, 9])
-    chunks = [torch.randint(3, 160, (n,), generator=g) for n in sizes]
-    query = torch.randint(3, 160, (8,), generator=g)
-    return prefix, chunks, query
 
 
 def reference(engine, prefix, chunks, query, cfg):
@@ -52,7 +43,7 @@ def engine(request):
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "sync"])
 def test_blend_from_disk_equals_blend_from_memory(tmp_path, engine, pipelined):
     cfg = engine_mod.BlendConfig(recompute_ratio=0.3)
-    prefix, chunks, query = parts()
+    prefix, chunks, query = request_parts()
     ref = reference(engine, prefix, chunks, query, cfg)
     CachedBlender(engine, disk_dir=tmp_path).add_many(chunks)
     # a fresh store (as after a restart) with no memory tier: every chunk streams from disk
@@ -68,7 +59,7 @@ def test_blend_from_disk_equals_blend_from_memory(tmp_path, engine, pipelined):
 
 def test_memory_tier_and_misses(tmp_path, engine):
     cfg = engine_mod.BlendConfig(recompute_ratio=0.15)
-    prefix, chunks, query = parts(1)
+    prefix, chunks, query = request_parts(1)
     blender = CachedBlender(engine)  # memory only
     result, report = blender.blend(None, chunks, query, cfg)  # all misses: encoded and stored
     assert set(report.tiers) <= {"cpu", "gpu"}
@@ -78,7 +69,7 @@ def test_memory_tier_and_misses(tmp_path, engine):
 
 def test_corrupt_file_is_reencoded_transparently(tmp_path, engine):
     cfg = engine_mod.BlendConfig(recompute_ratio=0.3)
-    prefix, chunks, query = parts(2)
+    prefix, chunks, query = request_parts(2)
     ref = reference(engine, prefix, chunks, query, cfg)
     keys = CachedBlender(engine, disk_dir=tmp_path).add_many(chunks)
     blender = CachedBlender(engine, disk_dir=tmp_path, cpu_bytes=0)

@@ -11,7 +11,7 @@ from cacheblend_ext.chunk import ChunkKV
 from cacheblend_ext.engine import BlendConfig, BlendEngine, make_dynamic_cache
 from cacheblend_ext.models import bundled_model_available
 
-from conftest import DEVICES
+from conftest import DEVICES, request_parts
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 
@@ -61,14 +61,6 @@ def _cases():
 def tiny(request):
     arch, device = request.param
     return tiny_model(arch).to(device)
-
-
-def request_parts(seed=0, sizes=(19, 26, 13)):
-    g = torch.Generator().manual_seed(seed)
-    prefix = torch.tensor([1, 7, 9])
-    chunks = [torch.randint(3, 160, (n,), generator=g) for n in sizes]
-    query = torch.randint(3, 160, (8,), generator=g)
-    return prefix, chunks, query
 
 
 def hf_logits_and_greedy(model, ids: torch.Tensor, steps: int = 32):
