@@ -28,6 +28,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--check-layer", type=int, default=1, help="check layer of the single-check-layer mode")
     parser.add_argument("--gradual-layers", default="1,2,3,4", help="check layers of gradual filtering ('' to skip)")
     parser.add_argument("--deviation", default="k", choices=["k", "v", "kv"])
+    parser.add_argument("--fresh-check-kv", action="store_true",
+                        help="keep the check layers' fresh K/V for every candidate (BlendConfig.fresh_check_kv)")
     parser.add_argument("--kl-tokens", type=int, default=16)
     parser.add_argument("--answer-tokens", type=int, default=10)
     parser.add_argument("--out", default="bench_out/quality", help="directory for quality.json and quality.png")
@@ -124,12 +126,15 @@ def _run(args) -> dict:
     for r in ratios:
         if r in (0.0, 1.0) or not gradual:
             configs.append((f"{r:.0%}", "both" if r in (0.0, 1.0) else "single", r,
-                            BlendConfig(recompute_ratio=r, check_layers=(args.check_layer,), deviation=args.deviation)))
+                            BlendConfig(recompute_ratio=r, check_layers=(args.check_layer,), deviation=args.deviation,
+                                        fresh_check_kv=args.fresh_check_kv)))
         else:
             configs.append((f"{r:.0%} single", "single", r,
-                            BlendConfig(recompute_ratio=r, check_layers=(args.check_layer,), deviation=args.deviation)))
+                            BlendConfig(recompute_ratio=r, check_layers=(args.check_layer,), deviation=args.deviation,
+                                        fresh_check_kv=args.fresh_check_kv)))
             configs.append((f"{r:.0%} gradual", "gradual", r,
-                            BlendConfig(recompute_ratio=r, check_layers=gradual, deviation=args.deviation)))
+                            BlendConfig(recompute_ratio=r, check_layers=gradual, deviation=args.deviation,
+                                        fresh_check_kv=args.fresh_check_kv)))
 
     stats = {"full prefill": []}
     stats.update({c[0]: [] for c in configs})

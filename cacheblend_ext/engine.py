@@ -99,6 +99,10 @@ class BlendConfig:
     - ``deviation``: ``"k"``, ``"v"`` or ``"kv"`` (sum of both).
     - ``chunk_prefix``: what a chunk is encoded after, its KV then dropped: ``"bos"`` (the
       tokenizer's BOS token, the default) or ``"none"`` (chunk encoded alone at position 0).
+    - ``fresh_check_kv``: a check layer computes fresh K/V for all its candidates anyway;
+      True keeps them for every candidate (not only the selected tokens) in the request's
+      KV at that layer. No extra compute; with it, ratio 0 no longer equals full KV reuse
+      at the check layers. Off by default.
     """
 
     recompute_ratio: float = 0.15
@@ -106,6 +110,7 @@ class BlendConfig:
     check_ratios: tuple[float, ...] | None = None
     deviation: str = "k"
     chunk_prefix: str = "bos"
+    fresh_check_kv: bool = False
 
     def ratios(self) -> tuple[float, ...]:
         n = len(self.check_layers)
@@ -482,6 +487,8 @@ class BlendEngine:
                 q, k, v = self._layer_qkv(layer, hidden, cos, sin)
 
                 if l in check:
+                    if cfg.fresh_check_kv:  # after the deviation below reads the reused K/V
+                        fresh_rows = (k, v)
                     rows_forced = forced_dev if sel is None else forced_dev[sel]
                     cand_rows = (~rows_forced).nonzero().flatten()
                     num_cand = cand_rows.numel()
@@ -493,6 +500,9 @@ class BlendEngine:
                         keep = torch.cat([rows_forced.nonzero().flatten(), cand_rows[pick]]).sort().values
                     else:
                         keep = rows_forced.nonzero().flatten()
+                    if cfg.fresh_check_kv:
+                        rows = pos_all if sel is None else sel
+                        k_tok[rows], v_tok[rows] = fresh_rows
                     if not (sel is None and keep.numel() == n):  # all kept: stay on the full path
                         sel = keep if sel is None else sel[keep]
                         q, k, v, hidden = q[keep], k[keep], v[keep], hidden[keep]

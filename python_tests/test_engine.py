@@ -130,6 +130,26 @@ def test_ratio_zero_reproduces_full_reuse(tiny, deviation):
     assert (full.logits - result.logits).abs().max() > 1e-3
 
 
+def test_fresh_check_kv_keeps_the_check_layers_fresh_kv(tiny):
+    """With fresh_check_kv, the check layer's KV is what a full prefill computes there (layer
+    0 ran in full, so the check layer's input is exact) even at ratio 0; without it the
+    unselected tokens keep their reused KV."""
+    prefix, chunk_ids, query = request_parts(seed=8)
+    engine = BlendEngine(tiny)
+    chunks = [engine.encode_chunk(c) for c in chunk_ids]
+    full = engine._cache_layers(engine.full_prefill([prefix, *chunks, query]).cache)
+    for fresh in (True, False):
+        cfg = BlendConfig(recompute_ratio=0.0, fresh_check_kv=fresh)
+        blended = engine._cache_layers(engine.blend([prefix, *chunks, query], cfg).cache)
+        k_err = (blended[1][0] - full[1][0]).abs().max().item()
+        v_err = (blended[1][1] - full[1][1]).abs().max().item()
+        scale = full[1][0].abs().max().item()
+        if fresh:
+            assert max(k_err, v_err) <= 1e-4 * scale, (k_err, v_err)
+        else:
+            assert k_err > 1e-3 * scale  # the reused KV of layer 1 lacks cross-attention
+
+
 @pytest.mark.parametrize("ratio", [0.0, 0.4, 1.0])
 def test_single_chunk_at_zero_equals_prefix_reuse(tiny, ratio):
     engine = BlendEngine(tiny, config=BlendConfig(recompute_ratio=ratio, chunk_prefix="none"))
