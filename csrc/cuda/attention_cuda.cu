@@ -1,6 +1,7 @@
 // ATen wrapper of the sparse_query_attention CUDA kernels (kernels/attention_cuda.cuh):
-// picks the split-key tensor-core kernel (default), the first tensor-core kernel or the
-// SIMT kernel and launches on the current stream.
+// picks the first tensor-core kernel (default), the split-key tensor-core kernel or the
+// SIMT kernel and launches on the current stream. Argument packing and split planning
+// live in attention_plan.h, shared with the host emulator the tests run the kernels in.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -14,7 +15,7 @@
 #include <type_traits>
 
 #include "cuda/dispatch_utils.cuh"
-#include "kernels/attention_cuda.cuh"
+#include "cuda/attention_plan.h"
 #include "ops/attention.h"
 
 namespace cacheblend {
@@ -27,8 +28,8 @@ using attention::AttentionArgs;
 //   unset / "mma_v1": the tensor-core kernel verified on an H100 (one block per row tile
 //                     and kv head, no key split) -- the default;
 //   "split":          the split-key tensor-core kernel with cp.async double-buffering
-//                     and a combine kernel (compile-checked and emulated; not yet run on
-//                     a GPU, hence not the default);
+//                     and a combine kernel (passes the tests in the host CUDA emulator;
+//                     not yet run on a GPU, hence not the default);
 //   "split_sync":     the split-key kernel without cp.async;
 //   "simt":           the SIMT kernel.
 enum class Impl { kMmaV1, kSplit, kSplitSync, kSimt };
@@ -48,37 +49,19 @@ bool device_has_mma(int device) {
   return major >= 8;
 }
 
-// Key splits of the split kernel, from the shapes only (no device reads): enough blocks
-// for about four waves of two blocks on a 132-SM GPU, at least kSplitMinTiles key tiles
-// per split.
-int choose_splits(int64_t num_row_tiles, int64_t num_k, int hkv) {
-  const int64_t base_blocks = num_row_tiles * hkv;
-  const int64_t key_tiles = ceil_div(num_k, int64_t{attention::kMmaKeys});
-  int64_t splits = ceil_div(int64_t{attention::kSplitTargetBlocks}, base_blocks);
-  splits = std::min(splits, key_tiles / attention::kSplitMinTiles);
-  splits = std::min<int64_t>(splits, attention::kSplitMaxSplits);
-  return static_cast<int>(std::max<int64_t>(splits, 1));
-}
-
 template <typename scalar_t, typename pos_t, int D, bool kPipelined>
 void launch_split(const AttentionArgs& args, const pos_t* q_pos, const at::Tensor& q, cudaStream_t stream) {
-  const int tokens_per_block = attention::kMmaRows / args.group;
-  const int64_t row_tiles = ceil_div(args.num_q, int64_t{tokens_per_block});
-  const int splits = choose_splits(row_tiles, args.num_k, args.hkv);
-  const int64_t key_tiles = std::max<int64_t>(ceil_div(args.num_k, int64_t{attention::kMmaKeys}), 1);
-  attention::SplitWorkspace ws{nullptr, nullptr, static_cast<int>(ceil_div(key_tiles, int64_t{splits}))};
+  const SplitPlan plan = plan_split(args);
+  attention::SplitWorkspace ws{nullptr, nullptr, plan.tiles_per_split};
   at::Tensor part_o, part_lse;
-  if (splits > 1) {
-    TORCH_CHECK(ceil_div(args.num_q * args.hq, int64_t{attention::kCombineWarps}) <= std::numeric_limits<int32_t>::max(),
-                "sparse_query_attention: too many (query, head) rows: ", args.num_q * args.hq);
+  if (plan.splits > 1) {
     // Sizes from the shapes only: safe under CUDA-graph capture (caching allocator).
-    const auto opts = q.options().dtype(at::kFloat);
-    part_o = at::empty({splits, args.num_q, args.hq, D}, opts);
-    part_lse = at::empty({splits, args.num_q, args.hq}, opts);
+    std::tie(part_o, part_lse) = allocate_split_workspace(args, plan, q.options());
     ws.part_o = part_o.data_ptr<float>();
     ws.part_lse = part_lse.data_ptr<float>();
   }
-  const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(args.hkv), static_cast<unsigned>(splits));
+  const int splits = plan.splits;
+  const dim3 grid(static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(args.hkv), static_cast<unsigned>(splits));
   constexpr int smem_bytes = attention::split_kernel_smem_bytes<D, kPipelined>();
   auto* kernel = attention::sparse_query_attention_split_kernel<scalar_t, pos_t, D, kPipelined>;
   // Above 48 KB of dynamic shared memory needs the opt-in (a host-side attribute of the
@@ -148,38 +131,9 @@ void sparse_query_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   // Offsets as int64 (an on-device conversion when they are int32; no host sync).
-  at::Tensor q_ind, kv_ind;
-  if (q_indptr.has_value()) {
-    q_ind = q_indptr->to(at::kLong);
-    kv_ind = kv_indptr->to(at::kLong);
-  }
-
-  AttentionArgs args{};
-  args.q = q.data_ptr();
-  args.k = k.data_ptr();
-  args.v = v.data_ptr();
-  args.out = out.data_ptr();
-  args.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-  args.q_indptr = q_indptr.has_value() ? q_ind.data_ptr<int64_t>() : nullptr;
-  args.kv_indptr = q_indptr.has_value() ? kv_ind.data_ptr<int64_t>() : nullptr;
-  args.q_s0 = q.stride(0);
-  args.q_s1 = q.stride(1);
-  args.k_s0 = k.stride(0);
-  args.k_s1 = k.stride(1);
-  args.v_s0 = v.stride(0);
-  args.v_s1 = v.stride(1);
-  args.o_s0 = out.stride(0);
-  args.o_s1 = out.stride(1);
-  args.lse_s0 = lse.has_value() ? lse->stride(0) : 0;
-  args.lse_s1 = lse.has_value() ? lse->stride(1) : 0;
-  args.num_q = num_q;
-  args.num_k = k.size(0);
-  args.num_requests = q_indptr.has_value() ? static_cast<int>(q_indptr->size(0) - 1) : 1;
-  args.hq = static_cast<int>(q.size(1));
-  args.hkv = static_cast<int>(k.size(1));
-  args.group = args.hq / args.hkv;
-  args.head_dim = static_cast<int>(q.size(2));
-  args.scale_log2 = static_cast<float>(scale) * attention::kLog2e;
+  const at::Tensor q_ind = q_indptr.has_value() ? q_indptr->to(at::kLong) : at::Tensor();
+  const at::Tensor kv_ind = kv_indptr.has_value() ? kv_indptr->to(at::kLong) : at::Tensor();
+  const AttentionArgs args = make_attention_args(q, k, v, q_ind, kv_ind, scale, out, lse);
 
   const Impl impl = requested_impl();
   const bool use_mma = q.scalar_type() != at::kFloat && (args.head_dim == 64 || args.head_dim == 128) &&

@@ -15,9 +15,13 @@
 //  * sparse_query_attention_split_kernel (+ sparse_query_attention_combine_kernel): the
 //    same row tiles and fragments, with the key range split across blocks, coalesced
 //    K / V loads read through ldmatrix, and cp.async double-buffering of the K / V tiles
-//    (CACHEBLEND_ATTENTION_IMPL=split, or split_sync without cp.async). Checked by a
-//    fragment-level emulator and compiled, not yet run on a GPU: not the default until
-//    its CUDA tests pass there.
+//    (CACHEBLEND_ATTENTION_IMPL=split, or split_sync without cp.async). Passes the
+//    attention tests in the host CUDA emulator (python_tests/test_attention_emulated.py)
+//    and compiles for sm_80..90; not yet run on a GPU, so not the default.
+//
+// All three tensor-core kernels also compile for the host under
+// CACHEBLEND_CUDA_EMULATION (emulation/cuda_emulator.h supplies the CUDA built-ins and
+// the PTX operations), which is how the tests run them without a GPU.
 //
 // Ragged batches without a host sync: the grid covers the flat query range; a block
 // finds the requests its rows belong to by binary search in q_indptr and, when its rows
@@ -25,8 +29,12 @@
 // inactive. Index values (positions, offsets) are checked on the device.
 #pragma once
 
+#if defined(CACHEBLEND_CUDA_EMULATION)
+#include "emulation/cuda_emulator.h"  // host emulation for tests (see that file)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -204,11 +212,17 @@ struct MmaOps;
 template <>
 struct MmaOps<c10::Half> {
   static CB_DEVICE uint32_t pack(float lo, float hi) {
+#if defined(CACHEBLEND_CUDA_EMULATION)
+    return c10::Half(lo).x | (static_cast<uint32_t>(c10::Half(hi).x) << 16);  // round to nearest even
+#else
     const __half2 h = __floats2half2_rn(lo, hi);  // .x (low 16 bits) = lo
     return *reinterpret_cast<const uint32_t*>(&h);
+#endif
   }
   static CB_DEVICE void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(CACHEBLEND_CUDA_EMULATION)
+    emulation::mma_m16n8k16<c10::Half>(c, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
@@ -223,11 +237,17 @@ struct MmaOps<c10::Half> {
 template <>
 struct MmaOps<c10::BFloat16> {
   static CB_DEVICE uint32_t pack(float lo, float hi) {
+#if defined(CACHEBLEND_CUDA_EMULATION)
+    return c10::BFloat16(lo).x | (static_cast<uint32_t>(c10::BFloat16(hi).x) << 16);  // round to nearest even
+#else
     const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
     return *reinterpret_cast<const uint32_t*>(&h);
+#endif
   }
   static CB_DEVICE void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(CACHEBLEND_CUDA_EMULATION)
+    emulation::mma_m16n8k16<c10::BFloat16>(c, a, b0, b1);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
@@ -457,7 +477,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 
 
 // ---------------------------------------------------------------------------------------
-// Split-key tensor-core kernel (the default for fp16 / bf16, head_dim 64 / 128).
+// Split-key tensor-core kernel (CACHEBLEND_ATTENTION_IMPL=split / split_sync).
 //
 // Same row tiles, mma fragments and online softmax as the kernel above, with three
 // changes:
@@ -503,14 +523,28 @@ constexpr int kSplitTargetBlocks = 1056;  // host: aim at ~4 waves of 2 blocks o
 constexpr int kSplitMinTiles = 4;         // host: at least 4 key tiles (256 keys) per split
 constexpr int kSplitMaxSplits = 64;
 
+// The PTX wrappers below run on sm_80+ (the host picks these kernels only there); under
+// CACHEBLEND_CUDA_EMULATION they call the host emulator instead.
+#if !defined(CACHEBLEND_CUDA_EMULATION)
 CB_DEVICE uint32_t shared_address(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+#endif
 
+// ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16 (layouts in the comment above).
+template <bool kTransposed>
 CB_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(p))
-               : "memory");
+#if defined(CACHEBLEND_CUDA_EMULATION)
+  emulation::ldmatrix_x4(r, p, kTransposed);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (kTransposed)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(p))
+                 : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(p))
+                 : "memory");
 #else
   __trap();
 #endif
@@ -518,7 +552,9 @@ CB_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* p) {
 
 // 16-byte asynchronous global -> shared copy (L2 only), and its group fences.
 CB_DEVICE void cp_async16(uint16_t* dst, const uint16_t* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(CACHEBLEND_CUDA_EMULATION)
+  emulation::cp_async16(dst, src);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)), "l"(src) : "memory");
 #else
   __trap();
@@ -526,7 +562,9 @@ CB_DEVICE void cp_async16(uint16_t* dst, const uint16_t* src) {
 }
 
 CB_DEVICE void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(CACHEBLEND_CUDA_EMULATION)
+  emulation::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
@@ -534,19 +572,10 @@ CB_DEVICE void cp_async_commit() {
 // Waits until at most N of this thread's committed groups are still in flight.
 template <int N>
 CB_DEVICE void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if defined(CACHEBLEND_CUDA_EMULATION)
+  emulation::cp_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-
-CB_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* p) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(p))
-               : "memory");
-#else
-  __trap();
 #endif
 }
 
@@ -582,7 +611,11 @@ __global__ void __launch_bounds__(kMmaThreads)
   constexpr int kTileElems = kMmaKeys * kStride;
   // Buffer b: K tile at smem + 2 b kTileElems, V tile right after it, both [key][d].
   // The Q tile is staged in buffer 0's K tile.
+#if defined(CACHEBLEND_CUDA_EMULATION)
+  uint16_t* const smem = emulation::dynamic_shared<uint16_t>();
+#else
   extern __shared__ __align__(16) uint16_t smem[];
+#endif
   __shared__ int64_t sPos[kMmaRows];  // row position; -1: inactive row
   static_assert(kMmaKeys >= kMmaRows, "the Q tile is staged in a K tile");
   uint16_t* const sQ = smem;
@@ -733,7 +766,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk += 2) {
           uint32_t kb[4];
-          ldmatrix_x4(kb, &sK[nt * 8 * kStride + kk * 16 + k_lane_off]);
+          ldmatrix_x4<false>(kb, &sK[nt * 8 * kStride + kk * 16 + k_lane_off]);
           Ops::mma(s[nt], qf[kk], kb[0], kb[1]);
           Ops::mma(s[nt], qf[kk + 1], kb[2], kb[3]);
         }
@@ -797,7 +830,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
         for (int dn = 0; dn < D / 8; dn += 2) {
           uint32_t vb[4];
-          ldmatrix_x4_trans(vb, &sV[kk * 16 * kStride + dn * 8 + v_lane_off]);
+          ldmatrix_x4<true>(vb, &sV[kk * 16 * kStride + dn * 8 + v_lane_off]);
           Ops::mma(o[dn], pa, vb[0], vb[1]);
           Ops::mma(o[dn + 1], pa, vb[2], vb[3]);
         }

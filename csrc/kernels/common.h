@@ -47,4 +47,10 @@ CB_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; 
   do {                                                             \
     if (!(cond)) __assert_fail(msg, __FILE__, __LINE__, __func__); \
   } while (0)
+#elif defined(CACHEBLEND_CUDA_EMULATION)
+// The host emulator of the CUDA kernels (emulation/cuda_emulator.h) stops the launch.
+#define CB_DEVICE_CHECK(cond, msg)                                                      \
+  do {                                                                                  \
+    if (!(cond)) ::cacheblend::emulation::device_check_failed(msg, __FILE__, __LINE__); \
+  } while (0)
 #endif
