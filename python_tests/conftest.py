@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 import cacheblend_ext  # noqa: F401  (fails early if the extension is not built)
 
@@ -47,6 +51,23 @@ def request_parts(seed=0, sizes=(19, 26, 13), vocab=160):
     chunks = [torch.randint(3, vocab, (n,), generator=g) for n in sizes]
     query = torch.randint(3, vocab, (8,), generator=g)
     return prefix, chunks, query
+
+
+@pytest.fixture(scope="session")
+def emulated_kernels():
+    """Every CUDA kernel compiled for the host, run in the CUDA emulator
+    (csrc/emulation/) through the CUDA wrappers' own launch code; CPU tensors in and out.
+    Built on first use (about 30 s; cached by torch after that)."""
+    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    return cpp_extension.load(
+        name="cacheblend_kernels_emulated",
+        sources=[str(csrc / "emulation" / "kernels_emulated.cpp")],
+        extra_include_paths=[str(csrc)],
+        # CUDA code reads vectors through reinterpret_cast, which nvcc allows; g++ needs
+        # -fno-strict-aliasing to do the same.
+        extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing", "-DCACHEBLEND_CUDA_EMULATION"],
+        verbose=bool(os.environ.get("CACHEBLEND_VERBOSE_BUILD")),
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -1,46 +1,19 @@
-// ATen wrapper of the rope_reposition CUDA kernel (kernels/rope_cuda.cuh).
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
+// ATen wrapper of the rope_reposition CUDA kernel: device guard and stream; the launch
+// code is in rope_launch.h.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "cuda/dispatch_utils.cuh"
-#include "kernels/rope_cuda.cuh"
+#include "cuda/cuda_launcher.cuh"
+#include "cuda/rope_launch.h"
 #include "ops/rope.h"
 
 namespace cacheblend {
 
 void rope_reposition_cuda(const at::Tensor& key, const at::Tensor& out, const at::Tensor& src_pos,
                           const at::Tensor& dst_pos, const at::Tensor& cos_sin_cache, bool is_neox) {
-  const int64_t num_tokens = key.size(0);
-  if (num_tokens == 0 || key.size(1) == 0) return;
   const c10::cuda::CUDAGuard guard(key.device());
-  rope::RopeKernelArgs args{key.data_ptr(), out.data_ptr(), key.stride(0), key.stride(1), out.stride(0),
-                            out.stride(1), cos_sin_cache.data_ptr<float>(), cos_sin_cache.size(0),
-                            static_cast<int>(key.size(1)), static_cast<int>(key.size(2)),
-                            static_cast<int>(cos_sin_cache.size(1))};
-  const int half = args.rotary_dim / 2;
-  const size_t smem = sizeof(rope::Rotation) * half;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CB_DISPATCH_FLOAT_TYPES(key.scalar_type(), "rope_reposition_cuda", [&] {
-    constexpr int kVec = kVec16<scalar_t>;
-    // The vector path needs every vector to stay inside one half / pair group and
-    // every row to start on a 16-byte boundary.
-    const bool vec_ok = (is_neox ? half % kVec == 0 : args.rotary_dim % kVec == 0) &&
-                        (args.head_dim - args.rotary_dim) % kVec == 0 &&
-                        is_aligned16(key, {key.stride(0), key.stride(1)}) &&
-                        is_aligned16(out, {out.stride(0), out.stride(1)});
-    AT_DISPATCH_INDEX_TYPES(src_pos.scalar_type(), "rope_reposition_cuda", [&] {
-      auto launch = [&](auto vec_tag, auto neox_tag) {
-        constexpr int V = decltype(vec_tag)::value;
-        constexpr bool N = decltype(neox_tag)::value;
-        rope::rope_reposition_kernel<scalar_t, index_t, V, N>
-            <<<num_tokens, 128, smem, stream>>>(args, src_pos.data_ptr<index_t>(), dst_pos.data_ptr<index_t>());
-      };
-      dispatch_vec_and_style<kVec>(vec_ok, is_neox, launch);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
+  launch_rope_reposition(key, out, src_pos, dst_pos, cos_sin_cache, is_neox,
+                         CudaLauncher{c10::cuda::getCurrentCUDAStream()});
 }
 
 }  // namespace cacheblend

@@ -1,63 +1,18 @@
-// ATen wrappers of the kv_deviation and select_hkvd_batched CUDA kernels
-// (kernels/select_cuda.cuh). Both launch one kernel on the current stream and never
-// synchronise with the host.
-#include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
+// ATen wrappers of the kv_deviation and select_hkvd_batched CUDA kernels: device guard
+// and stream; the launch code is in select_launch.h.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <type_traits>
-
-#include "cuda/dispatch_utils.cuh"
-#include "kernels/select_cuda.cuh"
+#include "cuda/cuda_launcher.cuh"
+#include "cuda/select_launch.h"
 #include "ops/select.h"
 
 namespace cacheblend {
 
 void kv_deviation_cuda(const at::Tensor& fresh, const at::Tensor& reused,
                        const std::optional<at::Tensor>& token_index, bool accumulate, const at::Tensor& out) {
-  const int64_t num_rows = fresh.size(0);
-  if (num_rows == 0) return;
-  TORCH_CHECK(fresh.size(1) * fresh.size(2) < (int64_t{1} << 31), "kv_deviation: num_heads * head_dim must be < 2^31");
   const c10::cuda::CUDAGuard guard(fresh.device());
-  select::DeviationArgs args{fresh.data_ptr(),   reused.data_ptr(),  fresh.stride(0),
-                             fresh.stride(1),    reused.stride(0),   reused.stride(1),
-                             num_rows,           reused.size(0),     static_cast<int>(fresh.size(1)),
-                             static_cast<int>(fresh.size(2)), out.data_ptr<float>(), accumulate};
-  constexpr int kThreads = 256;  // 8 warps = 8 token rows per block
-  const int64_t blocks = ceil_div(num_rows, kThreads / 32);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  CB_DISPATCH_FLOAT_TYPES(fresh.scalar_type(), "kv_deviation_cuda", [&] {
-    constexpr int kVec = kVec16<scalar_t>;
-    const bool vec_ok = args.head_dim % kVec == 0 && is_aligned16(fresh, {fresh.stride(0), fresh.stride(1)}) &&
-                        is_aligned16(reused, {reused.stride(0), reused.stride(1)});
-    auto launch = [&](auto vec_tag, auto index_tag, const auto* index) {
-      constexpr int V = decltype(vec_tag)::value;
-      using index_t = decltype(index_tag);
-      constexpr bool kHasIndex = !std::is_same_v<std::remove_cv_t<std::remove_pointer_t<decltype(index)>>, void>;
-      if constexpr (kHasIndex) {
-        select::kv_deviation_kernel<scalar_t, index_t, V, true><<<blocks, kThreads, 0, stream>>>(args, index);
-      } else {
-        select::kv_deviation_kernel<scalar_t, int64_t, V, false><<<blocks, kThreads, 0, stream>>>(args, nullptr);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    auto with_vec = [&](auto index_tag, const auto* index) {
-      if (vec_ok) {
-        launch(std::integral_constant<int, kVec>{}, index_tag, index);
-      } else {
-        launch(std::integral_constant<int, 1>{}, index_tag, index);
-      }
-    };
-    if (token_index.has_value()) {
-      AT_DISPATCH_INDEX_TYPES(token_index->scalar_type(), "kv_deviation_cuda", [&] {
-        with_vec(index_t{0}, token_index->data_ptr<index_t>());
-      });
-    } else {
-      with_vec(int64_t{0}, static_cast<const void*>(nullptr));
-    }
-  });
+  launch_kv_deviation(fresh, reused, token_index, accumulate, out, CudaLauncher{c10::cuda::getCurrentCUDAStream()});
 }
 
 std::tuple<at::Tensor, at::Tensor> select_hkvd_batched_cuda(const at::Tensor& deviation, const at::Tensor& indptr,
@@ -65,31 +20,9 @@ std::tuple<at::Tensor, at::Tensor> select_hkvd_batched_cuda(const at::Tensor& de
                                                             const std::optional<at::Tensor>& forced,
                                                             const std::optional<at::Tensor>& candidates,
                                                             int64_t max_selected) {
-  const int64_t num_requests = indptr.size(0) - 1;
-  at::Tensor indices = at::empty({num_requests, max_selected}, deviation.options().dtype(at::kLong));
-  at::Tensor counts = at::empty({num_requests}, deviation.options().dtype(at::kInt));
-  if (num_requests == 0) return {indices, counts};
-  TORCH_CHECK(num_requests <= 0x7FFFFFFF, "select_hkvd_batched: at most 2^31 - 1 requests, got ", num_requests);
   const c10::cuda::CUDAGuard guard(deviation.device());
-  select::SelectArgs args{deviation.data_ptr<float>(),
-                          forced.has_value() ? forced->data_ptr<bool>() : nullptr,
-                          candidates.has_value() ? candidates->data_ptr<bool>() : nullptr,
-                          deviation.size(0),
-                          max_selected,
-                          indices.data_ptr<int64_t>(),
-                          counts.data_ptr<int32_t>()};
-  constexpr int kThreads = 512;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_INDEX_TYPES(indptr.scalar_type(), "select_hkvd_batched_cuda", [&] {
-    using indptr_t = index_t;
-    AT_DISPATCH_INDEX_TYPES(k.scalar_type(), "select_hkvd_batched_cuda", [&] {
-      select::select_hkvd_kernel<indptr_t, index_t, kThreads>
-          <<<static_cast<unsigned>(num_requests), kThreads, 0, stream>>>(args, indptr.data_ptr<indptr_t>(),
-                                                                        k.data_ptr<index_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return {indices, counts};
+  return launch_select_hkvd_batched(deviation, indptr, k, forced, candidates, max_selected,
+                                    CudaLauncher{c10::cuda::getCurrentCUDAStream()});
 }
 
 }  // namespace cacheblend

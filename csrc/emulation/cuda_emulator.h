@@ -3,8 +3,9 @@
 // their index math, fragment layouts, barriers and cp.async pipelining are tested where
 // no GPU is available. Test infrastructure only; never part of the built extension.
 //
-// Compile the kernel header with -DCACHEBLEND_CUDA_EMULATION (it includes this file
-// instead of the CUDA headers) and start kernels with emulation::launch().
+// Compile the kernel headers with -DCACHEBLEND_CUDA_EMULATION (kernels/common.h then
+// includes this file) and start kernels with emulation::launch() -- or EmulatedLauncher
+// (emulated_launcher.h) through the same host launch code the CUDA wrappers use.
 //
 // Model:
 //  * Blocks run one after another. The threads of a block are cooperative fibers
@@ -44,6 +45,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/common.h"
+
 // --- CUDA keywords and vector types --------------------------------------------------
 #define __global__
 #define __device__
@@ -78,10 +81,6 @@ inline T max(T a, T b) {
 
 namespace cacheblend {
 namespace emulation {
-
-struct Dim3 {
-  unsigned x = 1, y = 1, z = 1;
-};
 
 constexpr int kWarpSize = 32;
 constexpr int kSlotWords = 8;  // 32-bit words a lane contributes to one collective
@@ -163,14 +162,18 @@ inline const std::array<uint32_t, kSlotWords>* exchange(const uint32_t* words, i
   return &slots[s.current - lane()];
 }
 
-template <typename T>
-T shfl_xor(unsigned mask, T value, int lane_mask) {
+// __shfl_sync and friends: every lane publishes `value` and reads the value of lane
+// source(lane); a source outside the warp reads the lane's own value (as __shfl_up_sync
+// does below lane `delta`).
+template <typename T, typename Source>
+T shuffle(unsigned mask, T value, Source source) {
   static_assert(sizeof(T) == 4, "32-bit shuffles only");
   if (mask != 0xffffffffu) fail("emulator: only full-warp shuffles are supported");
   uint32_t word;
   std::memcpy(&word, &value, 4);
   const auto* warp = exchange(&word, 1);
-  const uint32_t other = warp[(lane() ^ lane_mask) % kWarpSize][0];
+  const int from = source(lane());
+  const uint32_t other = from >= 0 && from < kWarpSize ? warp[from][0] : word;
   T result;
   std::memcpy(&result, &other, 4);
   return result;
@@ -327,7 +330,7 @@ inline void run_block(Schedule schedule) {
 // kernel's dynamic shared memory. Throws std::runtime_error on a failed device check,
 // a trap or a deadlock.
 inline void launch(Dim3 grid, Dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& body) {
-  constexpr size_t kStackBytes = 256 * 1024;
+  constexpr size_t kStackBytes = 64 * 1024;
   State& s = state();
   const int num_threads = static_cast<int>(block.x * block.y * block.z);
   if (num_threads % kWarpSize != 0) fail("emulator: the block size must be a multiple of 32");
@@ -380,6 +383,21 @@ inline const Dim3& block_dim() { return state().block; }
 inline void __syncthreads() { ::cacheblend::emulation::syncthreads(); }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
-  return ::cacheblend::emulation::shfl_xor(mask, value, lane_mask);
+  return ::cacheblend::emulation::shuffle(mask, value, [&](int lane) { return (lane ^ lane_mask) % 32; });
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T value, unsigned delta) {
+  return ::cacheblend::emulation::shuffle(mask, value, [&](int lane) { return lane - static_cast<int>(delta); });
+}
+template <typename T>
+T __shfl_sync(unsigned mask, T value, int src_lane) {
+  return ::cacheblend::emulation::shuffle(mask, value, [&](int) { return src_lane % 32; });
+}
+// Fibers never interleave inside a call, so a plain read-modify-write is atomic here.
+template <typename T>
+T atomicAdd(T* address, T value) {
+  const T old = *address;
+  *address = old + value;
+  return old;
 }
 [[noreturn]] inline void __trap() { ::cacheblend::emulation::fail("trap"); }

@@ -29,9 +29,7 @@
 // inactive. Index values (positions, offsets) are checked on the device.
 #pragma once
 
-#if defined(CACHEBLEND_CUDA_EMULATION)
-#include "emulation/cuda_emulator.h"  // host emulation for tests (see that file)
-#else
+#if !defined(CACHEBLEND_CUDA_EMULATION)  // emulated host builds: see kernels/common.h
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #endif
@@ -611,11 +609,7 @@ __global__ void __launch_bounds__(kMmaThreads)
   constexpr int kTileElems = kMmaKeys * kStride;
   // Buffer b: K tile at smem + 2 b kTileElems, V tile right after it, both [key][d].
   // The Q tile is staged in buffer 0's K tile.
-#if defined(CACHEBLEND_CUDA_EMULATION)
-  uint16_t* const smem = emulation::dynamic_shared<uint16_t>();
-#else
-  extern __shared__ __align__(16) uint16_t smem[];
-#endif
+  CB_DYNAMIC_SHARED(uint16_t, smem);
   __shared__ int64_t sPos[kMmaRows];  // row position; -1: inactive row
   static_assert(kMmaKeys >= kMmaRows, "the Q tile is staged in a K tile");
   uint16_t* const sQ = smem;

@@ -36,6 +36,12 @@ struct alignas(sizeof(T) * N) Array {
 
 CB_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Grid / block shape of a launch, as the host-side launch code hands it to a launcher
+// (CudaLauncher: converted to dim3; the CUDA emulator: used as is).
+struct Dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
 }  // namespace cacheblend
 
 #if defined(__CUDACC__)
@@ -53,4 +59,13 @@ CB_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; 
   do {                                                                                  \
     if (!(cond)) ::cacheblend::emulation::device_check_failed(msg, __FILE__, __LINE__); \
   } while (0)
+#endif
+
+// Dynamic shared memory of a kernel: CB_DYNAMIC_SHARED(float, buffer); declares `buffer`.
+#if defined(CACHEBLEND_CUDA_EMULATION)
+#define CB_DYNAMIC_SHARED(type, name) type* const name = ::cacheblend::emulation::dynamic_shared<type>()
+// Host builds of the CUDA kernels for the tests: CUDA built-ins from the emulator.
+#include "emulation/cuda_emulator.h"
+#else
+#define CB_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif

@@ -44,7 +44,7 @@ template <typename T, typename index_t, int VEC, bool NEOX>
 __global__ void fused_kv_concat_kernel(ChunkTable chunks, LayerTable layers, Problem p,
                                        const index_t* __restrict__ src_pos, const index_t* __restrict__ dst_pos,
                                        const index_t* __restrict__ slot_mapping) {
-  extern __shared__ rope::Rotation rotations_smem[];
+  CB_DYNAMIC_SHARED(rope::Rotation, rotations_smem);
   const int64_t t = blockIdx.x;  // token within this launch
   const int64_t slot = static_cast<int64_t>(slot_mapping[p.token_offset + t]);
   CB_DEVICE_CHECK(slot >= -1 && slot < layers.num_slots, "fused_kv_concat: slot_mapping entry outside the cache");

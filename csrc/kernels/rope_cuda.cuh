@@ -84,7 +84,7 @@ CB_DEVICE void reposition_item(const T* in, T* out, const Rotation* rot, int rot
 template <typename T, typename index_t, int VEC, bool NEOX>
 __global__ void rope_reposition_kernel(RopeKernelArgs args, const index_t* __restrict__ src_pos,
                                        const index_t* __restrict__ dst_pos) {
-  extern __shared__ Rotation rotations_smem[];
+  CB_DYNAMIC_SHARED(Rotation, rotations_smem);
   const int64_t t = blockIdx.x;
   load_token_rotations(rotations_smem, args.cos_sin_cache, args.max_pos, args.rotary_dim,
                        static_cast<int64_t>(src_pos[t]), static_cast<int64_t>(dst_pos[t]));

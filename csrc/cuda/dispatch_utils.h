@@ -1,5 +1,6 @@
-// Helpers shared by the CUDA wrappers: dtype dispatch to the storage types the
-// kernels use, and alignment checks for the 16-byte vector paths.
+// Helpers shared by the host launch code of the CUDA kernels (cuda/*_launch.h): dtype
+// dispatch to the storage types the kernels use, and alignment checks for the 16-byte
+// vector paths.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -15,8 +16,10 @@ namespace cacheblend {
 
 // Dispatches fp32 / fp16 / bf16 with scalar_t = float / c10::Half / c10::BFloat16
 // (host-device types whose float conversions the kernels use).
-#define CB_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+#define CB_DISPATCH_FLOAT_TYPES(TYPE, NAME, ...)                                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)        \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE( \
+                             at::kBFloat16, __VA_ARGS__))
 
 // True when the data pointer and every given stride (in elements) keep 16-byte alignment.
 inline bool is_aligned16(const at::Tensor& t, std::initializer_list<int64_t> strides) {
