@@ -259,6 +259,109 @@ struct MmaOps<c10::BFloat16> {
 
 CB_DEVICE uint32_t load_word(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
+// A fragments of a 64-row Q tile in shared memory (row-major, row stride `stride`), all
+// D / 16 k-steps, for this thread's rows row0 / row1.
+template <int D>
+CB_DEVICE void load_q_fragments(uint32_t (&qf)[D / 16][4], const uint16_t* sQ, int stride, int row0, int row1, int t) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    qf[kk][0] = load_word(&sQ[row0 * stride + kk * 16 + 2 * t]);
+    qf[kk][1] = load_word(&sQ[row1 * stride + kk * 16 + 2 * t]);
+    qf[kk][2] = load_word(&sQ[row0 * stride + kk * 16 + 8 + 2 * t]);
+    qf[kk][3] = load_word(&sQ[row1 * stride + kk * 16 + 8 + 2 * t]);
+  }
+}
+
+// One thread's part of a warp's flash-attention state: the output accumulators of its
+// rows row0 (elements 0, 1) and row1 (elements 2, 3), their running maxima (base-2
+// scaled scores) and its part of their running sums (a row's scores are spread over
+// the 4 threads of a quad). Shared by the mma_v1 and split kernels.
+template <int D>
+struct OnlineSoftmax {
+  float o[D / 8][4];
+  float m0 = -INFINITY, m1 = -INFINITY;
+  float l0 = 0.f, l1 = 0.f;
+
+  CB_DEVICE OnlineSoftmax() {
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
+  }
+
+  // Takes the raw scores s of the key tile starting at n0 and leaves probabilities in s
+  // (relative to the new running maxima), rescaling o and the sums. Key
+  // n0 + 8 nt + 2t + (e & 1) is visible to a row iff key <= its position; `unmasked`:
+  // the whole tile is visible to every active row (inactive rows are never written).
+  CB_DEVICE void absorb(float (&s)[kMmaKeys / 8][4], int64_t n0, bool unmasked, int64_t pos0, int64_t pos1, int t,
+                        float scale_log2) {
+#pragma unroll
+    for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t key = n0 + nt * 8 + 2 * t + (e & 1);
+        const int64_t p = e < 2 ? pos0 : pos1;
+        const float x = s[nt][e] * scale_log2;
+        s[nt][e] = (unmasked || key <= p) ? x : -INFINITY;
+      }
+    }
+    float mx0 = m0, mx1 = m1;
+#pragma unroll
+    for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+      mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+      mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off *= 2) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    // A row with nothing visible yet keeps max -inf: subtract 0 instead so that
+    // exp2(-inf - base) = 0 rather than NaN.
+    const float base0 = mx0 == -INFINITY ? 0.f : mx0;
+    const float base1 = mx1 == -INFINITY ? 0.f : mx1;
+    const float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);  // 0 while m = -inf
+    m0 = mx0;
+    m1 = mx1;
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
+      s[nt][0] = exp2f(s[nt][0] - base0);
+      s[nt][1] = exp2f(s[nt][1] - base0);
+      s[nt][2] = exp2f(s[nt][2] - base1);
+      s[nt][3] = exp2f(s[nt][3] - base1);
+      sum0 += s[nt][0] + s[nt][1];
+      sum1 += s[nt][2] + s[nt][3];
+    }
+    l0 = l0 * alpha0 + sum0;  // alpha is uniform over the quad, so partial sums stay consistent
+    l1 = l1 * alpha1 + sum1;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      o[dn][0] *= alpha0;
+      o[dn][1] *= alpha0;
+      o[dn][2] *= alpha1;
+      o[dn][3] *= alpha1;
+    }
+  }
+
+  // After the last tile: full row sums over the quad.
+  CB_DEVICE void finish() {
+#pragma unroll
+    for (int off = 1; off <= 2; off *= 2) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+  }
+};
+
+// The A fragment of P for k-step kk of O += P V: the probabilities of n-tiles 2kk and
+// 2kk + 1 (see the layout comment above).
+template <typename Ops>
+CB_DEVICE void pack_probabilities(uint32_t (&pa)[4], const float (&s)[kMmaKeys / 8][4], int kk) {
+  pa[0] = Ops::pack(s[2 * kk][0], s[2 * kk][1]);
+  pa[1] = Ops::pack(s[2 * kk][2], s[2 * kk][3]);
+  pa[2] = Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  pa[3] = Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
 // Requires: group <= kMmaRows; q, k, v rows 16-byte aligned (data pointer and the token /
 // head strides multiples of 8 elements); sm_80+.
 template <typename scalar_t, typename pos_t, int D>
@@ -324,20 +427,10 @@ __global__ void __launch_bounds__(kMmaThreads)
       }
     }
     uint32_t qf[D / 16][4];  // A fragments of Q, all k-steps
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      qf[kk][0] = load_word(&sQK[row0 * kStride + kk * 16 + 2 * t]);
-      qf[kk][1] = load_word(&sQK[row1 * kStride + kk * 16 + 2 * t]);
-      qf[kk][2] = load_word(&sQK[row0 * kStride + kk * 16 + 8 + 2 * t]);
-      qf[kk][3] = load_word(&sQK[row1 * kStride + kk * 16 + 8 + 2 * t]);
-    }
+    load_q_fragments<D>(qf, sQK, kStride, row0, row1, t);
     __syncthreads();  // sQK now holds K tiles
 
-    float o[D / 8][4];
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY;  // running max (base-2 scaled scores) of rows row0 / row1
-    float l0 = 0.f, l1 = 0.f;              // this thread's part of the running sums
+    OnlineSoftmax<D> acc;
 
     // Keys 0 .. max_pos of the request; max_pos >= 0 (at least one active row).
     const int64_t num_tiles = (max_pos + kMmaKeys) / kMmaKeys;
@@ -378,95 +471,38 @@ __global__ void __launch_bounds__(kMmaThreads)
         }
       }
 
-      // Scale to base 2 and apply the mask: key n0 + 8 nt + 2t + (e & 1) is visible to
-      // the row iff key <= its position. The whole tile is visible to every active
-      // row when its last key <= min_pos (inactive rows are never written).
-      const bool unmasked = n0 + kMmaKeys - 1 <= min_pos;
-#pragma unroll
-      for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t key = n0 + nt * 8 + 2 * t + (e & 1);
-          const int64_t p = e < 2 ? pos0 : pos1;
-          const float x = s[nt][e] * a.scale_log2;
-          s[nt][e] = (unmasked || key <= p) ? x : -INFINITY;
-        }
-      }
-
-      // Online softmax of rows row0 (elements 0, 1) and row1 (elements 2, 3).
-      float mx0 = m0, mx1 = m1;
-#pragma unroll
-      for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
-        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-      }
-#pragma unroll
-      for (int off = 1; off <= 2; off *= 2) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-      }
-      // A row with nothing visible yet keeps max -inf: subtract 0 instead so that
-      // exp2(-inf - base) = 0 rather than NaN.
-      const float base0 = mx0 == -INFINITY ? 0.f : mx0;
-      const float base1 = mx1 == -INFINITY ? 0.f : mx1;
-      const float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);  // 0 while m = -inf
-      m0 = mx0;
-      m1 = mx1;
-      float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
-        s[nt][0] = exp2f(s[nt][0] - base0);
-        s[nt][1] = exp2f(s[nt][1] - base0);
-        s[nt][2] = exp2f(s[nt][2] - base1);
-        s[nt][3] = exp2f(s[nt][3] - base1);
-        sum0 += s[nt][0] + s[nt][1];
-        sum1 += s[nt][2] + s[nt][3];
-      }
-      l0 = l0 * alpha0 + sum0;  // alpha is uniform over the quad, so partial sums stay consistent
-      l1 = l1 * alpha1 + sum1;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        o[dn][0] *= alpha0;
-        o[dn][1] *= alpha0;
-        o[dn][2] *= alpha1;
-        o[dn][3] *= alpha1;
-      }
+      // Scale, mask, online softmax (s becomes P).
+      acc.absorb(s, n0, /*unmasked=*/n0 + kMmaKeys - 1 <= min_pos, pos0, pos1, t, a.scale_log2);
 
       // O += P V.
 #pragma unroll
       for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
-        const uint32_t pa[4] = {Ops::pack(s[2 * kk][0], s[2 * kk][1]), Ops::pack(s[2 * kk][2], s[2 * kk][3]),
-                                Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        uint32_t pa[4];
+        pack_probabilities<Ops>(pa, s, kk);
 #pragma unroll
         for (int dn = 0; dn < D / 8; ++dn) {
           const uint16_t* vr = &sVt[(dn * 8 + g) * kVtStride + kk * 16 + 2 * t];
-          Ops::mma(o[dn], pa, load_word(vr), load_word(vr + 8));
+          Ops::mma(acc.o[dn], pa, load_word(vr), load_word(vr + 8));
         }
       }
       __syncthreads();  // before the next tile overwrites sQK / sVt
     }
 
-    // Full row sums over the quad, then write the active rows.
-#pragma unroll
-    for (int off = 1; off <= 2; off *= 2) {
-      l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-    }
+    acc.finish();  // full row sums, then write the active rows
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = half == 0 ? row0 : row1;
       const int64_t p = half == 0 ? pos0 : pos1;
       if (p < 0) continue;  // inactive: padding or another request's token
-      const float l = half == 0 ? l0 : l1, m = half == 0 ? m0 : m1;
+      const float l = half == 0 ? acc.l0 : acc.l1, m = half == 0 ? acc.m0 : acc.m1;
       const int64_t tok = tok_begin + row / group;
       const int head = kv_head * group + row % group;
       const float inv = 1.f / l;  // l >= 1: the row maximum's own term
       scalar_t* op = static_cast<scalar_t*>(a.out) + tok * a.o_s0 + head * a.o_s1;
 #pragma unroll
       for (int dn = 0; dn < D / 8; ++dn) {
-        op[dn * 8 + 2 * t] = from_float<scalar_t>(o[dn][2 * half] * inv);
-        op[dn * 8 + 2 * t + 1] = from_float<scalar_t>(o[dn][2 * half + 1] * inv);
+        op[dn * 8 + 2 * t] = from_float<scalar_t>(acc.o[dn][2 * half] * inv);
+        op[dn * 8 + 2 * t + 1] = from_float<scalar_t>(acc.o[dn][2 * half + 1] * inv);
       }
       if (a.lse != nullptr && t == 0) a.lse[tok * a.lse_s0 + head * a.lse_s1] = (m + log2f(l)) * kLn2;
     }
@@ -680,21 +716,11 @@ __global__ void __launch_bounds__(kMmaThreads)
         *reinterpret_cast<uint4*>(&sQ[r * kStride + c * 8]) = val;
       }
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        qf[kk][0] = load_word(&sQ[row0 * kStride + kk * 16 + 2 * t]);
-        qf[kk][1] = load_word(&sQ[row1 * kStride + kk * 16 + 2 * t]);
-        qf[kk][2] = load_word(&sQ[row0 * kStride + kk * 16 + 8 + 2 * t]);
-        qf[kk][3] = load_word(&sQ[row1 * kStride + kk * 16 + 8 + 2 * t]);
-      }
+      load_q_fragments<D>(qf, sQ, kStride, row0, row1, t);
       __syncthreads();  // buffer 0 now takes K / V tiles
     }
 
-    float o[D / 8][4];
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY;  // running max (base-2 scaled scores) of rows row0 / row1
-    float l0 = 0.f, l1 = 0.f;              // this thread's part of the running sums
+    OnlineSoftmax<D> acc;
 
     // K and V tiles into buffer `buf`, row-major [key][d]: consecutive threads read
     // consecutive 16-byte chunks of one key row. Keys past the request are zero-filled
@@ -766,83 +792,32 @@ __global__ void __launch_bounds__(kMmaThreads)
         }
       }
 
-      // Scale to base 2 and mask (as in the kernel above).
-      const bool unmasked = n0 + kMmaKeys - 1 <= min_pos;
-#pragma unroll
-      for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int64_t key = n0 + nt * 8 + 2 * t + (e & 1);
-          const int64_t p = e < 2 ? pos0 : pos1;
-          const float x = s[nt][e] * a.scale_log2;
-          s[nt][e] = (unmasked || key <= p) ? x : -INFINITY;
-        }
-      }
-
-      float mx0 = m0, mx1 = m1;
-#pragma unroll
-      for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
-        mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-        mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
-      }
-#pragma unroll
-      for (int off = 1; off <= 2; off *= 2) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-      }
-      const float base0 = mx0 == -INFINITY ? 0.f : mx0;
-      const float base1 = mx1 == -INFINITY ? 0.f : mx1;
-      const float alpha0 = exp2f(m0 - base0), alpha1 = exp2f(m1 - base1);  // 0 while m = -inf
-      m0 = mx0;
-      m1 = mx1;
-      float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < kMmaKeys / 8; ++nt) {
-        s[nt][0] = exp2f(s[nt][0] - base0);
-        s[nt][1] = exp2f(s[nt][1] - base0);
-        s[nt][2] = exp2f(s[nt][2] - base1);
-        s[nt][3] = exp2f(s[nt][3] - base1);
-        sum0 += s[nt][0] + s[nt][1];
-        sum1 += s[nt][2] + s[nt][3];
-      }
-      l0 = l0 * alpha0 + sum0;
-      l1 = l1 * alpha1 + sum1;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        o[dn][0] *= alpha0;
-        o[dn][1] *= alpha0;
-        o[dn][2] *= alpha1;
-        o[dn][3] *= alpha1;
-      }
+      // Scale, mask, online softmax (s becomes P).
+      acc.absorb(s, n0, /*unmasked=*/n0 + kMmaKeys - 1 <= min_pos, pos0, pos1, t, a.scale_log2);
 
       // O += P V.
 #pragma unroll
       for (int kk = 0; kk < kMmaKeys / 16; ++kk) {
-        const uint32_t pa[4] = {Ops::pack(s[2 * kk][0], s[2 * kk][1]), Ops::pack(s[2 * kk][2], s[2 * kk][3]),
-                                Ops::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                Ops::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        uint32_t pa[4];
+        pack_probabilities<Ops>(pa, s, kk);
 #pragma unroll
         for (int dn = 0; dn < D / 8; dn += 2) {
           uint32_t vb[4];
           ldmatrix_x4<true>(vb, &sV[kk * 16 * kStride + dn * 8 + v_lane_off]);
-          Ops::mma(o[dn], pa, vb[0], vb[1]);
-          Ops::mma(o[dn + 1], pa, vb[2], vb[3]);
+          Ops::mma(acc.o[dn], pa, vb[0], vb[1]);
+          Ops::mma(acc.o[dn + 1], pa, vb[2], vb[3]);
         }
       }
       __syncthreads();  // before the next load overwrites this buffer
     }
 
-#pragma unroll
-    for (int off = 1; off <= 2; off *= 2) {
-      l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-      l1 += __shfl_xor_sync(0xffffffffu, l1, off);
-    }
+    acc.finish();
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = half == 0 ? row0 : row1;
       const int64_t p = half == 0 ? pos0 : pos1;
       if (p < 0) continue;  // inactive: padding or another request's token
-      const float l = half == 0 ? l0 : l1, m = half == 0 ? m0 : m1;
+      const float l = half == 0 ? acc.l0 : acc.l1, m = half == 0 ? acc.m0 : acc.m1;
       const int64_t tok = tok_begin + row / group;
       const int head = kv_head * group + row % group;
       if (num_splits == 1) {
@@ -851,8 +826,8 @@ __global__ void __launch_bounds__(kMmaThreads)
         scalar_t* op = static_cast<scalar_t*>(a.out) + tok * a.o_s0 + head * a.o_s1;
 #pragma unroll
         for (int dn = 0; dn < D / 8; ++dn) {
-          op[dn * 8 + 2 * t] = from_float<scalar_t>(o[dn][2 * half] * inv);
-          op[dn * 8 + 2 * t + 1] = from_float<scalar_t>(o[dn][2 * half + 1] * inv);
+          op[dn * 8 + 2 * t] = from_float<scalar_t>(acc.o[dn][2 * half] * inv);
+          op[dn * 8 + 2 * t + 1] = from_float<scalar_t>(acc.o[dn][2 * half + 1] * inv);
         }
         if (a.lse != nullptr && t == 0) a.lse[tok * a.lse_s0 + head * a.lse_s1] = (m + log2f(l)) * kLn2;
       } else {
@@ -863,7 +838,7 @@ __global__ void __launch_bounds__(kMmaThreads)
 #pragma unroll
           for (int dn = 0; dn < D / 8; ++dn)
             *reinterpret_cast<float2*>(op + dn * 8 + 2 * t) =
-                make_float2(o[dn][2 * half] * inv, o[dn][2 * half + 1] * inv);
+                make_float2(acc.o[dn][2 * half] * inv, acc.o[dn][2 * half + 1] * inv);
         }
         if (t == 0) ws.part_lse[idx] = l > 0.f ? m + log2f(l) : -INFINITY;
       }
