@@ -4,21 +4,26 @@ CUDA kernels are built when nvcc is found *and* torch is a CUDA build; a GPU is 
 needed at build time. Otherwise a CPU-only extension is built. Environment knobs:
 
   CACHEBLEND_BUILD_CUDA=0|1   force the CPU-only build (0) or fail unless CUDA builds (1)
-  TORCH_CUDA_ARCH_LIST        target architectures (default "8.0;8.6;8.9;9.0")
+  TORCH_CUDA_ARCH_LIST        target architectures (default: csrc/build_config.json)
   MAX_JOBS                    parallel compile jobs (ninja)
+
+Compile flags and the default architectures come from csrc/build_config.json, which
+CMakeLists.txt reads too.
 
 Always install with ``pip install --no-build-isolation .`` so the extension is built
 against the torch you run.
 """
 
 import glob
+import json
 import os
 import shutil
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0"
+with open(os.path.join(ROOT, "csrc", "build_config.json")) as f:
+    BUILD_CONFIG = json.load(f)
 
 
 def _find_cuda_home():
@@ -73,13 +78,14 @@ def _nvidia_wheel_includes():
 
 
 def _sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
 def make_extension():
     with_cuda = _want_cuda()
+    std = f"-std=c++{BUILD_CONFIG['cxx_standard']}"
     sources = ["csrc/torch_bindings.cpp"] + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++20", "-DCACHEBLEND_PYTHON_MODULE"]
+    cxx_flags = BUILD_CONFIG["cxx_flags"] + [std, "-DCACHEBLEND_PYTHON_MODULE"]
     if os.environ.get("CACHEBLEND_OPENMP", "1") != "0":
         cxx_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -91,25 +97,18 @@ def make_extension():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
         )
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", BUILD_CONFIG["cuda_archs"])
     system_includes = []
     for d in _nvidia_wheel_includes():
         system_includes += ["-isystem", d]
     cxx_flags += ["-DCACHEBLEND_WITH_CUDA"] + system_includes
-    nvcc_flags = [
-        "-O3",
-        "-std=c++20",
-        "-DCACHEBLEND_WITH_CUDA",
-        "--expt-relaxed-constexpr",
-        "-lineinfo",
-        "-U__CUDA_NO_HALF_OPERATORS__",
-        "-U__CUDA_NO_HALF_CONVERSIONS__",
-        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
-        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-    ] + system_includes
+    nvcc_flags = BUILD_CONFIG["nvcc_flags"] + [std, "-DCACHEBLEND_WITH_CUDA"] + system_includes
+    # The CUDA entry points are host code (cuda/*.cpp); the kernels and their launch code
+    # are one ATen-free translation unit per op, and per head dim and dtype for the
+    # tensor-core attention kernels (cuda/**/*.cu), which ninja compiles in parallel.
     return CUDAExtension(
         "cacheblend_ext._C",
-        sources + _sources("csrc/cuda/*.cu"),
+        sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/**/*.cu"),
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],

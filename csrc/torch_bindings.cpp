@@ -1,4 +1,6 @@
-// The one registration file: every cacheblend op's schema, and its CPU / CUDA kernels.
+// The one registration file: every cacheblend op's schema, its entry point (argument
+// validation with the op's contract from ops/*.h, for every dispatch key) and its CPU /
+// CUDA implementations.
 // Python-side fake (meta) implementations and typed wrappers live in cacheblend_ext/ops.py.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -32,81 +34,66 @@ bool has_cuda_kernels() {
 #endif
 }
 
-// In-place entry point: key is both input and output.
-void rope_reposition_inplace_cpu(const at::Tensor& key, const at::Tensor& src_pos,
-                                 const at::Tensor& dst_pos, const at::Tensor& cos_sin_cache,
-                                 bool is_neox) {
-  rope_reposition_cpu(key, key, src_pos, dst_pos, cos_sin_cache, is_neox);
-}
+// ---- Entry points ----
+// Every op's arguments are validated here, once, with its contract from ops/*.h, for
+// every dispatch key; the CPU and CUDA implementations (Impl) trust them.
 
-#ifdef CACHEBLEND_WITH_CUDA
-// CUDA entry points. Arguments are validated here, in host-compiled code, and the launch
-// wrappers in csrc/cuda/ assume valid arguments: a bad argument raises from this file,
-// never from inside nvcc-compiled code.
-void rope_reposition_out_cuda(const at::Tensor& key, const at::Tensor& src_pos, const at::Tensor& dst_pos,
-                              const at::Tensor& cos_sin_cache, bool is_neox, const at::Tensor& out) {
+template <auto Impl>
+void rope_reposition_out_entry(const at::Tensor& key, const at::Tensor& src_pos, const at::Tensor& dst_pos,
+                               const at::Tensor& cos_sin_cache, bool is_neox, const at::Tensor& out) {
   validate_rope_reposition(key, out, src_pos, dst_pos, cos_sin_cache);
-  rope_reposition_cuda(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
+  Impl(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
 }
 
-void rope_reposition_inplace_cuda(const at::Tensor& key, const at::Tensor& src_pos,
-                                  const at::Tensor& dst_pos, const at::Tensor& cos_sin_cache,
-                                  bool is_neox) {
-  rope_reposition_out_cuda(key, src_pos, dst_pos, cos_sin_cache, is_neox, key);
+// In place: key is both input and output.
+template <auto Impl>
+void rope_reposition_entry(const at::Tensor& key, const at::Tensor& src_pos, const at::Tensor& dst_pos,
+                           const at::Tensor& cos_sin_cache, bool is_neox) {
+  rope_reposition_out_entry<Impl>(key, src_pos, dst_pos, cos_sin_cache, is_neox, key);
 }
 
-void fused_kv_concat_checked_cuda(at::TensorList chunks, const at::Tensor& src_pos, const at::Tensor& dst_pos,
-                                  const at::Tensor& slot_mapping, const at::Tensor& cos_sin_cache, bool is_neox,
-                                  at::TensorList k_caches, at::TensorList v_caches) {
+template <auto Impl>
+void fused_kv_concat_entry(at::TensorList chunks, const at::Tensor& src_pos, const at::Tensor& dst_pos,
+                           const at::Tensor& slot_mapping, const at::Tensor& cos_sin_cache, bool is_neox,
+                           at::TensorList k_caches, at::TensorList v_caches) {
   validate_fused_kv_concat(chunks, src_pos, dst_pos, slot_mapping, cos_sin_cache, k_caches, v_caches);
-  fused_kv_concat_cuda(chunks, src_pos, dst_pos, slot_mapping, cos_sin_cache, is_neox, k_caches, v_caches);
+  Impl(chunks, src_pos, dst_pos, slot_mapping, cos_sin_cache, is_neox, k_caches, v_caches);
 }
 
-void kv_deviation_checked_cuda(const at::Tensor& fresh, const at::Tensor& reused,
-                               const std::optional<at::Tensor>& token_index, bool accumulate, const at::Tensor& out) {
+template <auto Impl>
+void kv_deviation_out_entry(const at::Tensor& fresh, const at::Tensor& reused,
+                            const std::optional<at::Tensor>& token_index, bool accumulate, const at::Tensor& out) {
   validate_kv_deviation(fresh, reused, token_index, out);
-  kv_deviation_cuda(fresh, reused, token_index, accumulate, out);
+  Impl(fresh, reused, token_index, accumulate, out);
 }
 
-std::tuple<at::Tensor, at::Tensor> select_hkvd_batched_checked_cuda(const at::Tensor& deviation,
-                                                                    const at::Tensor& indptr, const at::Tensor& k,
-                                                                    const std::optional<at::Tensor>& forced,
-                                                                    const std::optional<at::Tensor>& candidates,
-                                                                    int64_t max_selected) {
-  validate_select_hkvd(deviation, indptr, k, forced, candidates, max_selected);
-  return select_hkvd_batched_cuda(deviation, indptr, k, forced, candidates, max_selected);
-}
-
-void sparse_query_attention_checked_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                         const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
-                                         const std::optional<at::Tensor>& kv_indptr, double scale,
-                                         const at::Tensor& out, const std::optional<at::Tensor>& lse) {
-  validate_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
-  sparse_query_attention_cuda(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
-}
-#endif
-
-// ---- HKVD selection (kv_deviation, select_hkvd_batched) ----
 // Functional kv_deviation: allocates out [M] float32 and fills it.
-template <void (*Impl)(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, bool,
-                       const at::Tensor&)>
-at::Tensor kv_deviation_functional(const at::Tensor& fresh, const at::Tensor& reused,
-                                   const std::optional<at::Tensor>& token_index) {
-  TORCH_CHECK(fresh.dim() == 3, "fresh must be [num_tokens, num_heads, head_dim], got shape ", fresh.sizes());
+template <auto Impl>
+at::Tensor kv_deviation_entry(const at::Tensor& fresh, const at::Tensor& reused,
+                              const std::optional<at::Tensor>& token_index) {
+  validate_kv_deviation_inputs(fresh, reused, token_index);
   at::Tensor out = at::empty({fresh.size(0)}, fresh.options().dtype(at::kFloat));
   Impl(fresh, reused, token_index, false, out);
   return out;
 }
 
-// Single-request select_hkvd on top of the batched op: [S] int64 selected indices. The
-// selection size lives on the device, so this reads it back (a host sync on CUDA).
-template <std::tuple<at::Tensor, at::Tensor> (*Batched)(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                        const std::optional<at::Tensor>&,
-                                                        const std::optional<at::Tensor>&, int64_t)>
-at::Tensor select_hkvd_single(const at::Tensor& deviation, int64_t k, const std::optional<at::Tensor>& forced,
-                              const std::optional<at::Tensor>& candidates) {
-  TORCH_CHECK(k >= 0, "k must be >= 0, got ", k);
-  TORCH_CHECK(deviation.dim() == 1, "deviation must be 1-D [num_tokens], got shape ", deviation.sizes());
+template <auto Impl>
+std::tuple<at::Tensor, at::Tensor> select_hkvd_batched_entry(const at::Tensor& deviation, const at::Tensor& indptr,
+                                                             const at::Tensor& k,
+                                                             const std::optional<at::Tensor>& forced,
+                                                             const std::optional<at::Tensor>& candidates,
+                                                             int64_t max_selected) {
+  validate_select_hkvd(deviation, indptr, k, forced, candidates, max_selected);
+  return Impl(deviation, indptr, k, forced, candidates, max_selected);
+}
+
+// Single-request select_hkvd on top of the batched implementation: [S] int64 selected
+// indices. The selection size lives on the device, so this reads it back (a host sync on
+// CUDA).
+template <auto Batched>
+at::Tensor select_hkvd_entry(const at::Tensor& deviation, int64_t k, const std::optional<at::Tensor>& forced,
+                             const std::optional<at::Tensor>& candidates) {
+  validate_select_hkvd_single(deviation, k, forced, candidates);
   const int64_t n = deviation.size(0);
   at::Tensor host = at::empty({3}, at::TensorOptions().dtype(at::kLong));
   int64_t* h = host.data_ptr<int64_t>();
@@ -115,8 +102,17 @@ at::Tensor select_hkvd_single(const at::Tensor& deviation, int64_t k, const std:
   h[2] = std::min(k, n);  // k
   const at::Tensor args = host.to(deviation.device());
   auto [indices, counts] = Batched(deviation, args.narrow(0, 0, 2), args.narrow(0, 2, 1), forced, candidates, n);
-  const int64_t count = counts.item<int32_t>();
+  const int64_t count = counts.template item<int32_t>();
   return indices.select(0, 0).narrow(0, 0, count).clone();
+}
+
+template <auto Impl>
+void sparse_query_attention_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
+                                  const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,
+                                  const std::optional<at::Tensor>& lse) {
+  validate_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
+  Impl(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
 }
 
 }  // namespace
@@ -172,36 +168,32 @@ TORCH_LIBRARY(cacheblend, m) {
 }
 
 TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
-  m.impl("rope_reposition", &rope_reposition_inplace_cpu);
-  m.impl("rope_reposition_out", [](const at::Tensor& key, const at::Tensor& src_pos,
-                                   const at::Tensor& dst_pos, const at::Tensor& cos_sin_cache,
-                                   bool is_neox, const at::Tensor& out) {
-    rope_reposition_cpu(key, out, src_pos, dst_pos, cos_sin_cache, is_neox);
-  });
-  m.impl("fused_kv_concat", &fused_kv_concat_cpu);
+  m.impl("rope_reposition", &rope_reposition_entry<&rope_reposition_cpu>);
+  m.impl("rope_reposition_out", &rope_reposition_out_entry<&rope_reposition_cpu>);
+  m.impl("fused_kv_concat", &fused_kv_concat_entry<&fused_kv_concat_cpu>);
   // ---- HKVD selection ----
-  m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_cpu>);
-  m.impl("kv_deviation_out", &kv_deviation_cpu);
-  m.impl("select_hkvd_batched", &select_hkvd_batched_cpu);
-  m.impl("select_hkvd", &select_hkvd_single<&select_hkvd_batched_cpu>);
+  m.impl("kv_deviation", &kv_deviation_entry<&kv_deviation_cpu>);
+  m.impl("kv_deviation_out", &kv_deviation_out_entry<&kv_deviation_cpu>);
+  m.impl("select_hkvd_batched", &select_hkvd_batched_entry<&select_hkvd_batched_cpu>);
+  m.impl("select_hkvd", &select_hkvd_entry<&select_hkvd_batched_cpu>);
 
   // ---- sparse_query_attention ----
-  m.impl("sparse_query_attention", &sparse_query_attention_cpu);
+  m.impl("sparse_query_attention", &sparse_query_attention_entry<&sparse_query_attention_cpu>);
 }
 
 #ifdef CACHEBLEND_WITH_CUDA
 TORCH_LIBRARY_IMPL(cacheblend, CUDA, m) {
-  m.impl("rope_reposition", &rope_reposition_inplace_cuda);
-  m.impl("rope_reposition_out", &rope_reposition_out_cuda);
-  m.impl("fused_kv_concat", &fused_kv_concat_checked_cuda);
+  m.impl("rope_reposition", &rope_reposition_entry<&rope_reposition_cuda>);
+  m.impl("rope_reposition_out", &rope_reposition_out_entry<&rope_reposition_cuda>);
+  m.impl("fused_kv_concat", &fused_kv_concat_entry<&fused_kv_concat_cuda>);
   // ---- HKVD selection ----
-  m.impl("kv_deviation", &kv_deviation_functional<&kv_deviation_checked_cuda>);
-  m.impl("kv_deviation_out", &kv_deviation_checked_cuda);
-  m.impl("select_hkvd_batched", &select_hkvd_batched_checked_cuda);
-  m.impl("select_hkvd", &select_hkvd_single<&select_hkvd_batched_checked_cuda>);
+  m.impl("kv_deviation", &kv_deviation_entry<&kv_deviation_cuda>);
+  m.impl("kv_deviation_out", &kv_deviation_out_entry<&kv_deviation_cuda>);
+  m.impl("select_hkvd_batched", &select_hkvd_batched_entry<&select_hkvd_batched_cuda>);
+  m.impl("select_hkvd", &select_hkvd_entry<&select_hkvd_batched_cuda>);
 
   // ---- sparse_query_attention ----
-  m.impl("sparse_query_attention", &sparse_query_attention_checked_cuda);
+  m.impl("sparse_query_attention", &sparse_query_attention_entry<&sparse_query_attention_cuda>);
 }
 #endif
 

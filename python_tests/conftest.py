@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -58,14 +59,16 @@ def emulated_kernels():
     """Every CUDA kernel compiled for the host, run in the CUDA emulator
     (csrc/emulation/) through the CUDA wrappers' own launch code; CPU tensors in and out.
     Built on first use (about 30 s; cached by torch after that)."""
-    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    csrc = root / "csrc"
+    config = json.loads((csrc / "build_config.json").read_text())["emulation"]
     return cpp_extension.load(
         name="cacheblend_kernels_emulated",
         sources=[str(csrc / "emulation" / "kernels_emulated.cpp")],
         extra_include_paths=[str(csrc)],
-        # CUDA code reads vectors through reinterpret_cast, which nvcc allows; g++ needs
-        # -fno-strict-aliasing to do the same.
-        extra_cflags=["-O2", "-std=c++20", "-fno-strict-aliasing", "-DCACHEBLEND_CUDA_EMULATION"],
+        # The emulator plugs into the kernels from the build: a forced include (the kernel
+        # headers do not include it).
+        extra_cflags=config["cxx_flags"] + ["-include", str(csrc / config["forced_include"])],
         verbose=bool(os.environ.get("CACHEBLEND_VERBOSE_BUILD")),
     )
 

@@ -59,7 +59,6 @@ void sparse_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
                                 const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,
                                 const std::optional<at::Tensor>& lse) {
-  validate_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
   const int64_t num_q = q.size(0), hq = q.size(1), dim = q.size(2), num_k = k.size(0), hkv = k.size(1);
   const int64_t group = hq / hkv;
 

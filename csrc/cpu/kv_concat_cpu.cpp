@@ -16,7 +16,6 @@ namespace cacheblend {
 void fused_kv_concat_cpu(at::TensorList chunks, const at::Tensor& src_pos, const at::Tensor& dst_pos,
                          const at::Tensor& slot_mapping, const at::Tensor& cos_sin_cache, bool is_neox,
                          at::TensorList k_caches, at::TensorList v_caches) {
-  validate_fused_kv_concat(chunks, src_pos, dst_pos, slot_mapping, cos_sin_cache, k_caches, v_caches);
   const at::Tensor& ref = k_caches[0];
   const int64_t total = src_pos.size(0);
   if (total == 0) return;

@@ -12,7 +12,6 @@ namespace cacheblend {
 
 void rope_reposition_cpu(const at::Tensor& key, const at::Tensor& out, const at::Tensor& src_pos,
                          const at::Tensor& dst_pos, const at::Tensor& cos_sin_cache, bool is_neox) {
-  validate_rope_reposition(key, out, src_pos, dst_pos, cos_sin_cache);
   const int64_t num_tokens = key.size(0), num_heads = key.size(1), head_dim = key.size(2);
   const int64_t max_pos = cos_sin_cache.size(0);
   const int rotary_dim = static_cast<int>(cos_sin_cache.size(1)), half = rotary_dim / 2;

@@ -91,7 +91,6 @@ auto squared_diff_sum_for_cpu() -> float (*)(const T*, const T*, int64_t) {
 
 void kv_deviation_cpu(const at::Tensor& fresh, const at::Tensor& reused, const std::optional<at::Tensor>& token_index,
                       bool accumulate, const at::Tensor& out) {
-  validate_kv_deviation(fresh, reused, token_index, out);
   const int64_t num_rows = fresh.size(0), num_reused = reused.size(0);
   const int64_t num_heads = fresh.size(1), head_dim = fresh.size(2);
   const int64_t fs0 = fresh.stride(0), fs1 = fresh.stride(1), rs0 = reused.stride(0), rs1 = reused.stride(1);
@@ -173,9 +172,7 @@ std::tuple<at::Tensor, at::Tensor> select_hkvd_batched_cpu(const at::Tensor& dev
                                                            const at::Tensor& k, const std::optional<at::Tensor>& forced,
                                                            const std::optional<at::Tensor>& candidates,
                                                            int64_t max_selected) {
-  validate_select_hkvd(deviation, indptr, k, forced, candidates, max_selected);
   const int64_t num_requests = indptr.size(0) - 1, total = deviation.size(0);
-  TORCH_CHECK(total < (int64_t{1} << 32) - 1, "select_hkvd_batched: at most 2^32 - 2 tokens, got ", total);
   at::Tensor indices = at::empty({num_requests, max_selected}, deviation.options().dtype(at::kLong));
   at::Tensor counts = at::empty({num_requests}, deviation.options().dtype(at::kInt));
   std::vector<int64_t> start(num_requests), stop(num_requests), kk(num_requests);

@@ -1,11 +1,15 @@
 // A small host emulator of the CUDA execution model: enough of it to run this project's
-// tensor-core attention kernels (kernels/attention_cuda.cuh) *unchanged* on the CPU, so
+// tensor-core attention kernels (kernels/attention/) *unchanged* on the CPU, so
 // their index math, fragment layouts, barriers and cp.async pipelining are tested where
 // no GPU is available. Test infrastructure only; never part of the built extension.
 //
-// Compile the kernel headers with -DCACHEBLEND_CUDA_EMULATION (kernels/common.h then
-// includes this file) and start kernels with emulation::launch() -- or EmulatedLauncher
-// (emulated_launcher.h) through the same host launch code the CUDA wrappers use.
+// The kernels do not know this file: a host build of them force-includes it (g++
+// -include emulation/cuda_emulator.h) so it comes before any kernel header. It defines
+// CB_HOST_CUDA and supplies what nvcc would (see kernels/common.h): the CUDA built-ins,
+// the 16-bit float types, CB_DEVICE_CHECK, CB_DYNAMIC_SHARED and the PTX operations of
+// namespace cacheblend::ptx. Kernels start with emulation::launch() -- or
+// EmulatedLauncher (emulated_launcher.h) through the same host launch code the CUDA
+// build uses (cuda/launch.h).
 //
 // Model:
 //  * Blocks run one after another. The threads of a block are cooperative fibers
@@ -29,6 +33,15 @@
 //  * A failed device-side check or a trap stops the launch; launch() then throws
 //    std::runtime_error with the message.
 #pragma once
+
+// This build supplies the CUDA device API on the host (kernels/common.h).
+#define CB_HOST_CUDA 1
+// A failed device-side check stops the launch.
+#define CB_DEVICE_CHECK(cond, msg)                                                      \
+  do {                                                                                  \
+    if (!(cond)) ::cacheblend::emulation::device_check_failed(msg, __FILE__, __LINE__); \
+  } while (0)
+#define CB_DYNAMIC_SHARED(type, name) type* const name = ::cacheblend::emulation::dynamic_shared<type>()
 
 #include <ucontext.h>
 
@@ -68,6 +81,19 @@ struct alignas(16) float4 {
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+// CUDA's 16-bit float types and the conversions the kernels use: c10's host types, whose
+// float conversions round to nearest even like __float2half / __float2bfloat16.
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+struct alignas(4) __half2 {
+  __half x, y;
+};
+struct alignas(4) __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+inline __half2 __floats2half2_rn(float lo, float hi) { return {__half(lo), __half(hi)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) { return {__nv_bfloat16(lo), __nv_bfloat16(hi)}; }
 
 // Device code calls the overloaded min / max of CUDA's math library unqualified.
 template <typename T>
@@ -401,3 +427,25 @@ T atomicAdd(T* address, T value) {
   return old;
 }
 [[noreturn]] inline void __trap() { ::cacheblend::emulation::fail("trap"); }
+
+// The PTX operations of kernels/attention/primitives.cuh.
+namespace cacheblend {
+namespace ptx {
+inline void mma_m16n8k16_f16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emulation::mma_m16n8k16<c10::Half>(c, a, b0, b1);
+}
+inline void mma_m16n8k16_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emulation::mma_m16n8k16<c10::BFloat16>(c, a, b0, b1);
+}
+template <bool kTransposed>
+void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* p) {
+  emulation::ldmatrix_x4(r, p, kTransposed);
+}
+inline void cp_async16(uint16_t* dst, const uint16_t* src) { emulation::cp_async16(dst, src); }
+inline void cp_async_commit() { emulation::cp_async_commit(); }
+template <int N>
+void cp_async_wait() {
+  emulation::cp_async_wait(N);
+}
+}  // namespace ptx
+}  // namespace cacheblend

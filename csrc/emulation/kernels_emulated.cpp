@@ -1,19 +1,28 @@
 // Every CUDA kernel of the extension, compiled for the host and run in the CUDA emulator
-// (cuda_emulator.h) on CPU tensors, through the same host launch code as the CUDA
-// wrappers (cuda/*_launch.h) with an EmulatedLauncher in place of CudaLauncher. Built by
-// the tests (python_tests/conftest.py: emulated_kernels) with
-// torch.utils.cpp_extension.load and -DCACHEBLEND_CUDA_EMULATION; not part of the
-// installed extension. Each function validates its arguments like the registered op.
+// (cuda_emulator.h) on CPU tensors, through the same launch code as the CUDA build (the
+// ATen side, cuda/*_dispatch.h, and the host launch code, cuda/*_launch.cuh) with an
+// EmulatedLauncher in place of CudaLauncher. Built by the tests
+// (python_tests/conftest.py: emulated_kernels) with torch.utils.cpp_extension.load and
+// `-include emulation/cuda_emulator.h`; not part of the installed extension. Each
+// function validates its arguments with the op's contract (ops/*.h), like the
+// registered op.
+#if !defined(CB_HOST_CUDA)
+#error "build with -include emulation/cuda_emulator.h (see python_tests/conftest.py)"
+#endif
 #include <torch/extension.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
 
-#include "cuda/attention_launch.h"
-#include "cuda/kv_concat_launch.h"
-#include "cuda/rope_launch.h"
-#include "cuda/select_launch.h"
+#include "cuda/attention_dispatch.h"
+#include "cuda/attention_launch.cuh"
+#include "cuda/kv_concat_dispatch.h"
+#include "cuda/kv_concat_launch.cuh"
+#include "cuda/rope_dispatch.h"
+#include "cuda/rope_launch.cuh"
+#include "cuda/select_dispatch.h"
+#include "cuda/select_launch.cuh"
 #include "emulation/emulated_launcher.h"
 #include "ops/attention.h"
 #include "ops/kv_concat.h"
@@ -26,21 +35,21 @@ namespace {
 void rope_reposition(const at::Tensor& key, const at::Tensor& src_pos, const at::Tensor& dst_pos,
                      const at::Tensor& cos_sin_cache, bool is_neox, const at::Tensor& out) {
   validate_rope_reposition(key, out, src_pos, dst_pos, cos_sin_cache);
-  launch_rope_reposition(key, out, src_pos, dst_pos, cos_sin_cache, is_neox, EmulatedLauncher{});
+  dispatch_rope_reposition(key, out, src_pos, dst_pos, cos_sin_cache, is_neox, EmulatedLauncher{});
 }
 
 void fused_kv_concat(std::vector<at::Tensor> chunks, const at::Tensor& src_pos, const at::Tensor& dst_pos,
                      const at::Tensor& slot_mapping, const at::Tensor& cos_sin_cache, bool is_neox,
                      std::vector<at::Tensor> k_caches, std::vector<at::Tensor> v_caches) {
   validate_fused_kv_concat(chunks, src_pos, dst_pos, slot_mapping, cos_sin_cache, k_caches, v_caches);
-  launch_fused_kv_concat(chunks, src_pos, dst_pos, slot_mapping, cos_sin_cache, is_neox, k_caches, v_caches,
+  dispatch_fused_kv_concat(chunks, src_pos, dst_pos, slot_mapping, cos_sin_cache, is_neox, k_caches, v_caches,
                          EmulatedLauncher{});
 }
 
 void kv_deviation(const at::Tensor& fresh, const at::Tensor& reused, const std::optional<at::Tensor>& token_index,
                   bool accumulate, const at::Tensor& out) {
   validate_kv_deviation(fresh, reused, token_index, out);
-  launch_kv_deviation(fresh, reused, token_index, accumulate, out, EmulatedLauncher{});
+  dispatch_kv_deviation(fresh, reused, token_index, accumulate, out, EmulatedLauncher{});
 }
 
 std::tuple<at::Tensor, at::Tensor> select_hkvd_batched(const at::Tensor& deviation, const at::Tensor& indptr,
@@ -48,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> select_hkvd_batched(const at::Tensor& deviati
                                                        const std::optional<at::Tensor>& candidates,
                                                        int64_t max_selected) {
   validate_select_hkvd(deviation, indptr, k, forced, candidates, max_selected);
-  return launch_select_hkvd_batched(deviation, indptr, k, forced, candidates, max_selected, EmulatedLauncher{});
+  return dispatch_select_hkvd_batched(deviation, indptr, k, forced, candidates, max_selected, EmulatedLauncher{});
 }
 
 // impl: "mma_v1" (the default), "split", "split_sync" or "simt", as
@@ -58,9 +67,7 @@ void sparse_query_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             double scale, const at::Tensor& out, const std::optional<at::Tensor>& lse,
                             const std::string& impl, int64_t force_splits) {
   validate_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
-  const at::Tensor q_ind = q_indptr.has_value() ? q_indptr->to(at::kLong) : at::Tensor();
-  const at::Tensor kv_ind = kv_indptr.has_value() ? kv_indptr->to(at::kLong) : at::Tensor();
-  launch_sparse_query_attention(q, k, v, q_pos, q_ind, kv_ind, scale, out, lse, parse_attention_impl(impl.c_str()),
+  dispatch_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse, parse_attention_impl(impl.c_str()),
                                 /*tensor_cores=*/true, static_cast<int>(force_splits), EmulatedLauncher{});
 }
 

@@ -1,5 +1,12 @@
 // Shared by the CPU (plain C++) and CUDA (nvcc) implementations. ATen-free: only
 // plain pointers, integers and float math, so the same formulas run on both paths.
+//
+// Host builds of the CUDA kernels. These headers also compile with a host compiler for
+// a build that supplies the CUDA device API itself (a forced include that defines
+// CB_HOST_CUDA before anything else): the built-ins (threadIdx, __syncthreads,
+// shuffles, vector and 16-bit float types), CB_DEVICE_CHECK, CB_DYNAMIC_SHARED and the
+// PTX operations of namespace cacheblend::ptx (kernels/attention/primitives.cuh). The
+// kernels use those names only; they do not know who supplies them.
 #pragma once
 
 #include <cstdint>
@@ -37,35 +44,26 @@ struct alignas(sizeof(T) * N) Array {
 CB_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid / block shape of a launch, as the host-side launch code hands it to a launcher
-// (CudaLauncher: converted to dim3; the CUDA emulator: used as is).
+// (CudaLauncher: converted to dim3; a host build's launcher: used as is).
 struct Dim3 {
   unsigned x = 1, y = 1, z = 1;
 };
 
 }  // namespace cacheblend
 
-#if defined(__CUDACC__)
 // Device-side argument check (index values can only be seen on the device without a
 // host sync). Like PyTorch's CUDA_KERNEL_ASSERT: the launch fails with "device-side
 // assert triggered" and the message names the argument; kernels never read or write
 // out of bounds before it fires.
+#if !defined(CB_DEVICE_CHECK) && defined(__CUDACC__)
+#include <cassert>  // __assert_fail
 #define CB_DEVICE_CHECK(cond, msg)                                 \
   do {                                                             \
     if (!(cond)) __assert_fail(msg, __FILE__, __LINE__, __func__); \
   } while (0)
-#elif defined(CACHEBLEND_CUDA_EMULATION)
-// The host emulator of the CUDA kernels (emulation/cuda_emulator.h) stops the launch.
-#define CB_DEVICE_CHECK(cond, msg)                                                      \
-  do {                                                                                  \
-    if (!(cond)) ::cacheblend::emulation::device_check_failed(msg, __FILE__, __LINE__); \
-  } while (0)
 #endif
 
 // Dynamic shared memory of a kernel: CB_DYNAMIC_SHARED(float, buffer); declares `buffer`.
-#if defined(CACHEBLEND_CUDA_EMULATION)
-#define CB_DYNAMIC_SHARED(type, name) type* const name = ::cacheblend::emulation::dynamic_shared<type>()
-// Host builds of the CUDA kernels for the tests: CUDA built-ins from the emulator.
-#include "emulation/cuda_emulator.h"
-#else
+#if !defined(CB_DYNAMIC_SHARED)
 #define CB_DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif

@@ -23,6 +23,17 @@ struct Rotation {
   float sin;
 };
 
+// Arguments of the CUDA kernel (rope_cuda.cuh).
+struct RopeKernelArgs {
+  const void* in;
+  void* out;
+  int64_t in_token_stride, in_head_stride;    // in elements
+  int64_t out_token_stride, out_head_stride;  // in elements
+  const float* cos_sin_cache;
+  int64_t max_pos;
+  int num_heads, head_dim, rotary_dim;
+};
+
 // Rotation taking frequency `i` of a key at `src_row` to `dst_row` (rows of the table).
 CB_HOST_DEVICE Rotation reposition_rotation(const float* src_row, const float* dst_row,
                                             int half, int i) {

@@ -10,16 +10,6 @@
 namespace cacheblend {
 namespace rope {
 
-struct RopeKernelArgs {
-  const void* in;
-  void* out;
-  int64_t in_token_stride, in_head_stride;    // in elements
-  int64_t out_token_stride, out_head_stride;  // in elements
-  const float* cos_sin_cache;
-  int64_t max_pos;
-  int num_heads, head_dim, rotary_dim;
-};
-
 // Fills rot[0..half) for one token; call with all threads of the block.
 template <typename index_t>
 CB_DEVICE void load_token_rotations(Rotation* rot, const float* table, int64_t max_pos, int rotary_dim,

@@ -45,5 +45,28 @@ inline float squared_diff_sum(const T* a, const T* b, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
+// Arguments of the CUDA kernels (select_cuda.cuh).
+struct DeviationArgs {
+  const void* fresh;
+  const void* reused;
+  int64_t fresh_token_stride, fresh_head_stride;    // in elements
+  int64_t reused_token_stride, reused_head_stride;  // in elements
+  int64_t num_rows;                                 // M (rows of fresh / out)
+  int64_t num_reused;                               // N (rows of reused)
+  int num_heads, head_dim;
+  float* out;
+  bool accumulate;
+};
+
+struct SelectArgs {
+  const float* deviation;
+  const bool* forced;      // may be null
+  const bool* candidates;  // may be null
+  int64_t total;           // tokens in deviation / the masks
+  int64_t max_selected;
+  int64_t* indices;  // [B, max_selected]
+  int32_t* counts;   // [B]
+};
+
 }  // namespace select
 }  // namespace cacheblend

@@ -44,18 +44,6 @@ CB_DEVICE unsigned warp_inclusive_scan(unsigned x) {
   return x;
 }
 
-struct DeviationArgs {
-  const void* fresh;
-  const void* reused;
-  int64_t fresh_token_stride, fresh_head_stride;    // in elements
-  int64_t reused_token_stride, reused_head_stride;  // in elements
-  int64_t num_rows;                                 // M (rows of fresh / out)
-  int64_t num_reused;                               // N (rows of reused)
-  int num_heads, head_dim;
-  float* out;
-  bool accumulate;
-};
-
 // Launch with blockDim.x a multiple of 32; warp w of the grid handles row w.
 template <typename T, typename index_t, int VEC, bool HAS_INDEX>
 __global__ void kv_deviation_kernel(DeviationArgs args, const index_t* __restrict__ token_index) {
@@ -102,16 +90,6 @@ __global__ void kv_deviation_kernel(DeviationArgs args, const index_t* __restric
   acc = warp_sum(acc);
   if (lane == 0) args.out[row] = args.accumulate ? args.out[row] + acc : acc;
 }
-
-struct SelectArgs {
-  const float* deviation;
-  const bool* forced;      // may be null
-  const bool* candidates;  // may be null
-  int64_t total;           // tokens in deviation / the masks
-  int64_t max_selected;
-  int64_t* indices;  // [B, max_selected]
-  int32_t* counts;   // [B]
-};
 
 // Exclusive prefix sum of v over the block (tile order = thread order); *total gets the
 // block sum. All threads must call; s_warp holds kThreads / 32 entries.

@@ -1,5 +1,6 @@
-// cacheblend::sparse_query_attention: declarations and the argument contract shared by
-// the CPU and CUDA implementations.
+// cacheblend::sparse_query_attention: the argument contract that every entry point checks
+// (torch_bindings.cpp for the CPU and CUDA kernels, the tests' emulated kernels), and
+// the declarations of the implementations, which trust it.
 //
 // q [M, Hq, D] at absolute positions q_pos [M] (int32/int64, position within its request),
 // k, v [N, Hkv, D] (key j of a request sits at position j), Hq a multiple of Hkv (GQA).
@@ -43,6 +44,11 @@ inline void validate_sparse_query_attention(const at::Tensor& q, const at::Tenso
   TORCH_CHECK(hkv > 0 && hq > 0 && hq % hkv == 0, "num_q_heads (", hq,
               ") must be a positive multiple of num_kv_heads (", hkv, ")");
   TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  // Grid limits of the CUDA kernels (a block row per query, a grid row per kv head, a
+  // combine warp per (query, head) row).
+  TORCH_CHECK(m < (int64_t{1} << 31), "q: at most 2^31 - 1 queries, got ", m);
+  TORCH_CHECK(hkv <= 65535, "k: at most 65535 kv heads, got ", hkv);
+  TORCH_CHECK(m * hq <= (int64_t{1} << 33) - 4, "q: at most 2^33 - 4 (query, head) rows, got ", m * hq);
 
   check_index_tensor(q_pos, "q_pos");
   TORCH_CHECK(q_pos.size(0) == m, "q_pos must have one entry per query (", m, "), got ", q_pos.size(0));
@@ -74,12 +80,12 @@ inline void validate_sparse_query_attention(const at::Tensor& q, const at::Tenso
   }
 }
 
+// Implementations: they assume validated arguments (torch_bindings.cpp validates first).
 void sparse_query_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
                                 const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,
                                 const std::optional<at::Tensor>& lse);
 #ifdef CACHEBLEND_WITH_CUDA
-// Launch wrappers: they assume validated arguments (torch_bindings.cpp validates first).
 void sparse_query_attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
                                  const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,

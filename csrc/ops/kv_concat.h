@@ -1,5 +1,6 @@
-// cacheblend::fused_kv_concat: declarations and the argument contract shared by the CPU
-// and CUDA implementations.
+// cacheblend::fused_kv_concat: the argument contract that every entry point
+// checks (torch_bindings.cpp for the CPU and CUDA kernels, the tests' emulated kernels),
+// and the declarations of the implementations, which trust it.
 //
 // Sources: chunks[i] is [L, 2, T_i, H, D] (K after RoPE at its cached positions, then V),
 // last dim contiguous, other strides free (views of a larger store buffer work without a
@@ -78,11 +79,11 @@ inline void validate_fused_kv_concat(at::TensorList chunks, const at::Tensor& sr
   check_cos_sin_cache(cos_sin_cache, head_dim, ref, "k_caches[0]");
 }
 
+// Implementations: they assume validated arguments (torch_bindings.cpp validates first).
 void fused_kv_concat_cpu(at::TensorList chunks, const at::Tensor& src_pos, const at::Tensor& dst_pos,
                          const at::Tensor& slot_mapping, const at::Tensor& cos_sin_cache, bool is_neox,
                          at::TensorList k_caches, at::TensorList v_caches);
 #ifdef CACHEBLEND_WITH_CUDA
-// Launch wrappers: they assume validated arguments (torch_bindings.cpp validates first).
 void fused_kv_concat_cuda(at::TensorList chunks, const at::Tensor& src_pos, const at::Tensor& dst_pos,
                           const at::Tensor& slot_mapping, const at::Tensor& cos_sin_cache, bool is_neox,
                           at::TensorList k_caches, at::TensorList v_caches);

@@ -1,5 +1,6 @@
-// cacheblend::rope_reposition / rope_reposition_out: declarations and the argument
-// contract shared by the CPU and CUDA implementations.
+// cacheblend::rope_reposition / rope_reposition_out: the argument contract that every
+// entry point checks (torch_bindings.cpp for the CPU and CUDA kernels, the tests'
+// emulated kernels), and the declarations of the implementations, which trust it.
 #pragma once
 
 #include "checks.h"
@@ -32,10 +33,10 @@ inline void validate_rope_reposition(const at::Tensor& key, const at::Tensor& ou
   check_cos_sin_cache(cos_sin_cache, key.size(2), key, "key");
 }
 
+// Implementations: they assume validated arguments (torch_bindings.cpp validates first).
 void rope_reposition_cpu(const at::Tensor& key, const at::Tensor& out, const at::Tensor& src_pos,
                          const at::Tensor& dst_pos, const at::Tensor& cos_sin_cache, bool is_neox);
 #ifdef CACHEBLEND_WITH_CUDA
-// Launch wrappers: they assume validated arguments (torch_bindings.cpp validates first).
 void rope_reposition_cuda(const at::Tensor& key, const at::Tensor& out, const at::Tensor& src_pos,
                           const at::Tensor& dst_pos, const at::Tensor& cos_sin_cache,
                           bool is_neox);
