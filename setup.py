@@ -10,8 +10,10 @@ needed at build time. Otherwise a CPU-only extension is built. Environment knobs
 Compile flags and the default architectures come from csrc/build_config.json, which
 CMakeLists.txt reads too.
 
-Always install with ``pip install --no-build-isolation .`` so the extension is built
-against the torch you run.
+``pip install --no-build-isolation .`` builds against the torch you run. A plain
+``pip install .`` builds in an isolated environment with the torch release that
+pyproject.toml pins. Either way the package then requires the torch release it was
+compiled against (a torch extension only loads into the torch it was built with).
 """
 
 import glob
@@ -115,6 +117,10 @@ def make_extension():
     )
 
 
+# The torch release this build compiles against (local version labels such as +cu130
+# dropped): the installed package requires exactly it.
+TORCH_RELEASE = torch.__version__.split("+")[0]
+
 setup(
     name="cacheblend",
     version="0.1.0",
@@ -123,10 +129,10 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.10",
-    install_requires=["numpy"],
+    install_requires=["numpy", f"torch=={TORCH_RELEASE}"],
     extras_require={
         "hf": ["transformers>=4.56,<5.40", "safetensors", "gguf>=0.10"],
-        "test": ["pytest", "transformers>=4.56,<5.40", "safetensors", "gguf>=0.10"],
+        "test": ["pytest", "hypothesis", "transformers>=4.56,<5.40", "safetensors", "gguf>=0.10"],
         "bench": ["matplotlib"],
     },
     zip_safe=False,
