@@ -56,7 +56,18 @@ struct Dim3 {
 // assert triggered" and the message names the argument; kernels never read or write
 // out of bounds before it fires.
 #if !defined(CB_DEVICE_CHECK) && defined(__CUDACC__)
-#include <cassert>  // __assert_fail
+#include <cassert>  // __assert_fail (glibc declares it only without NDEBUG)
+#if defined(NDEBUG)
+// The same declaration as glibc's (and c10's for NDEBUG builds), usable in device code.
+extern "C" {
+#if defined(__CUDA_ARCH__)
+__host__ __device__
+#endif
+    void
+    __assert_fail(const char* assertion, const char* file, unsigned int line, const char* function) noexcept
+    __attribute__((__noreturn__));
+}
+#endif
 #define CB_DEVICE_CHECK(cond, msg)                                 \
   do {                                                             \
     if (!(cond)) __assert_fail(msg, __FILE__, __LINE__, __func__); \
