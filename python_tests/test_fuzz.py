@@ -20,6 +20,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 from cacheblend_ext import ops, reference
 from conftest import DEVICES, assert_close_to_ref, poison_
@@ -29,10 +30,12 @@ settings.register_profile(
     max_examples=40,
     deadline=2000,  # ms per example; the first example of a test also warms up the ops
     derandomize=True,
+    database=None,  # derandomised: every run draws the same examples
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
 )
-settings.register_profile("deep", parent=settings.get_profile("cacheblend"), max_examples=500, derandomize=False)
+settings.register_profile("deep", parent=settings.get_profile("cacheblend"), max_examples=500, derandomize=False,
+                          database=DirectoryBasedExampleDatabase(".hypothesis/examples"))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cacheblend"))
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
