@@ -85,7 +85,7 @@ def _run(args) -> dict:
 
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    bos = engine._bos()
+    bos = engine.bos_ids()
     prefix = torch.tensor(bos + torch.randint(100, vocab, (7,), generator=g).tolist())
     chunk_ids = [torch.randint(100, vocab, (args.chunk_tokens,), generator=g) for _ in range(args.chunks)]
     query = torch.randint(100, vocab, (args.query_tokens,), generator=g)

@@ -165,7 +165,7 @@ def run(args) -> dict:
         def prepare(store=store, keys=keys, src=src):
             if src == "disk":  # cold reads: drop the files from the page cache (not timed)
                 for k in keys:
-                    _drop_page_cache(store._disk.path(k))
+                    _drop_page_cache(store.chunk_path(k))
 
         def make(pipelined, store=store, keys=keys):
             source, missing = open_layer_source(store, keys, device, pipelined=pipelined, depth=args.depth)
@@ -268,7 +268,7 @@ class StoreSourceMaker:
     def __call__(self):
         if self.tier == "disk":  # cold reads (fsync + fadvise of clean pages: well under a millisecond)
             for k in self.keys:
-                _drop_page_cache(self.store._disk.path(k))
+                _drop_page_cache(self.store.chunk_path(k))
         source, missing = open_layer_source(self.store, self.keys, self.device, pipelined=self.pipelined,
                                             depth=self.depth)
         assert not missing
