@@ -235,7 +235,7 @@ class StoreLayerSource:
             for l in range(self.num_layers):
                 if self._closed:
                     return
-                if self._disk:
+                if self._streamed:
                     self._read_layer(l)
                 if self.cuda and self._copy:
                     with self._cond:  # the slot's previous layer must have been handed out
