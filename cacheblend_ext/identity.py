@@ -78,7 +78,8 @@ def weights_fingerprint(model) -> str:
                 continue
             flat = p.detach().reshape(-1)
             n = flat.numel()
-            idx = torch.linspace(0, max(n - 1, 0), min(n, _FINGERPRINT_SAMPLES), device=flat.device).long()
+            k = min(n, _FINGERPRINT_SAMPLES)
+            idx = torch.arange(k, dtype=torch.int64, device=flat.device) * max(n - 1, 0) // max(k - 1, 1)
             sample = flat[idx].to("cpu", torch.float32).contiguous()
             parts += [name.encode(), str(tuple(p.shape)).encode(), sample.numpy().tobytes()]
     return hash_hex(parts, 16)
