@@ -7,10 +7,11 @@ random-length chunks, and a random query. Every ``--check-every`` blends the res
 compared with the engine's in-memory blend of freshly encoded chunks (logits must be
 equal). Every ``--sample-every`` blends the process is measured after ``gc.collect()``
 and ``malloc_trim(0)`` (freed heap returned to the system, so RSS tracks live memory):
-RSS, entries in ``/proc/self/fd``, threads, and the store's CPU-tier and disk bytes.
+RSS, entries in ``/proc/self/fd``, threads (``/proc/self/status``, native ones
+included), and the store's CPU-tier and disk bytes.
 
 Writes ``soak.json`` (every sample, the summary) and ``soak.png`` (the curves) to
-``--out``. The summary fits a line to each curve after the warm-up (the first fifth) and
+``--out`` (``soak_redis.*`` with ``--redis``). The summary fits a line to each curve after the warm-up (the first fifth) and
 reports its growth per 100 blends.
 """
 
@@ -47,7 +48,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: 1 for the tiny model, whose matrices are too small for more)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="directory for soak.json and soak.png")
+    parser.add_argument("--out", default=None, help="directory for soak.json and soak.png (soak_redis.* with --redis)")
 
 
 def tiny_llama():
@@ -93,13 +94,22 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def os_threads() -> int:
+    """Threads of the process as the kernel sees them (Python's and native ones)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return threading.active_count()
+
+
 def sample(blend_index: int, blender, t0: float) -> dict:
     gc.collect()
     _trim_heap()
     st = blender.store.stats()
     disk_dir = blender.store.disk_dir
     return {"blend": blend_index, "seconds": time.perf_counter() - t0, "rss_mb": rss_mb(), "open_fds": open_fds(),
-            "threads": threading.active_count(), "cpu_bytes": st["bytes"]["cpu"], "disk_bytes": st["bytes"]["disk"],
+            "threads": os_threads(), "cpu_bytes": st["bytes"]["cpu"], "disk_bytes": st["bytes"]["disk"],
             "disk_files": len(blender.store.keys("disk")) if disk_dir is not None else 0,
             "hits": dict(st["hits"]), "misses": st["misses"], "evictions": dict(st["evictions"]),
             "corrupt": st["corrupt"]}
@@ -262,8 +272,9 @@ def run(args) -> dict:
     if args.out:
         path = Path(args.out)
         path.mkdir(parents=True, exist_ok=True)
-        common.write_json(out, str(path / "soak.json"))
-        plot(result, path / "soak.png", f"{args.blends} random blends through CachedBlender ({args.model}, "
-                                        f"RAM + disk tiers{' + Redis' if args.redis else ''})")
-        print(f"wrote {path / 'soak.png'}")
+        stem = "soak_redis" if args.redis else "soak"
+        common.write_json(out, str(path / f"{stem}.json"))
+        plot(result, path / f"{stem}.png", f"{args.blends} random blends through CachedBlender ({args.model}, "
+                                           f"RAM + disk tiers{' + Redis' if args.redis else ''})")
+        print(f"wrote {path / f'{stem}.png'}")
     return out
