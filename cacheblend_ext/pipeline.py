@@ -210,7 +210,7 @@ class StoreLayerSource:
 
     def _host_view(self, i: int, l: int) -> torch.Tensor:
         h = self.handles[i]
-        return h.host_kv[l] if h.tier == "disk" else h.kv[l]
+        return h.host_kv[l] if h.reader is not None else h.kv[l]
 
     def _issue_copy(self, l: int) -> None:
         """Queue layer ``l``'s host->device copies on the side stream (loader thread)."""

@@ -119,8 +119,13 @@ class RedisTier:
         if not namespace or any(c in namespace for c in " \r\n"):
             raise ValueError(f"remote_namespace must be a non-empty word, got {namespace!r}")
         self.redis = _redis()
-        self.client = connect(remote, timeout_s, connect_timeout_s)
-        self.cluster = hasattr(self.client, "get_node_from_key")
+        # A cluster client contacts its nodes when it is made: make it on first use, so a
+        # cluster that is down when the store opens is a counted miss like a lone server.
+        self._spec = (remote, timeout_s, connect_timeout_s)
+        lazy = isinstance(remote, str) and urlsplit(remote).scheme == "redis+cluster"
+        self._client = None if lazy else connect(*self._spec)
+        self._client_lock = threading.Lock()
+        self.cluster = lazy or hasattr(self._client, "get_node_from_key")
         self.prefix = f"{namespace}:v{FORMAT_VERSION}:{model_id}:{rope_id}:"
         self.model_id, self.rope_id = model_id, rope_id
         self.ttl_s = int(ttl_s) if ttl_s is not None else None
@@ -128,11 +133,19 @@ class RedisTier:
         self.retry_after_s = float(retry_after_s)
         self._down_until = 0.0
         self._lock = threading.Lock()
-        self._delete_if_same = self.client.register_script(_COMPARE_AND_DELETE)
         self.counters = {"misses": 0, "errors": 0, "timeouts": 0, "skipped_down": 0, "lost_mid_read": 0,
                          "writes": 0, "already_present": 0, "write_errors": 0, "bytes_read": 0, "bytes_written": 0}
 
     # -- bookkeeping -----------------------------------------------------------
+    @property
+    def client(self):
+        """The redis client (a cluster client is made on first use; that may raise a redis error)."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = connect(*self._spec)
+        return self._client
+
     def redis_key(self, key: str) -> str:
         return self.prefix + key
 
@@ -151,12 +164,12 @@ class RedisTier:
             self.count("timeouts")
         else:
             self.count("errors")
-        if isinstance(exc, (r.ConnectionError, r.TimeoutError, TimeoutError, OSError)):
+        if isinstance(exc, (r.ConnectionError, r.TimeoutError, TimeoutError, OSError, r.RedisClusterException)):
             self._down_until = time.monotonic() + self.retry_after_s
         return RemoteError(f"{type(exc).__name__}: {exc}")
 
     def _errors(self):
-        return (self.redis.exceptions.RedisError, OSError)
+        return (self.redis.exceptions.RedisError, self.redis.exceptions.RedisClusterException, OSError)
 
     # -- lookups -----------------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -250,7 +263,7 @@ class RedisTier:
     def delete_if_same(self, rkey: str, head: bytes) -> None:
         """Delete ``rkey`` if its value still starts with ``head`` (not a newer value)."""
         try:
-            self._delete_if_same(keys=[rkey], args=[head, len(head)])
+            self.client.eval(_COMPARE_AND_DELETE, 1, rkey, head, len(head))
         except self._errors() as exc:
             self.failed(exc)
 

@@ -205,8 +205,9 @@ def test_value_evicted_mid_stream(redis_url):
 # ---------------------------------------------------------------------------
 
 
-def test_server_absent_at_start():
-    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_server_absent_at_start(scheme):
+    url = f"{scheme}://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
     store = remote_store(url, remote_retry_after_s=60)
     key = store.put("k", make_kv(), torch.arange(T))  # no exception: the write is counted
