@@ -84,14 +84,24 @@ def _redis_required() -> bool:
     return any(f.strip().lower() not in ("", "0", "false", "no") for f in flags)
 
 
-def _need_redis():
-    from cacheblend_ext.redis_server import unavailable_reason
+def _need_redis(server: bool = True):
+    from cacheblend_ext.redis_server import INSTALL_HINT, unavailable_reason
 
-    reason = unavailable_reason()
+    try:
+        import redis  # noqa: F401
+        reason = unavailable_reason() if server else None
+    except ImportError:
+        reason = f"the redis Python client is not installed: {INSTALL_HINT}"
     if reason is not None:
         if _redis_required():
             pytest.fail(f"Redis tests are required here (CI / CACHEBLEND_REQUIRE_REDIS) but {reason}")
         pytest.skip(reason)
+
+
+@pytest.fixture
+def redis_client_module():
+    """The redis client library (tests that need no server, e.g. one that is absent)."""
+    _need_redis(server=False)
 
 
 @pytest.fixture(scope="session")

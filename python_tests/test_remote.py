@@ -206,7 +206,7 @@ def test_value_evicted_mid_stream(redis_url):
 
 
 @pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
-def test_server_absent_at_start(scheme):
+def test_server_absent_at_start(redis_client_module, scheme):
     url = f"{scheme}://127.0.0.1:{free_port()}"  # nothing listens there
     t0 = time.monotonic()
     store = remote_store(url, remote_retry_after_s=60)
@@ -388,7 +388,7 @@ def test_blend_survives_remote_faults(engine, private_redis, monkeypatch, fault)
     assert st["load_failures"] + st["corrupt"] >= 1
 
 
-def test_blend_with_the_server_absent(engine):
+def test_blend_with_the_server_absent(redis_client_module, engine):
     prefix, chunks, query = request_parts(6)
     blender = CachedBlender(engine, remote=f"redis://127.0.0.1:{free_port()}/0", cpu_bytes=0)
     result, report = blender.blend(prefix, chunks, query, CFG)
