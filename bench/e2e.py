@@ -46,6 +46,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--check-layer", type=int, default=1)
     parser.add_argument("--source", default="memory",
                         help=f"reused-KV layer source, or a comma-separated list ({', '.join(SOURCES)})")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="time only the CacheBlend rows (more rounds for comparing sources; the "
+                             "'x full prefill' column is then relative to the first row)")
     parser.add_argument("--redis-url", default=None,
                         help="Redis for --source redis (default: a private redis-server on 127.0.0.1 for the run)")
 
@@ -118,6 +121,8 @@ def _run(args) -> dict:
                 lambda: engine.full_prefill(segments, reuse_prefix=first)),
                ("prefix caching (chunk 1 reused), engine", None,
                 lambda: engine.blend(prefix_segments, BlendConfig(recompute_ratio=0.0, check_layers=(args.check_layer,))))]
+    if args.no_baselines:
+        methods = []
     for r in [float(x) / 100 for x in args.ratios.split(",") if x.strip()]:
         cfg = BlendConfig(recompute_ratio=r, check_layers=(args.check_layer,))
         for src in source_names:
@@ -128,7 +133,8 @@ def _run(args) -> dict:
 
     table = common.Table(
         f"TTFT, {args.model} ({dtype}) on {common.device_name(args.device)}: {args.chunks} x {args.chunk_tokens}-token "
-        f"chunks + query = {n} tokens, reused KV from {', '.join(source_names)}",
+        f"chunks + query = {n} tokens, reused KV from {', '.join(source_names)}"
+        + (" (no baselines: 'x full prefill' is relative to the first row)" if args.no_baselines else ""),
         ["method", "recomputed", "TTFT ms", "x full prefill", "speed-up", "min ms", "x full (min)"])
     recomputed = {}
     for name, ratio, fn in methods:
@@ -152,7 +158,8 @@ def _run(args) -> dict:
                 fn()
                 samples[name].append((time.perf_counter() - t0) * 1e3)
         for name, xs in samples.items():
-            timings[name] = {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "iters": iters}
+            timings[name] = {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "iters": iters,
+                             "samples_ms": xs}
     rows, base, base_min = [], None, None
     for name, ratio, fn in methods:
         t = timings[name]
@@ -164,6 +171,10 @@ def _run(args) -> dict:
         table.add(name, recomputed_n, t["median_ms"], t["median_ms"] / base, base / t["median_ms"], t["min_ms"],
                   t["min_ms"] / base_min)
     print(table.render())
+    paired = paired_ratios(timings, source_names)
+    for name, p in paired.items():
+        print(f"{name}: median per-round ratio {p['median']:.3f} (min {p['min']:.3f}, max {p['max']:.3f}, "
+              f"{p['rounds']} rounds)")
     loads = {}
     for name, m in made.items():  # store sources: load time and how much of it was hidden
         load = m.summary() if hasattr(m, "summary") else None
@@ -177,4 +188,24 @@ def _run(args) -> dict:
     load = loads.get(source_names[0]) if len(source_names) == 1 else loads
     return {"command": COMMAND, "load": load, "sources": source_names, "environment": common.environment(args.device), "kernels": _kernels.backends(),
             "model": args.model, "dtype": str(dtype), "tokens": n, "warmup": warmup, "iters": iters,
-            "table": table.as_dict(), "rows": rows}
+            "table": table.as_dict(), "rows": rows, "paired_ratios": paired}
+
+
+def paired_ratios(timings: dict, source_names: list) -> dict:
+    """With several sources: for each row of a non-first source, the median over rounds of
+    its time divided by the first source's time in the same round (robust to load that
+    drifts between rounds)."""
+    if len(source_names) < 2:
+        return {}
+    first = f"[{source_names[0]}]"
+    out = {}
+    for name, t in timings.items():
+        if not name.endswith("]") or name.endswith(first) or "samples_ms" not in t:
+            continue
+        base = timings.get(name[: name.rindex("[")] + first)
+        if base is None:
+            continue
+        ratios = [a / b for a, b in zip(t["samples_ms"], base["samples_ms"])]
+        out[f"{name} / {first}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                                    "rounds": len(ratios)}
+    return out
