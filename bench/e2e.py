@@ -186,7 +186,8 @@ def _run(args) -> dict:
                   f"{load['load_ms']:.1f} ms per blend, exposed {load['exposed_ms']:.1f} ms, "
                   f"hidden {load['hidden_fraction']:.0%} (medians over {load['blends']} blends)")
     load = loads.get(source_names[0]) if len(source_names) == 1 else loads
-    return {"command": COMMAND, "load": load, "sources": source_names, "environment": common.environment(args.device), "kernels": _kernels.backends(),
+    return {"command": COMMAND, "load": load, "sources": source_names,
+            "environment": common.environment(args.device), "kernels": _kernels.backends(),
             "model": args.model, "dtype": str(dtype), "tokens": n, "warmup": warmup, "iters": iters,
             "table": table.as_dict(), "rows": rows, "paired_ratios": paired}
 

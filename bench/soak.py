@@ -11,8 +11,8 @@ RSS, entries in ``/proc/self/fd``, threads (``/proc/self/status``, native ones
 included), and the store's CPU-tier and disk bytes.
 
 Writes ``soak.json`` (every sample, the summary) and ``soak.png`` (the curves) to
-``--out`` (``soak_redis.*`` with ``--redis``). The summary fits a line to each curve after the warm-up (the first fifth) and
-reports its growth per 100 blends.
+``--out`` (``soak_redis.*`` with ``--redis``). The summary fits a line to each curve after
+the warm-up (the first fifth) and reports its growth per 100 blends.
 """
 
 from __future__ import annotations

@@ -125,7 +125,8 @@ def encode(key: str, kv: torch.Tensor, positions: torch.Tensor, token_ids: torch
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     prefix_len = PREFIX.size + len(hbytes)
     data_offset = (prefix_len + ALIGN - 1) // ALIGN * ALIGN
-    head = PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes), zlib.crc32(hbytes)) + hbytes + b"\x00" * (data_offset - prefix_len)
+    head = (PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes), zlib.crc32(hbytes)) + hbytes
+            + b"\x00" * (data_offset - prefix_len))
     parts = [head, *layers, byte_view(tail)]
     return Encoded(parts, data_offset + num_layers * layer_nbytes + tail.numel() * 8)
 

@@ -188,10 +188,11 @@ class DiskTier:
         self.model_id, self.rope_id = model_id, rope_id
         self.fsync = fsync
         self.evicted = 0
-        used = self.scan(clean=True)[0]
-        if budget is not None:
-            with self._usage() as usage:
-                usage.write(used)
+        if budget is None:
+            self.scan(clean=True)  # removes the temporary files of dead writers
+        else:
+            with self._usage() as usage:  # the scan under the lock: no write slips between it and the count
+                usage.write(self.scan(clean=True)[0])
 
     # -- paths and scans -------------------------------------------------------
     def path(self, key: str) -> Path:

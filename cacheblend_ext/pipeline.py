@@ -391,4 +391,5 @@ def open_layer_source(store: ChunkStore, keys: Sequence[str], device, *, pipelin
     return StoreLayerSource(handles, device, pipelined=pipelined, depth=depth), missing
 
 
-__all__ = ["ChunkCorruptError", "ChunkLoadError", "LoadReport", "MemoryLayerSource", "StoreLayerSource", "open_layer_source"]
+__all__ = ["ChunkCorruptError", "ChunkLoadError", "LoadReport", "MemoryLayerSource", "StoreLayerSource",
+           "open_layer_source"]

@@ -339,7 +339,8 @@ class ChunkStore:
         self.pin_memory = bool(cuda if pin_memory is None else pin_memory and cuda)
         self._gpu = _MemTier("gpu", gpu_bytes if self.device is not None else 0)
         self._cpu = _MemTier("cpu", cpu_bytes)
-        self._disk = DiskTier(Path(disk_dir), disk_bytes, self.model_id, self.rope_id, fsync) if disk_dir is not None else None
+        self._disk = (DiskTier(Path(disk_dir), disk_bytes, self.model_id, self.rope_id, fsync)
+                      if disk_dir is not None else None)
         self._remote = None
         self._write_back = None
         if remote is not None:
