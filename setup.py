@@ -132,8 +132,9 @@ setup(
     install_requires=["numpy", f"torch=={TORCH_RELEASE}"],
     extras_require={
         "hf": ["transformers>=4.56,<5.40", "safetensors", "gguf>=0.10"],
-        "test": ["pytest", "hypothesis", "transformers>=4.56,<5.40", "safetensors", "gguf>=0.10"],
+        "test": ["pytest", "hypothesis", "transformers>=4.56,<5.40", "safetensors", "gguf>=0.10", "redis>=5", "hiredis"],
         "bench": ["matplotlib"],
+        "redis": ["redis>=5", "hiredis"],
     },
     zip_safe=False,
 )

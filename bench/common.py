@@ -10,6 +10,7 @@ tensor-core rate of the card.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
@@ -164,6 +165,7 @@ def environment(device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
+        "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None,  # other work on the machine
     }
 
 

@@ -4,7 +4,9 @@ full KV reuse vs CacheBlend at several recompute ratios.
 
 ``--model random-7b`` builds a Mistral-7B-shaped model with random weights (bf16, meant
 for a GPU); anything else is the bundled model or a local Hugging Face directory.
-``--source`` picks where the blend reads the reused per-layer KV from (see ``SOURCES``).
+``--source`` picks where the blend reads the reused per-layer KV from (see ``SOURCES``); a
+comma-separated list (``--source ram,redis``) times the CacheBlend rows once per source,
+round-robin in one process, so the sources can be compared directly.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ HELP = "TTFT of full prefill, prefix caching, full KV reuse and CacheBlend on a 
 SOURCES = {"memory": lambda engine, chunks, args: None}
 
 # Chunk store sources (cacheblend_ext.store / pipeline): the reused KV streamed layer by
-# layer from the store's CPU tier ("ram") or its files ("disk", read cold), pipelined
-# behind the recompute, or loaded on demand with a wait per layer ("ram-sync", "disk-sync").
+# layer from the store's CPU tier ("ram"), its files ("disk", read cold) or its remote
+# tier ("redis", nothing local), pipelined behind the recompute, or loaded on demand with a
+# wait per layer ("ram-sync", "disk-sync", "redis-sync").
 from bench.load import e2e_sources  # noqa: E402
 
 SOURCES.update(e2e_sources())
@@ -41,7 +44,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--query-tokens", type=int, default=32)
     parser.add_argument("--ratios", default="0,5,10,15,20,30,100", help="CacheBlend recompute ratios in percent")
     parser.add_argument("--check-layer", type=int, default=1)
-    parser.add_argument("--source", default="memory", help=f"reused-KV layer source ({', '.join(SOURCES)})")
+    parser.add_argument("--source", default="memory",
+                        help=f"reused-KV layer source, or a comma-separated list ({', '.join(SOURCES)})")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="time only the CacheBlend rows (more rounds for comparing sources; the "
+                             "'x full prefill' column is then relative to the first row)")
+    parser.add_argument("--redis-url", default=None,
+                        help="Redis for --source redis (default: a private redis-server on 127.0.0.1 for the run)")
 
 
 def random_7b(device, dtype):
@@ -85,7 +94,7 @@ def _run(args) -> dict:
 
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
-    bos = engine._bos()
+    bos = engine.bos_ids()
     prefix = torch.tensor(bos + torch.randint(100, vocab, (7,), generator=g).tolist())
     chunk_ids = [torch.randint(100, vocab, (args.chunk_tokens,), generator=g) for _ in range(args.chunks)]
     query = torch.randint(100, vocab, (args.query_tokens,), generator=g)
@@ -94,12 +103,14 @@ def _run(args) -> dict:
     first = engine.encode_prefix([prefix, chunk_ids[0]])  # exact-prefix KV for prefix caching
     segments = [prefix, *chunks, query]
     n = prefix.numel() + sum(c.numel() for c in chunk_ids) + query.numel()
-    if args.source not in SOURCES:
+    source_names = [x.strip() for x in args.source.split(",") if x.strip()]
+    unknown = [x for x in source_names if x not in SOURCES]
+    if unknown or not source_names:
         raise SystemExit(f"unknown --source {args.source!r} (known: {', '.join(SOURCES)})")
-    made = SOURCES[args.source](engine, chunks, args)
+    made = {name: SOURCES[name](engine, chunks, args) for name in source_names}
 
-    def source():
-        return made() if callable(made) else made
+    def source(name):
+        return made[name]() if callable(made[name]) else made[name]
 
     # Prefix caching twice: Hugging Face continuing from the cached prefix (its SDPA then
     # takes an explicit-mask path), and the engine's own kernels with the prefix KV reused
@@ -110,14 +121,20 @@ def _run(args) -> dict:
                 lambda: engine.full_prefill(segments, reuse_prefix=first)),
                ("prefix caching (chunk 1 reused), engine", None,
                 lambda: engine.blend(prefix_segments, BlendConfig(recompute_ratio=0.0, check_layers=(args.check_layer,))))]
+    if args.no_baselines:
+        methods = []
     for r in [float(x) / 100 for x in args.ratios.split(",") if x.strip()]:
         cfg = BlendConfig(recompute_ratio=r, check_layers=(args.check_layer,))
-        name = "full KV reuse" if r == 0 else f"CacheBlend {r:.0%}"
-        methods.append((name, r, lambda cfg=cfg: engine.blend(segments, cfg, source=source())))
+        for src in source_names:
+            name = "full KV reuse" if r == 0 else f"CacheBlend {r:.0%}"
+            if len(source_names) > 1:
+                name += f" [{src}]"
+            methods.append((name, r, lambda cfg=cfg, src=src: engine.blend(segments, cfg, source=source(src))))
 
     table = common.Table(
         f"TTFT, {args.model} ({dtype}) on {common.device_name(args.device)}: {args.chunks} x {args.chunk_tokens}-token "
-        f"chunks + query = {n} tokens, reused KV from {args.source}",
+        f"chunks + query = {n} tokens, reused KV from {', '.join(source_names)}"
+        + (" (no baselines: 'x full prefill' is relative to the first row)" if args.no_baselines else ""),
         ["method", "recomputed", "TTFT ms", "x full prefill", "speed-up", "min ms", "x full (min)"])
     recomputed = {}
     for name, ratio, fn in methods:
@@ -141,7 +158,8 @@ def _run(args) -> dict:
                 fn()
                 samples[name].append((time.perf_counter() - t0) * 1e3)
         for name, xs in samples.items():
-            timings[name] = {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "iters": iters}
+            timings[name] = {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "iters": iters,
+                             "samples_ms": xs}
     rows, base, base_min = [], None, None
     for name, ratio, fn in methods:
         t = timings[name]
@@ -153,11 +171,42 @@ def _run(args) -> dict:
         table.add(name, recomputed_n, t["median_ms"], t["median_ms"] / base, base / t["median_ms"], t["min_ms"],
                   t["min_ms"] / base_min)
     print(table.render())
-    load = made.summary() if hasattr(made, "summary") else None  # store sources: hidden load time
-    if load:
-        print(f"KV from {load['source']} ({'pipelined' if load['pipelined'] else 'loaded per layer'}): load "
-              f"{load['load_ms']:.1f} ms per blend, exposed {load['exposed_ms']:.1f} ms, "
-              f"hidden {load['hidden_fraction']:.0%} (medians over {load['blends']} blends)")
-    return {"command": COMMAND, "load": load, "environment": common.environment(args.device), "kernels": _kernels.backends(),
+    paired = paired_ratios(timings, source_names)
+    for name, p in paired.items():
+        print(f"{name}: median per-round ratio {p['median']:.3f} (min {p['min']:.3f}, max {p['max']:.3f}, "
+              f"{p['rounds']} rounds)")
+    loads = {}
+    for name, m in made.items():  # store sources: load time and how much of it was hidden
+        load = m.summary() if hasattr(m, "summary") else None
+        if hasattr(m, "close"):
+            m.close()
+        if load:
+            loads[name] = load
+            print(f"KV from {load['source']} ({'pipelined' if load['pipelined'] else 'loaded per layer'}): load "
+                  f"{load['load_ms']:.1f} ms per blend, exposed {load['exposed_ms']:.1f} ms, "
+                  f"hidden {load['hidden_fraction']:.0%} (medians over {load['blends']} blends)")
+    load = loads.get(source_names[0]) if len(source_names) == 1 else loads
+    return {"command": COMMAND, "load": load, "sources": source_names,
+            "environment": common.environment(args.device), "kernels": _kernels.backends(),
             "model": args.model, "dtype": str(dtype), "tokens": n, "warmup": warmup, "iters": iters,
-            "table": table.as_dict(), "rows": rows}
+            "table": table.as_dict(), "rows": rows, "paired_ratios": paired}
+
+
+def paired_ratios(timings: dict, source_names: list) -> dict:
+    """With several sources: for each row of a non-first source, the median over rounds of
+    its time divided by the first source's time in the same round (robust to load that
+    drifts between rounds)."""
+    if len(source_names) < 2:
+        return {}
+    first = f"[{source_names[0]}]"
+    out = {}
+    for name, t in timings.items():
+        if not name.endswith("]") or name.endswith(first) or "samples_ms" not in t:
+            continue
+        base = timings.get(name[: name.rindex("[")] + first)
+        if base is None:
+            continue
+        ratios = [a / b for a, b in zip(t["samples_ms"], base["samples_ms"])]
+        out[f"{name} / {first}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+                                    "rounds": len(ratios)}
+    return out

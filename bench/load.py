@@ -9,6 +9,8 @@ the MLP. The chunks' KV comes from
 * ``memory``: already on the compute device (the blend engine's default),
 * ``ram``: the store's CPU tier (pinned when on a GPU),
 * ``disk``: the store's files, read cold (dropped from the page cache before each run),
+* ``redis``: the store's remote tier, nothing local (a private ``redis-server`` on
+  127.0.0.1 started for the run, or ``--redis-url``),
 
 each loaded with the layer-wise pipeline (``pipelined``) and, as the baseline, on demand
 with a wait per layer (``sync``). Reported: time to first token (median), overhead vs
@@ -20,6 +22,7 @@ controller's decisions on the numbers measured here.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -43,8 +46,12 @@ SHAPES = {
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--source", choices=["ram", "disk", "both"], default="both",
-                        help="where the chunk KV is loaded from (default: both)")
+    parser.add_argument("--source", default="ram,disk",
+                        help="where the chunk KV is loaded from: comma-separated ram, disk, redis "
+                             "(default: ram,disk; 'both' = ram,disk, 'all' = ram,disk,redis)")
+    parser.add_argument("--redis-url", default=None,
+                        help="Redis for --source redis (redis://..., redis+cluster://...; default: a private "
+                             "redis-server on 127.0.0.1 for the run)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
                         help="model shape (default: smollm2 on CPU, mistral7b on GPU)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
@@ -154,18 +161,18 @@ def run(args) -> dict:
     common.progress(f"full prefill: {full_ms:.1f} ms")
 
     # Every other variant runs round-robin, so machine noise hits them alike.
-    sources = ["ram", "disk"] if args.source == "both" else [args.source]
+    sources = parse_sources(args.source)
     tmp = tempfile.TemporaryDirectory(dir=args.disk_dir, prefix="cacheblend-bench-")
+    redis = RedisForBench(args.redis_url) if "redis" in sources else None
     variants = [("memory", None, lambda: None, lambda: MemoryLayerSource(kvs_dev))]
     for src in sources:
-        store = ChunkStore("bench", "bench", disk_dir=tmp.name if src == "disk" else None,
-                           cpu_bytes=0 if src == "disk" else 2 * kv_bytes + (1 << 20))
+        store = bench_store(src, kv_bytes, tmp.name, redis)
         keys = [store.put(f"chunk{i}", kv, torch.arange(kv.shape[2])) for i, kv in enumerate(kvs_cpu)]
 
         def prepare(store=store, keys=keys, src=src):
             if src == "disk":  # cold reads: drop the files from the page cache (not timed)
                 for k in keys:
-                    _drop_page_cache(store._disk.path(k))
+                    _drop_page_cache(store.chunk_path(k))
 
         def make(pipelined, store=store, keys=keys):
             source, missing = open_layer_source(store, keys, device, pipelined=pipelined, depth=args.depth)
@@ -188,6 +195,8 @@ def run(args) -> dict:
             common.progress(f"round {it + 1}/{warmup + iters}" + (" (warm-up)" if it < warmup else ""))
     finally:
         tmp.cleanup()
+        if redis is not None:
+            redis.close()
 
     mem_ms = statistics.median(times[0])
     rows = [["full prefill (nothing reused)", full_ms, 1.0, None, None, None, None],
@@ -209,7 +218,7 @@ def run(args) -> dict:
             "load_ms": load, "exposed_ms": exposed, "hidden_fraction": hidden_frac, "times_ms": times[i],
             "reports": [r.as_dict() for r in reports[i]]}
         if not pipelined:
-            tier = "cpu" if src == "ram" else "disk"
+            tier = TIER_OF_SOURCE[src]
             measured_gbps[tier] = (kv_bytes / (load * 1e-3) / 1e9) if load > 0 else math.inf
 
     table = common.Table(f"TTFT, {common.device_name(device)}, {args.shape or ('mistral7b' if gpu else 'smollm2')} "
@@ -220,7 +229,7 @@ def run(args) -> dict:
     print(table.render())
 
     # Controller on the numbers measured above.
-    for tier in ("cpu", "disk"):
+    for tier in ("cpu", "disk", "remote"):
         measured_gbps.setdefault(tier, math.inf if tier == "cpu" and not gpu else None)
     gbps = {k: v for k, v in measured_gbps.items() if v is not None}
     # Recompute at ratio r costs r * prefill_layer(N): calibrate prefill_layer(N) from the
@@ -251,24 +260,69 @@ def run(args) -> dict:
 # ---------------------------------------------------------------------------
 
 
+TIER_OF_SOURCE = {"ram": "cpu", "disk": "disk", "redis": "remote"}
+
+
+def parse_sources(text: str) -> list[str]:
+    """``--source`` of ``bench load``: a comma-separated subset of ram, disk, redis."""
+    text = {"both": "ram,disk", "all": "ram,disk,redis"}.get(text, text)
+    sources = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in sources if s not in TIER_OF_SOURCE]
+    if bad or not sources:
+        raise SystemExit(f"--source must list ram, disk or redis, got {text!r}")
+    return sources
+
+
+class RedisForBench:
+    """The Redis a benchmark loads from: ``url``, or a private server started for the run."""
+
+    def __init__(self, url: str | None):
+        self.server = None
+        if url is None:
+            from cacheblend_ext.redis_server import RedisServer
+
+            self.server = RedisServer().start()
+            url = self.server.url
+            common.progress(f"started a private redis-server at {url}")
+        self.url = url
+        self.namespace = f"cacheblend-bench-{os.getpid()}"
+        self.stores = []
+
+    def close(self) -> None:
+        for store in self.stores:  # a shared server keeps nothing of the run
+            store.clear(("remote",))
+        if self.server is not None:
+            self.server.stop()
+
+
+def bench_store(source: str, kv_bytes: int, disk_dir: str | None, redis: RedisForBench | None) -> ChunkStore:
+    """A store that serves every chunk from ``source`` (nothing in the tiers above it)."""
+    if source == "redis":
+        store = ChunkStore("bench", "bench", cpu_bytes=0, remote=redis.url, remote_namespace=redis.namespace)
+        redis.stores.append(store)
+        return store
+    return ChunkStore("bench", "bench", disk_dir=disk_dir if source == "disk" else None,
+                      cpu_bytes=0 if source == "disk" else 2 * kv_bytes + (1 << 20))
+
+
 class StoreSourceMaker:
     """Stores the request's chunks once, then makes a fresh layer source per blend and
     keeps the load reports (``summary()``)."""
 
-    def __init__(self, engine, chunks, tier: str, pipelined: bool, depth: int = 1):
-        self.tier, self.pipelined, self.device = tier, pipelined, engine.device
-        self.tmp = tempfile.TemporaryDirectory(prefix="cacheblend-e2e-") if tier == "disk" else None
+    def __init__(self, engine, chunks, source: str, pipelined: bool, redis_url: str | None = None, depth: int = 1):
+        self.source, self.pipelined, self.device = source, pipelined, engine.device
+        self.tmp = tempfile.TemporaryDirectory(prefix="cacheblend-e2e-") if source == "disk" else None
+        self.redis = RedisForBench(redis_url) if source == "redis" else None
         nbytes = sum(c.kv.numel() * c.kv.element_size() for c in chunks)
-        self.store = ChunkStore("e2e", "e2e", disk_dir=self.tmp.name if self.tmp else None,
-                                cpu_bytes=0 if tier == "disk" else 2 * nbytes + (1 << 20))
+        self.store = bench_store(source, nbytes, self.tmp.name if self.tmp else None, self.redis)
         self.keys = [self.store.put(c.key, c.kv, c.positions, c.token_ids) for c in chunks]
         self.depth = depth
         self.sources = []
 
     def __call__(self):
-        if self.tier == "disk":  # cold reads (fsync + fadvise of clean pages: well under a millisecond)
+        if self.source == "disk":  # cold reads (fsync + fadvise of clean pages: well under a millisecond)
             for k in self.keys:
-                _drop_page_cache(self.store._disk.path(k))
+                _drop_page_cache(self.store.chunk_path(k))
         source, missing = open_layer_source(self.store, self.keys, self.device, pipelined=self.pipelined,
                                             depth=self.depth)
         assert not missing
@@ -280,16 +334,23 @@ class StoreSourceMaker:
         self.sources = []
         if not reports:
             return {}
-        return {"source": self.tier, "pipelined": self.pipelined, "blends": len(reports),
+        return {"source": self.source, "pipelined": self.pipelined, "blends": len(reports),
                 "load_ms": statistics.median(r.load_ms for r in reports),
                 "exposed_ms": statistics.median(r.exposed_ms for r in reports),
                 "hidden_fraction": statistics.median(r.hidden_fraction for r in reports)}
+
+    def close(self) -> None:
+        if self.redis is not None:
+            self.redis.close()
+        if self.tmp is not None:
+            self.tmp.cleanup()
 
 
 def e2e_sources() -> dict:
     """``name -> factory(engine, chunks, args)`` entries for ``bench.e2e.SOURCES``."""
     out = {}
-    for tier, name in (("cpu", "ram"), ("disk", "disk")):
-        out[name] = lambda engine, chunks, args, tier=tier: StoreSourceMaker(engine, chunks, tier, True)
-        out[f"{name}-sync"] = lambda engine, chunks, args, tier=tier: StoreSourceMaker(engine, chunks, tier, False)
+    for name in TIER_OF_SOURCE:
+        for suffix, pipelined in (("", True), ("-sync", False)):
+            out[name + suffix] = (lambda engine, chunks, args, name=name, pipelined=pipelined:
+                                  StoreSourceMaker(engine, chunks, name, pipelined, getattr(args, "redis_url", None)))
     return out

@@ -4,7 +4,9 @@
 ``cacheblend_ext.ops`` has their typed wrappers; ``cacheblend_ext.rope`` builds RoPE
 tables from Hugging Face configs; ``cacheblend_ext.engine`` blends cached chunk KV into a
 Hugging Face model's prefill; ``cacheblend_ext.models`` loads the bundled SmolLM2 model.
-``cacheblend_ext.store`` keeps chunk KV in GPU / CPU / disk tiers,
+``cacheblend_ext.identity`` says which chunk KV is interchangeable (model, RoPE and
+chunk keys), ``cacheblend_ext.store`` keeps chunk KV in GPU / CPU / disk / remote (Redis)
+tiers,
 ``cacheblend_ext.pipeline`` loads it layer by layer behind the recompute,
 ``cacheblend_ext.controller`` picks the recompute ratio or storage tier that hides loading
 and ``cacheblend_ext.cached`` runs the engine on top of the store.
@@ -20,7 +22,9 @@ from . import cached, controller, pipeline, store
 from .cached import CachedBlender
 from .controller import LoadingController, LoadingDecision, Measurements
 from .pipeline import LoadReport, MemoryLayerSource, StoreLayerSource, open_layer_source
-from .store import ChunkCorruptError, ChunkHandle, ChunkStore, StoredChunk, model_identity, rope_identity
+from .identity import ModelIdentity, chunk_key, model_identity, rope_identity
+from .store import (ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkStore, ChunkUnavailableError,
+                    StoredChunk)
 
 __all__ = [
     "has_cuda_kernels",
@@ -44,8 +48,12 @@ __all__ = [
     "CachedBlender",
     "ChunkCorruptError",
     "ChunkHandle",
+    "ChunkLoadError",
     "ChunkStore",
+    "ChunkUnavailableError",
     "StoredChunk",
+    "ModelIdentity",
+    "chunk_key",
     "model_identity",
     "rope_identity",
     "LoadReport",

@@ -6,21 +6,20 @@ recomputes.
     result, report = blender.blend(prefix, [passage_1, passage_2, ...], query)
     # result: the engine's BlendResult; report: LoadReport (load time, hidden fraction)
 
-Chunks may come in any subset and order. A chunk whose file turns out to be corrupt
-while it is being streamed is re-encoded, stored again and the request retried, so the
-caller never sees the store's failures.
+Chunks may come in any subset and order. A chunk whose file or remote value turns out to
+be corrupt or unreadable while it is being streamed is re-encoded, stored again and the
+request retried with the fresh KV, so the caller never sees the store's failures.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import torch
 
-from .pipeline import LoadReport, open_layer_source
-from .store import ChunkCorruptError, ChunkStore, _hash_hex
+from .pipeline import LoadReport, StoreLayerSource
+from .store import ChunkHandle, ChunkLoadError, ChunkStore, StoredChunk
 
 
 def _stub_chunk(handle, dtype, device):
@@ -37,36 +36,37 @@ class CachedBlender:
 
     Args:
         engine: the blend engine.
-        store: a store to use; by default one is created with the engine's model and RoPE
-            identity, ``disk_dir`` and the byte budgets.
+        store: a store to use (it must have the engine's identity); by default one is
+            created with the engine's model and RoPE identity, ``disk_dir``, the byte
+            budgets and ``remote`` / ``remote_write`` (see :class:`ChunkStore`).
         pipelined: load layer ``l + 1`` while layer ``l`` is recomputed (default) or load
             each layer on demand.
         depth: layers loaded ahead.
+        controller: a :class:`cacheblend_ext.controller.LoadingController` that learns
+            each tier's load throughput from every request (``observe``).
     """
 
     def __init__(self, engine, store: ChunkStore | None = None, *, disk_dir: str | os.PathLike | None = None,
-                 gpu_bytes: int = 0, cpu_bytes: int = 2 << 30, disk_bytes: int | None = None,
-                 pipelined: bool = True, depth: int = 1):
+                 gpu_bytes: int = 0, cpu_bytes: int = 2 << 30, disk_bytes: int | None = None, remote=None,
+                 remote_write: str = "through", pipelined: bool = True, depth: int = 1, controller=None):
         self.engine = engine
         if store is None:
-            rope_desc = json.dumps(engine._rope_desc(), sort_keys=True, default=str)
-            store = ChunkStore("m-" + _hash_hex([engine.model_id.encode()], 12),
-                               "r-" + _hash_hex([rope_desc.encode()], 12),
+            store = ChunkStore(engine.identity.model_id, engine.identity.rope_id,
                                disk_dir=os.path.expanduser(disk_dir) if disk_dir is not None else None,
                                gpu_bytes=gpu_bytes, cpu_bytes=cpu_bytes, disk_bytes=disk_bytes,
-                               device=engine.device if engine.device.type == "cuda" else None)
+                               device=engine.device if engine.device.type == "cuda" else None,
+                               remote=remote, remote_write=remote_write)
+        elif store.identity != engine.identity:
+            raise ValueError(f"store holds KV of {store.identity}, the engine is {engine.identity}")
         self.store = store
         self.pipelined = pipelined
         self.depth = depth
+        self.controller = controller
 
     def key(self, segment) -> str:
         """The content key the engine gives ``segment``'s chunk KV."""
-        from .chunk import chunk_key
-
         e = self.engine
-        ids = e.tokenize(segment)
-        prefix = e._bos() if e.config.chunk_prefix == "bos" else []
-        return chunk_key(e.model_id, e._rope_desc(), e.dtype, ids, prefix)
+        return e.chunk_key(e.tokenize(segment), e.chunk_prefix_ids())
 
     def add(self, segment) -> str:
         """Encode ``segment`` and store its KV (unless already stored); returns its key."""
@@ -83,43 +83,55 @@ class CachedBlender:
                 progress(i + 1, len(segments))
         return keys
 
-    def _encode_and_put(self, segment) -> str:
+    def _encode_and_put(self, segment):
         chunk = self.engine.encode_chunk(segment)
-        return self.store.put(chunk.key, chunk.kv, chunk.positions, chunk.token_ids,
-                              meta={"prefix_ids": [int(t) for t in chunk.prefix_ids]})
+        self.store.put(chunk.key, chunk.kv, chunk.positions, chunk.token_ids,
+                       meta={"prefix_ids": [int(t) for t in chunk.prefix_ids]})
+        return chunk
 
-    def blend(self, prefix, chunks: Sequence, query, config=None, max_retries: int = 3):
+    def _encoded_handle(self, chunk) -> ChunkHandle:
+        """A handle over KV encoded during this request (used as is, whatever the store kept)."""
+        stored = StoredChunk(chunk.key, chunk.kv, chunk.positions, chunk.token_ids,
+                             {"prefix_ids": [int(t) for t in chunk.prefix_ids]})
+        return ChunkHandle(self.store, chunk.key, "encoded", chunk=stored)
+
+    def blend(self, prefix, chunks: Sequence, query, config=None):
         """Blend ``prefix + chunks + query``; chunks are texts or token ids, reused via the store.
 
-        ``prefix`` may be ``None``. Returns ``(BlendResult, LoadReport)``; the report is also
-        in ``result.timings["load"]``.
+        ``prefix`` may be ``None``. A chunk the store does not have is encoded and stored;
+        a chunk that fails while it streams (corrupt, remote gone or evicted) is encoded
+        again and the request recomputed, so a store failure never reaches the caller.
+        Returns ``(BlendResult, LoadReport)``; the report is also in
+        ``result.timings["load"]``.
         """
         e = self.engine
-        keys = [self.add(c) for c in chunks]
-        for attempt in range(max_retries + 1):
-            source, missing = open_layer_source(self.store, keys, e.device, pipelined=self.pipelined,
-                                                depth=self.depth)
-            if missing:  # evicted or found corrupt since add(): encode again
-                source.close()
-                for i in missing:
-                    self._encode_and_put(chunks[i])
-                continue
-            stubs = [_stub_chunk(h, e.dtype, e.device) for h in source.handles]
+        keys = [self.key(c) for c in chunks]
+        encoded: dict = {}  # chunk index -> ChunkKV encoded during this request
+        while True:  # each failed attempt encodes one more chunk, so this ends
+            todo = [i for i in range(len(chunks)) if i not in encoded]
+            handles = dict(zip(todo, self.store.open_many([keys[i] for i in todo])))
+            for i in todo:
+                if handles[i] is None:  # a miss: encode, store, use the fresh KV
+                    encoded[i] = self._encode_and_put(chunks[i])
+            ordered = [handles.get(i) or self._encoded_handle(encoded[i]) for i in range(len(chunks))]
+            source = StoreLayerSource(ordered, e.device, pipelined=self.pipelined, depth=self.depth)
+            stubs = [_stub_chunk(h, e.dtype, e.device) for h in ordered]
             segments = ([prefix] if prefix is not None else []) + stubs + [query]
             try:
                 result = e.blend(segments, config, source=source)
-            except ChunkCorruptError as exc:  # the store removed the file
-                source.close()
-                if attempt == max_retries:
+            except ChunkLoadError as exc:  # the store already dropped a corrupt copy
+                failed = keys.index(exc.key)
+                if failed in encoded:  # cannot happen: encoded KV is in memory
                     raise
-                self._encode_and_put(chunks[keys.index(exc.key)])
+                encoded[failed] = self._encode_and_put(chunks[failed])
                 continue
             finally:
                 source.close()
             report: LoadReport = source.report()
             result.timings["load"] = report.as_dict()
+            if self.controller is not None:
+                self.controller.observe(report)
             return result, report
-        raise RuntimeError("could not load the request's chunks from the store")  # pragma: no cover
 
 
 __all__ = ["CachedBlender"]

@@ -4,28 +4,16 @@ A :class:`ChunkKV` holds what a chunk contributes to any request it appears in:
 ``kv`` ``[L, 2, T, H_kv, D]`` (per layer, K *after* RoPE at ``positions``, then V), the
 ``positions`` ``[T]`` it was computed at, its ``token_ids`` ``[T]``, the ids of the
 context it was encoded after (``prefix_ids``, whose KV was dropped) and a content
-``key``. The key hashes the model identity, the RoPE configuration, the storage dtype,
-the prefix ids and the token ids, so equal keys mean interchangeable KV.
+``key``: :func:`cacheblend_ext.identity.chunk_key` of the model identity, the RoPE
+configuration, the storage dtype, the prefix ids and the token ids, so equal keys mean
+interchangeable KV.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 import torch
-
-
-def chunk_key(model_id: str, rope_desc: dict, dtype: torch.dtype, token_ids, prefix_ids=()) -> str:
-    """Content key (hex sha256) of a chunk's KV."""
-    h = hashlib.sha256()
-    h.update(json.dumps({"model": model_id, "rope": rope_desc, "dtype": str(dtype)}, sort_keys=True).encode())
-    h.update(b"|prefix|")
-    h.update(torch.as_tensor(list(prefix_ids), dtype=torch.int64).numpy().tobytes())
-    h.update(b"|tokens|")
-    h.update(torch.as_tensor(token_ids, dtype=torch.int64).cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass

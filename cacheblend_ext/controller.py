@@ -16,12 +16,15 @@ Two decisions follow:
   time equal load time (recomputing more than the quality needs is free while the load
   dominates anyway). If ``r_load > 1`` the load cannot be hidden even by a full prefill;
   the decision then says so (``hidden=False``) and a full prefill is at least as fast.
-* **tier for a ratio**: the cheapest tier (by a cost order, default disk < cpu < gpu)
-  whose load time is hidden by the recompute at that ratio; the fastest tier if none is.
+* **tier for a ratio**: the cheapest tier (by a cost order, default remote < disk < cpu <
+  gpu) whose load time is hidden by the recompute at that ratio; the fastest tier if none is.
 
 :func:`measure_prefill` times the model, :func:`measure_tier_throughput` times the real
 store loading path per tier, and :meth:`LoadingController.calibrate` does both once and
-caches the numbers in a JSON file (keyed by model identity, device and dtype). Every
+caches the numbers in a JSON file (keyed by model identity, device and dtype).
+:meth:`LoadingController.observe` keeps learning each tier's throughput from the load
+reports of real requests (``CachedBlender(controller=...)`` feeds it every request), so a
+remote tier whose network gets slower or faster moves the decisions with it. Every
 decision is a :class:`LoadingDecision` carrying its inputs.
 """
 
@@ -39,7 +42,7 @@ from typing import Callable, Sequence
 
 import torch
 
-DEFAULT_TIER_COST = {"disk": 1.0, "cpu": 2.0, "gpu": 3.0}
+DEFAULT_TIER_COST = {"remote": 0.5, "disk": 1.0, "cpu": 2.0, "gpu": 3.0}
 
 
 @dataclass
@@ -180,19 +183,42 @@ class LoadingController:
         return LoadingDecision(ratio, tier, int(num_tokens), self.r_quality, self.r_load(tier, num_tokens),
                                recompute, load, False, reason, self.m.as_dict())
 
+    # -- learning from requests --------------------------------------------------
+    def observe(self, report, weight: float = 0.3) -> dict:
+        """Update each tier's throughput from a request's load report
+        (:class:`cacheblend_ext.pipeline.LoadReport`: bytes and read time per tier) as an
+        exponential moving average with ``weight`` for the new sample; a tier seen for the
+        first time takes the sample. Returns the samples used, GB/s per tier."""
+        if not 0.0 < weight <= 1.0:
+            raise ValueError(f"weight must be in (0, 1], got {weight}")
+        samples = {}
+        for tier, nbytes in (getattr(report, "tier_bytes", None) or {}).items():
+            ms = report.tier_load_ms.get(tier, 0.0)
+            if nbytes <= 0 or ms <= 0:
+                continue
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            old = self.m.tier_gbps.get(tier)
+            self.m.tier_gbps[tier] = gbps if old is None or math.isinf(old) else (1 - weight) * old + weight * gbps
+            samples[tier] = gbps
+        return samples
+
     # -- calibration -----------------------------------------------------------
     @classmethod
     def calibrate(cls, model, *, device=None, dtype=None, tiers: Sequence[str] = ("gpu", "cpu", "disk"),
-                  disk_dir: str | os.PathLike | None = None, sizes: Sequence[int] = (128, 512),
+                  disk_dir: str | os.PathLike | None = None, remote=None, sizes: Sequence[int] = (128, 512),
                   cache_dir: str | os.PathLike | None = None, refresh: bool = False, r_quality: float = 0.15,
                   model_id: str | None = None) -> "LoadingController":
         """Measure ``model``'s prefill time and the tiers' load throughput once, cache them.
 
         The cache file lives in ``cache_dir`` (default ``$CACHEBLEND_CACHE`` or
         ``~/.cache/cacheblend``) under ``controller/``, keyed by the model identity, the
-        device name and the dtype; ``refresh=True`` measures again.
+        device name and the dtype; ``refresh=True`` measures again. Add ``"remote"`` to
+        ``tiers`` (with ``remote``, a Redis URL or client) to measure the remote tier.
         """
-        from .store import model_identity
+        from .identity import model_identity
+
+        if "remote" in tiers and remote is None:
+            raise ValueError("calibrating the remote tier needs remote= (a Redis URL or client)")
 
         param = next(model.parameters())
         device = torch.device(device) if device is not None else param.device
@@ -203,7 +229,7 @@ class LoadingController:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         kv_bytes = 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
         mid = model_id or model_identity(model)
-        path = _cache_path(cache_dir, mid, device, dtype, disk_dir)
+        path = _cache_path(cache_dir, mid, device, dtype, disk_dir, remote if "remote" in tiers else None)
         if path.exists() and not refresh:
             try:
                 return cls(Measurements.from_dict(json.loads(path.read_text())), r_quality)
@@ -217,7 +243,7 @@ class LoadingController:
                 model(input_ids=ids, use_cache=False)
 
         a, b, samples = measure_prefill(prefill, num_layers, sizes, device)
-        gbps = {t: measure_tier_throughput(t, device, dtype, disk_dir=disk_dir) for t in tiers}
+        gbps = {t: measure_tier_throughput(t, device, dtype, disk_dir=disk_dir, remote=remote) for t in tiers}
         m = Measurements(a, kv_bytes, gbps, b, num_layers, str(device), str(dtype).replace("torch.", ""), mid,
                          {"prefill_layer_ms": {str(k): v for k, v in samples.items()}})
         try:
@@ -230,14 +256,15 @@ class LoadingController:
         return cls(m, r_quality)
 
 
-def _cache_path(cache_dir, model_id: str, device, dtype, disk_dir) -> Path:
-    from .store import _hash_hex
+def _cache_path(cache_dir, model_id: str, device, dtype, disk_dir, remote=None) -> Path:
+    from .identity import hash_hex
 
     root = Path(cache_dir or os.environ.get("CACHEBLEND_CACHE") or Path.home() / ".cache" / "cacheblend")
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu{torch.get_num_threads()}"
     disk = str(os.stat(disk_dir).st_dev) if disk_dir is not None and os.path.exists(disk_dir) else "tmp"
-    key = _hash_hex([model_id.encode(), name.encode(), str(dtype).encode(), disk.encode()], 10)
+    where = remote if isinstance(remote, str) or remote is None else type(remote).__name__
+    key = hash_hex([model_id.encode(), name.encode(), str(dtype).encode(), disk.encode(), str(where).encode()], 10)
     return root / "controller" / f"{key}.json"
 
 
@@ -291,41 +318,53 @@ def fit_prefill(samples: dict) -> tuple[float, float]:
     return a, b
 
 
-def measure_tier_throughput(tier: str, device, dtype=torch.bfloat16, *, disk_dir=None, num_layers: int = 8,
-                            tokens: int = 2048, heads: int = 8, head_dim: int = 128, reps: int = 3) -> float:
+def measure_tier_throughput(tier: str, device, dtype=torch.bfloat16, *, disk_dir=None, remote=None,
+                            num_layers: int = 8, tokens: int = 2048, heads: int = 8, head_dim: int = 128,
+                            reps: int = 3) -> float:
     """Load throughput in GB/s of ``tier`` into ``device`` through the store's real
     loading path (``inf`` when the KV is used where it lies). Disk reads are cold: the
-    file is written with ``fsync`` and dropped from the page cache before each read."""
+    file is written with ``fsync`` and dropped from the page cache before each read,
+    one layer at a time. The remote tier (``remote``: a Redis URL or client) is read the
+    way requests read it, with its layer requests pipelined; its calibration value is
+    written under its own namespace and deleted afterwards."""
     from .pipeline import StoreLayerSource
     from .store import ChunkStore
 
     device = torch.device(device)
     if tier == "gpu" or (tier == "cpu" and device.type == "cpu"):
         return math.inf
-    if tier not in ("cpu", "disk"):
+    if tier not in ("cpu", "disk", "remote"):
         raise ValueError(f"unknown tier {tier!r}")
+    if tier == "remote" and remote is None:
+        raise ValueError("measuring the remote tier needs remote= (a Redis URL or client)")
     kv = torch.randn(num_layers, 2, tokens, heads, head_dim).to(dtype)
     nbytes = kv.numel() * kv.element_size()
     with tempfile.TemporaryDirectory(dir=disk_dir, prefix="cacheblend-calib-") as tmp:
         store = ChunkStore("calibration", "calibration", disk_dir=tmp if tier == "disk" else None,
-                           cpu_bytes=0 if tier == "disk" else 2 * nbytes, fsync=True)
+                           cpu_bytes=2 * nbytes if tier == "cpu" else 0, fsync=True,
+                           remote=remote if tier == "remote" else None,
+                           remote_namespace=f"cacheblend-calibration-{os.getpid()}")
         key = store.put("calibration", kv, torch.arange(tokens))
         del kv
         times = []
-        for _ in range(reps):
-            if tier == "disk":
-                _drop_page_cache(store._disk.path(key))
-            handle = store.open(key)
-            _sync(device)
-            t0 = time.perf_counter()
-            source = StoreLayerSource([handle], device, pipelined=False)
-            for l in range(num_layers):
-                source.layer(l)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            source.close()
-            if tier == "disk":
-                store.clear(("cpu",))
+        try:
+            for _ in range(reps):
+                if tier == "disk":
+                    _drop_page_cache(store.chunk_path(key))
+                handle = store.open(key)
+                if handle is None:
+                    raise RuntimeError(f"the {tier} tier did not return the calibration chunk")
+                _sync(device)
+                t0 = time.perf_counter()
+                source = StoreLayerSource([handle], device, pipelined=tier == "remote")
+                for l in range(num_layers):
+                    source.layer(l)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+                source.close()
+        finally:
+            store.remove(key)
+            store.close()
     return nbytes / statistics.median(times) / 1e9
 
 

@@ -62,7 +62,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _kernels
-from .chunk import ChunkKV, chunk_key
+from .chunk import ChunkKV
+from .identity import ModelIdentity
 from .rope import rope_spec_from_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -234,11 +235,9 @@ class BlendEngine:
         self.config.validate(self.num_layers)
         self._rope = None
         self._cache_kw = _cache_kwarg(model)
-        if model_id is None:
-            emb = self.base.embed_tokens.weight
-            fingerprint = float(emb[: min(8, emb.shape[0])].detach().double().sum())
-            model_id = f"{getattr(cfg, '_name_or_path', '') or cfg.model_type}:{fingerprint:.9e}"
-        self.model_id = model_id
+        # what chunk keys hash: weights, config and RoPE (``model_id`` overrides the model part)
+        self.identity = ModelIdentity.of_model(model, model_id=model_id, head_dim=self.head_dim)
+        self.model_id = self.identity.model_id
 
     # ------------------------------------------------------------------ setup
 
@@ -281,12 +280,10 @@ class BlendEngine:
             self._rope = rope_spec_from_config(self.model.config, max_position=size, device=self.device)
         return self._rope
 
-    def _rope_desc(self) -> dict:
-        from .rope import _rope_parameters
-
-        params = _rope_parameters(self.model.config)
-        return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in params.items()} | {
-            "head_dim": self.head_dim, "neox": True}
+    def chunk_key(self, token_ids, prefix_ids=()) -> str:
+        """Content key of the KV this engine gives ``token_ids`` encoded after ``prefix_ids``
+        (see :mod:`cacheblend_ext.identity`)."""
+        return self.identity.chunk_key(self.dtype, token_ids, prefix_ids)
 
     def tokenize(self, segment) -> torch.Tensor:
         if isinstance(segment, str):
@@ -296,13 +293,18 @@ class BlendEngine:
             return torch.tensor(ids, dtype=torch.int64)
         return torch.as_tensor(segment, dtype=torch.int64).reshape(-1).cpu()
 
-    def _bos(self) -> list[int]:
+    def bos_ids(self) -> list[int]:
+        """``[bos_token_id]`` of the model (or its tokenizer), ``[]`` when it has none."""
         bos = getattr(self.model.config, "bos_token_id", None)
         if bos is None and self.tokenizer is not None:
             bos = self.tokenizer.bos_token_id
         if isinstance(bos, (list, tuple)):
             bos = bos[0]
         return [] if bos is None else [int(bos)]
+
+    def chunk_prefix_ids(self) -> list[int]:
+        """The ids a chunk is encoded after under ``config.chunk_prefix`` (their KV is dropped)."""
+        return self.bos_ids() if self.config.chunk_prefix == "bos" else []
 
     # ------------------------------------------------------------------ HF helpers
 
@@ -324,14 +326,14 @@ class BlendEngine:
         ids = self.tokenize(segment)
         if ids.numel() == 0:
             raise ValueError("cannot encode an empty chunk")
-        prefix = self._bos() if self.config.chunk_prefix == "bos" else []
+        prefix = self.chunk_prefix_ids()
         full = torch.tensor(prefix + ids.tolist(), dtype=torch.int64)
         pos = torch.arange(full.numel(), dtype=torch.int64)
         out = self._forward(full, pos)
         p = len(prefix)
         kv = torch.stack([torch.stack([k[0, :, p:].transpose(0, 1), v[0, :, p:].transpose(0, 1)])
                           for k, v in self._cache_layers(_out_cache(out))])
-        key = chunk_key(self.model_id, self._rope_desc(), self.dtype, ids, prefix)
+        key = self.chunk_key(ids, prefix)
         return ChunkKV(kv.contiguous(), pos[p:].clone(), ids, key, tuple(prefix))
 
     def encode_chunks(self, segments, progress=None) -> list[ChunkKV]:
@@ -381,7 +383,7 @@ class BlendEngine:
         out = self._forward(ids, pos)
         cache = _out_cache(out)
         kv = torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in self._cache_layers(cache)])
-        key = chunk_key(self.model_id, self._rope_desc(), self.dtype, ids, ())
+        key = self.chunk_key(ids, ())
         return ChunkKV(kv.contiguous(), pos, ids, key, ())
 
     def _sync(self):

@@ -17,15 +17,21 @@ valid until ``layer(l + 1)`` is called (they may live in a reused staging buffer
   recorded when the consumer moved past a slot before overwriting it;
 * disk chunks are read (and checksum-verified, layer by layer) by the same loader thread
   into a host buffer, as far ahead as the disk allows, then copied as above on a GPU or
-  returned directly on the CPU. A fully loaded disk chunk is promoted to the CPU tier.
+  returned directly on the CPU;
+* remote (Redis) chunks likewise, fetched by the loader thread with
+  :class:`cacheblend_ext.remote.RemoteLayerStream`: the requests of the next
+  ``remote_in_flight`` layers (a store setting) are pipelined on one connection per
+  server, and each layer is handed over as soon as its replies arrived and passed their
+  checksums. A fully loaded disk or remote chunk is promoted to the CPU tier.
 
 With ``pipelined=False`` every layer is loaded when it is asked for and the host waits
-for it (the per-layer synchronisation of public implementations), which is the baseline
-the pipelined mode is measured against.
+for it (the per-layer synchronisation of public implementations; remote requests are
+sent one layer at a time), which is the baseline the pipelined mode is measured against.
 
 :meth:`StoreLayerSource.report` says how much load time the request had and how much of
-it was hidden behind compute: ``load_ms`` sums the per-layer load work (disk reads plus
-host-to-device copies, timed with CUDA events on the side stream), ``exposed_ms`` sums the
+it was hidden behind compute: ``load_ms`` sums the per-layer load work (disk and remote
+reads plus host-to-device copies, timed with CUDA events on the side stream; per tier in
+``tier_load_ms`` / ``tier_bytes``), ``exposed_ms`` sums the
 time the consumer waited for data (host waits in ``layer()`` plus device-side stalls of the
 compute stream on the copy events), and ``hidden_ms = load_ms - exposed_ms``.
 """
@@ -39,7 +45,7 @@ from typing import Sequence
 
 import torch
 
-from .store import ChunkCorruptError, ChunkHandle, ChunkStore
+from .store import ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkStore
 
 
 @dataclass
@@ -58,6 +64,8 @@ class LoadReport:
     hidden_fraction: float
     load_ms_per_layer: list = field(default_factory=list)
     exposed_ms_per_layer: list = field(default_factory=list)
+    tier_load_ms: dict = field(default_factory=dict)  # reads per tier ("disk", "remote"), ms
+    tier_bytes: dict = field(default_factory=dict)  # bytes read per tier
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -117,21 +125,24 @@ class StoreLayerSource:
         self.num_layers = layers.pop() if layers else 0
         L = self.num_layers
 
-        # Classify: direct views, host->device copies, disk reads.
-        self._direct, self._copy, self._disk = [], [], []
+        # Classify: direct views, host->device copies, disk and remote reads.
+        self._direct, self._copy, self._disk, self._remote = [], [], [], []
         for i, h in enumerate(self.handles):
-            if h.tier == "disk":
-                self._disk.append(i)
+            if h.tier in ("disk", "remote"):
+                (self._disk if h.tier == "disk" else self._remote).append(i)
                 if self.cuda:
                     self._copy.append(i)
             elif h.kv.device == self.device or not self.cuda:
                 self._direct.append(i)  # (a GPU-tier chunk read on the CPU is copied in layer())
             else:
                 self._copy.append(i)
-        self._bytes_per_layer = sum(self.handles[i].layer_nbytes for i in set(self._copy) | set(self._disk))
+        self._streamed = self._disk + self._remote  # read into host buffers by the loader
+        self._bytes_per_layer = sum(self.handles[i].layer_nbytes for i in set(self._copy) | set(self._streamed))
+        self._stream = None  # RemoteLayerStream, opened by the first remote read
 
         # Timing.
         self._read_ms = [0.0] * L
+        self._tier_ms = {"disk": [0.0] * L, "remote": [0.0] * L}
         self._host_wait_ms = [0.0] * L
         self._copy_events: list = [None] * L  # (start, end) timing events on the side stream
         self._sync_copy_ms = [0.0] * L
@@ -159,10 +170,10 @@ class StoreLayerSource:
         else:
             self._slots = None
 
-        if self.pipelined and (self._disk or (self.cuda and self._copy)):
+        if self.pipelined and (self._streamed or (self.cuda and self._copy)):
             self._thread = threading.Thread(target=self._loader, name="cacheblend-kv-loader", daemon=True)
             self._thread.start()
-        elif not self._disk and not (self.cuda and self._copy):
+        elif not self._streamed and not (self.cuda and self._copy):
             self._loaded = [True] * L
 
     # -- loader thread ---------------------------------------------------------
@@ -170,11 +181,36 @@ class StoreLayerSource:
         t0 = time.perf_counter()
         for i in self._disk:
             self.handles[i].load_layer(l)
-        self._read_ms[l] = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        if self._remote:
+            self._read_remote_layer(l)
+        t2 = time.perf_counter()
+        self._tier_ms["disk"][l] = (t1 - t0) * 1e3
+        self._tier_ms["remote"][l] = (t2 - t1) * 1e3
+        self._read_ms[l] = (t2 - t0) * 1e3
+
+    def _read_remote_layer(self, l: int) -> None:
+        handles = [self.handles[i] for i in self._remote]
+        if self._stream is None:
+            from .remote import RemoteLayerStream
+
+            remote = handles[0].store.remote
+            window = remote.in_flight if self.pipelined else 1
+            self._stream = RemoteLayerStream(remote, handles, window)
+        try:
+            self._stream.read_layer(l)
+        except Exception as exc:
+            raise handles[getattr(exc, "chunk_index", 0)].failure(exc) from None
+        for h in handles:
+            h.layer_loaded()
+
+    def _finish_streamed(self) -> None:
+        for i in self._streamed:
+            self.handles[i].finish()
 
     def _host_view(self, i: int, l: int) -> torch.Tensor:
         h = self.handles[i]
-        return h.host_kv[l] if h.tier == "disk" else h.kv[l]
+        return h.host_kv[l] if h.reader is not None else h.kv[l]
 
     def _issue_copy(self, l: int) -> None:
         """Queue layer ``l``'s host->device copies on the side stream (loader thread)."""
@@ -199,7 +235,7 @@ class StoreLayerSource:
             for l in range(self.num_layers):
                 if self._closed:
                     return
-                if self._disk:
+                if self._streamed:
                     self._read_layer(l)
                 if self.cuda and self._copy:
                     with self._cond:  # the slot's previous layer must have been handed out
@@ -211,8 +247,7 @@ class StoreLayerSource:
                 with self._cond:
                     self._loaded[l] = True
                     self._cond.notify_all()
-            for i in self._disk:
-                self.handles[i].finish()
+            self._finish_streamed()
         except BaseException as exc:  # reported to the consumer by layer()
             with self._cond:
                 self._error = exc
@@ -224,7 +259,8 @@ class StoreLayerSource:
         """Layer ``l`` of every chunk, ``[2, T_i, H, D]`` on the compute device.
 
         Raises :class:`ChunkCorruptError` if a stored chunk fails its checksum (the file
-        has been removed; retry the request with that chunk treated as uncached)."""
+        or value has been removed) and :class:`ChunkUnavailableError` if a remote chunk
+        cannot be read to the end: retry the request with that chunk treated as uncached."""
         if not 0 <= l < self.num_layers:
             raise IndexError(f"layer {l} out of range [0, {self.num_layers})")
         cur = torch.cuda.current_stream(self.device) if self.cuda else None
@@ -255,11 +291,10 @@ class StoreLayerSource:
         return self._layer_tensors(l)
 
     def _load_sync(self, l: int, cur) -> None:
-        if self._disk:
+        if self._streamed:
             self._read_layer(l)
             if l == self.num_layers - 1:
-                for i in self._disk:
-                    self.handles[i].finish()
+                self._finish_streamed()
         if cur is not None and self._copy:
             cur.synchronize()  # the previous layer's work is done: the single slot is free
             t0 = time.perf_counter()
@@ -278,7 +313,7 @@ class StoreLayerSource:
             for j, i in enumerate(self._copy):
                 out[i] = self._slots[slot][j]
         else:
-            for i in self._disk:
+            for i in self._streamed:
                 out[i] = self.handles[i].host_kv[l]
         return out
 
@@ -295,6 +330,9 @@ class StoreLayerSource:
             # copies issued for layers nobody consumed must finish before the staging
             # buffers can be reused by the compute stream
             torch.cuda.current_stream(self.device).wait_stream(self._side)
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         for h in self.handles:
             h.close()
 
@@ -327,12 +365,16 @@ class StoreLayerSource:
         tiers: dict = {}
         for h in self.handles:
             tiers[h.tier] = tiers.get(h.tier, 0) + 1
+        consumed = sum(1 for ok in self._loaded if ok)
+        tier_bytes = {t: sum(self.handles[i].layer_nbytes for i in idx) * consumed
+                      for t, idx in (("disk", self._disk), ("remote", self._remote)) if idx}
+        tier_ms = {t: sum(self._tier_ms[t]) for t in tier_bytes}
         return LoadReport(
             mode="pipelined" if self.pipelined else "sync", device=str(self.device), num_layers=L,
             num_chunks=len(self.handles), tiers=tiers, bytes_loaded=self._bytes_per_layer * L,
             load_ms=load_ms, exposed_ms=min(exposed_ms, load_ms),  # waits can only expose actual loading
             hidden_ms=hidden, hidden_fraction=(hidden / load_ms) if load_ms > 0 else 1.0,
-            load_ms_per_layer=load, exposed_ms_per_layer=exposed,
+            load_ms_per_layer=load, exposed_ms_per_layer=exposed, tier_load_ms=tier_ms, tier_bytes=tier_bytes,
         )
 
 
@@ -343,14 +385,11 @@ def open_layer_source(store: ChunkStore, keys: Sequence[str], device, *, pipelin
     Returns ``(source, missing)`` where ``missing`` lists the indices of ``keys`` that were
     not in the store (or were corrupt); the source's chunks are the remaining keys, in order.
     """
-    handles, missing = [], []
-    for i, k in enumerate(keys):
-        h = store.open(k)
-        if h is None:
-            missing.append(i)
-        else:
-            handles.append(h)
+    opened = store.open_many(keys)
+    handles = [h for h in opened if h is not None]
+    missing = [i for i, h in enumerate(opened) if h is None]
     return StoreLayerSource(handles, device, pipelined=pipelined, depth=depth), missing
 
 
-__all__ = ["ChunkCorruptError", "LoadReport", "MemoryLayerSource", "StoreLayerSource", "open_layer_source"]
+__all__ = ["ChunkCorruptError", "ChunkLoadError", "LoadReport", "MemoryLayerSource", "StoreLayerSource",
+           "open_layer_source"]

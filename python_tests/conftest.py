@@ -76,3 +76,75 @@ def emulated_kernels():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------- Redis
+# Private redis-server processes on 127.0.0.1 (free ports, own data directories). In CI
+# (CI=1 or CACHEBLEND_REQUIRE_REDIS=1) a missing server fails the tests; elsewhere they skip.
+
+def _redis_required() -> bool:
+    flags = (os.environ.get("CI", ""), os.environ.get("CACHEBLEND_REQUIRE_REDIS", ""))
+    return any(f.strip().lower() not in ("", "0", "false", "no") for f in flags)
+
+
+def _need_redis(server: bool = True):
+    from cacheblend_ext.redis_server import INSTALL_HINT, unavailable_reason
+
+    try:
+        import redis  # noqa: F401
+        reason = unavailable_reason() if server else None
+    except ImportError:
+        reason = f"the redis Python client is not installed: {INSTALL_HINT}"
+    if reason is not None:
+        if _redis_required():
+            pytest.fail(f"Redis tests are required here (CI / CACHEBLEND_REQUIRE_REDIS) but {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def redis_client_module():
+    """The redis client library (tests that need no server, e.g. one that is absent)."""
+    _need_redis(server=False)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One private redis-server for the session (flushed before each test by ``redis_url``)."""
+    _need_redis()
+    from cacheblend_ext.redis_server import RedisServer
+
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server):
+    redis_server.client().flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A server of the test's own (to kill, pause or fill), stopped afterwards."""
+    _need_redis()
+    from cacheblend_ext.redis_server import RedisServer
+
+    servers = []
+
+    def start(**kwargs):
+        servers.append(RedisServer(tmp_path / f"redis{len(servers)}", **kwargs).start())
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A 3-node Redis Cluster on 127.0.0.1 for the session."""
+    _need_redis()
+    from cacheblend_ext.redis_server import RedisTestCluster
+
+    with RedisTestCluster(tmp_path_factory.mktemp("rcluster")) as cluster:
+        yield cluster

