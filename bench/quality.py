@@ -1,51 +1,128 @@
-"""Answer quality of CacheBlend vs full prefill and full KV reuse on a generated
-multi-document QA set (see ``cacheblend_ext.rag_data``): F1 / exact match against the
-gold answers, and fidelity to full prefill (greedy-answer agreement, mean KL of the first
-16 output tokens' distributions along full prefill's greedy continuation), for several
-recompute ratios, with one check layer and with gradual filtering."""
+"""Answer quality per recomputed token: blending schemes against full prefill and against
+the published CacheBlend scheme, on a generated multi-document QA set of varied shape.
+
+Requests (``cacheblend_ext.rag_data.make_varied_samples``): 3 to 8 chunks of about 64 to
+400 tokens of essay text with planted facts, one-hop ("Who leads Project X?") and two-hop
+questions (the leader and the birthplace sit in different chunks), answer stems that keep
+the small model's answers extractive, several seeds.
+
+For every request, full prefill gives the reference: its greedy answer and its greedy
+continuation of ``--kl-tokens`` tokens with their distributions. Each scheme, at each
+recompute budget, is scored by
+- fidelity to full prefill: greedy-answer agreement, KL(full || scheme) of the first
+  token's distribution and the mean over the first ``--kl-tokens`` tokens (teacher-forced
+  along full prefill's continuation);
+- F1 / exact match of its answer against the gold answer;
+- what it actually computed: the share of a full prefill's token-layers (forced tokens
+  and every extra token included) and the share of tokens carried to the last layer;
+- the time its selection took (share of the blend).
+
+Every scheme runs under the compute budget of the published scheme at the same ratio
+(``BlendConfig.budget = "compute"``), so curves compare at equal compute. Differences
+against full prefill and against the published scheme come with paired bootstrap 95%
+intervals over requests. ``hindsight`` is a yardstick, not a usable scheme: it ranks
+tokens by their true KV error over all layers, which needs the full prefill.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import time
+from dataclasses import dataclass
 
 import torch
 
 from bench import common
 
 COMMAND = "quality"
-HELP = "answer quality (F1/EM, agreement and KL vs full prefill) of CacheBlend across recompute ratios"
+HELP = "answer quality and fidelity to full prefill of blending schemes across recompute budgets"
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A blending scheme of the harness: a config for a ratio and how chunks are encoded."""
+
+    description: str
+    changes: tuple = ()  # BlendConfig fields changed from the published scheme
+    context: str = "bos"  # chunk encoding context: "bos", "prefix" (the request's system prefix) or "none"
+    hindsight: bool = False
+
+    def config(self, ratio: float):
+        from cacheblend_ext.engine import BlendConfig
+
+        return BlendConfig.published(ratio).replace(budget="compute", **dict(self.changes))
+
+
+SCHEMES = {
+    "published": Scheme("K deviation at check layer 1, global top-k (CacheBlend paper)"),
+    "v": Scheme("V deviation", (("deviation", "v"),)),
+    "kv": Scheme("K+V deviation", (("deviation", "kv"),)),
+    "impact": Scheme("K deviation x query attention mass", (("selection", "impact"),)),
+    "impact-v": Scheme("V deviation x query attention mass", (("deviation", "v"), ("selection", "impact"))),
+    "boundary4": Scheme("first 4 tokens of each chunk first, inside the budget", (("boundary_tokens", 4),)),
+    "per-chunk": Scheme("per-chunk quotas", (("quota", "per_chunk"),)),
+    "check3": Scheme("first check layer 3 (layers 0-2 full), equal compute", (("check_layers", (3,)),)),
+    "gradual": Scheme("gradual filtering at layers 1-4, equal compute", (("check_layers", (1, 2, 3, 4)),)),
+    "fresh": Scheme("fresh_check_kv", (("fresh_check_kv", True),)),
+    "ctx-prefix": Scheme("chunks encoded after the request's system prefix", context="prefix"),
+    "ctx-none": Scheme("chunks encoded alone (no BOS)", context="none"),
+    "hindsight": Scheme("yardstick: true KV error over all layers (needs full prefill)", hindsight=True),
+}
+DEFAULT_SCHEME = "default"
+
+
+def _default_scheme() -> Scheme:
+    """The engine's default ``BlendConfig`` (what users get), chunks encoded as it prescribes."""
+    return Scheme("BlendConfig() defaults", context="prefix")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="bundled model name or local HF model dir")
-    parser.add_argument("--samples", type=int, default=20)
-    parser.add_argument("--chunks", type=int, default=4, help="chunks per request")
-    parser.add_argument("--chunk-words", type=int, default=80, help="filler words per chunk (plus planted facts)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ratios", default="0,5,10,15,20,30,100", help="recompute ratios in percent")
-    parser.add_argument("--check-layer", type=int, default=1, help="check layer of the single-check-layer mode")
-    parser.add_argument("--gradual-layers", default="1,2,3,4", help="check layers of gradual filtering ('' to skip)")
-    parser.add_argument("--deviation", default="k", choices=["k", "v", "kv"])
-    parser.add_argument("--fresh-check-kv", action="store_true",
-                        help="keep the check layers' fresh K/V for every candidate (BlendConfig.fresh_check_kv)")
+    parser.add_argument("--seeds", default="0,1", help="data seeds (comma separated)")
+    parser.add_argument("--samples", type=int, default=32, help="requests per seed")
+    parser.add_argument("--chunks", default="3,8", help="min,max chunks per request")
+    parser.add_argument("--chunk-words", default="52,320", help="min,max filler words per chunk (~64-400 tokens)")
+    parser.add_argument("--budgets", default="5,10,15,20,30", help="recompute budgets in percent (the curves)")
+    parser.add_argument("--curve-schemes", default="published,default,v,hindsight",
+                        help=f"schemes run at every budget; known: {DEFAULT_SCHEME}, {', '.join(SCHEMES)}")
+    parser.add_argument("--point-schemes", default="kv,impact,boundary4,per-chunk,check3,gradual,fresh,ctx-prefix,ctx-none",
+                        help="schemes run at --point-budget only")
+    parser.add_argument("--point-budget", type=float, default=15.0, help="budget (percent) of --point-schemes")
     parser.add_argument("--kl-tokens", type=int, default=16)
     parser.add_argument("--answer-tokens", type=int, default=10)
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
     parser.add_argument("--out", default="bench_out/quality", help="directory for quality.json and quality.png")
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
-    """Mean over rows of KL(p || q) of the softmax distributions."""
+# ---------------------------------------------------------------- scoring helpers
+
+
+def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of the softmax distributions, per row."""
     lp, lq = p_logits.float().log_softmax(-1), q_logits.float().log_softmax(-1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
+    return (lp.exp() * (lp - lq)).sum(-1)
 
 
-def _greedy_answer(engine, tok, logits, cache, pos, max_tokens):
-    """Greedy tokens until end of the answer clause (newline, sentence end, EOS)."""
+def _answer_prefix(tok, tokens, eos, max_tokens):
+    """The greedy answer inside ``tokens`` (a greedy continuation): up to the end of the
+    first clause (newline, sentence end), EOS or ``max_tokens``. Returns ``(ids, stopped_by_eos)``."""
+    out = []
+    for i, t in enumerate(tokens[:max_tokens]):
+        if t in eos:
+            return out, True
+        out.append(t)
+        text = tok.decode(out)
+        if "\n" in text or any(c in text for c in ".!?;"):
+            break
+    return out, False
+
+
+def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens):
+    """Greedy decoding with the answer's stop rule (see :func:`_answer_prefix`)."""
     from cacheblend_ext.engine import _out_cache
 
-    eos = {tok.eos_token_id, getattr(engine.model.config, "eos_token_id", None)}
     out = []
     for i in range(max_tokens):
         t = int(logits.argmax())
@@ -62,45 +139,76 @@ def _greedy_answer(engine, tok, logits, cache, pos, max_tokens):
     return out
 
 
-def _teacher_forced_logits(engine, first_logits, kv, tokens, pos):
-    """First-token logits plus the logits after feeding ``tokens[:-1]`` on a fresh copy of the cache."""
+def _cache_copy(model, result):
+    """A cache over the result's KV that decoding can extend without touching the result."""
     from cacheblend_ext.engine import make_dynamic_cache
 
-    cache = make_dynamic_cache(engine.model, [k for k, _ in kv], [v for _, v in kv])
+    layers = result.cache.layers
+    return make_dynamic_cache(model, [layer.keys for layer in layers], [layer.values for layer in layers])
+
+
+def _teacher_forced_logits(engine, result, tokens, pos):
+    """The first-token logits, then the logits after each of ``tokens[:-1]`` fed in turn."""
     feed = torch.tensor(tokens[:-1])
     if feed.numel() == 0:
-        return first_logits[None]
-    res = engine._forward(feed, torch.arange(pos, pos + feed.numel()), cache, logits_to_keep=0)
-    return torch.cat([first_logits[None], res.logits[0].float()])
+        return result.logits[None]
+    res = engine._forward(feed, torch.arange(pos, pos + feed.numel()), _cache_copy(engine.model, result),
+                          logits_to_keep=0)
+    return torch.cat([result.logits[None], res.logits[0].float()])
 
 
-def _plot(rows, path, title):
-    import matplotlib
+def _hindsight_scores(engine, full, chunks, spans):
+    """``[N]`` per-token KV error of the reused chunk KV against full prefill's, summed over
+    layers after normalising each layer (and K, V separately) by its mean over chunk tokens."""
+    from cacheblend_ext import ops
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    n = full.num_tokens
+    rope = engine.rope(n + 1)
+    src = torch.cat([c.positions for c in chunks]).to(engine.device)
+    dst = torch.cat([torch.arange(a, b) for a, b in spans]).to(engine.device)
+    scores = torch.zeros(n, dtype=torch.float64)
+    h, d = engine.num_kv_heads, engine.head_dim
+    for l, layer in enumerate(full.cache.layers):
+        k = torch.zeros(n, h, d, device=engine.device, dtype=engine.dtype)
+        v = torch.zeros_like(k)
+        ops.fused_kv_concat([c.kv[l][None] for c in chunks], src, dst, dst, rope.cos_sin_cache, rope.is_neox, [k], [v])
+        for mine, ref in ((k, layer.keys), (v, layer.values)):
+            err = ((ref[0, :, :n].transpose(0, 1).float() - mine.float()) ** 2).sum((1, 2)).double().cpu()
+            scores[dst.cpu()] += err[dst.cpu()] / err[dst.cpu()].mean().clamp_min(1e-30)
+    return scores.float()
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    full = next(r for r in rows if r["method"] == "full prefill")
-    for mode, style in (("single", "o-"), ("gradual", "s--")):
-        pts = sorted((r["ratio"] * 100, r) for r in rows if r["mode"] in (mode, "both"))
-        if len([p for p in pts if rows and p[1]["mode"] == mode]) == 0:
-            continue
-        xs = [p[0] for p in pts]
-        for ax, key in zip(axes, ("f1", "agreement", "kl")):
-            ax.plot(xs, [p[1][key] for p in pts], style, label=f"CacheBlend ({mode} check layer{'s' if mode == 'gradual' else ''})")
-    for ax, key, name in zip(axes, ("f1", "agreement", "kl"),
-                             ("F1 vs gold", "greedy-answer agreement with full prefill",
-                              "mean KL(full || method), first 16 tokens")):
-        ax.axhline(full[key], color="gray", ls=":", label="full prefill")
-        ax.set_xlabel("recompute ratio (%)  [0 = full KV reuse]")
-        ax.set_title(name, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+# ---------------------------------------------------------------- statistics
+
+
+def _bootstrap_mean_ci(diffs: list[float], resamples: int, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95% interval of the mean of paired differences."""
+    if not diffs:
+        return float("nan"), float("nan")
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
+
+
+def _bootstrap_ratio_ci(a: list[float], b: list[float], resamples: int, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95% interval of ``mean(a) / mean(b)`` over paired resamples."""
+    rng = random.Random(seed)
+    n = len(a)
+    ratios = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        den = sum(b[i] for i in idx)
+        ratios.append(sum(a[i] for i in idx) / den if den > 0 else float("inf"))
+    ratios.sort()
+    return ratios[int(0.025 * resamples)], ratios[min(resamples - 1, int(0.975 * resamples))]
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+# ---------------------------------------------------------------- the run
 
 
 def run(args) -> dict:
@@ -108,101 +216,200 @@ def run(args) -> dict:
         return _run(args)
 
 
+def _parse_pair(text: str, name: str) -> tuple[int, int]:
+    parts = [int(x) for x in text.split(",")]
+    if len(parts) != 2:
+        raise SystemExit(f"{name} must be 'min,max', got {text!r}")
+    return parts[0], parts[1]
+
+
+def _schemes(names: str) -> dict[str, Scheme]:
+    out = {}
+    for name in (x.strip() for x in names.split(",") if x.strip()):
+        if name == DEFAULT_SCHEME:
+            out[name] = _default_scheme()
+        elif name in SCHEMES:
+            out[name] = SCHEMES[name]
+        else:
+            raise SystemExit(f"unknown scheme {name!r}; known: {DEFAULT_SCHEME}, {', '.join(SCHEMES)}")
+    return out
+
+
 def _run(args) -> dict:
     from cacheblend_ext import _kernels
-    from cacheblend_ext.engine import BlendConfig, BlendEngine, make_dynamic_cache
+    from cacheblend_ext.engine import BlendConfig, BlendEngine
     from cacheblend_ext.models import load_model
-    from cacheblend_ext.rag_data import chat_segments, exact_match, f1_score, first_clause, make_samples
+    from cacheblend_ext.rag_data import chat_segments, exact_match, f1_score, first_clause, make_varied_samples
 
     dtype = common.resolve_dtype(args)
-    ratios = [float(r) / 100 for r in args.ratios.split(",") if r.strip()]
-    gradual = tuple(int(x) for x in args.gradual_layers.split(",") if x.strip())
     model, tok = load_model(args.model, dtype=dtype, device=args.device)
-    engine = BlendEngine(model, tok, BlendConfig(deviation=args.deviation))
-    samples = make_samples(args.samples, args.chunks, args.chunk_words, args.seed)
+    engine = BlendEngine(model, tok)
     common.progress(f"kernels: {_kernels.backends()}")
+    budgets = [float(b) / 100 for b in args.budgets.split(",") if b.strip()]
+    point = args.point_budget / 100
+    runs = [(name, s, r) for name, s in _schemes(args.curve_schemes).items() for r in budgets]
+    runs += [(name, s, point) for name, s in _schemes(args.point_schemes).items()]
+    runs += [("full KV reuse", SCHEMES["published"], 0.0)]
+    if "published" not in {name for name, _, _ in runs if _ != 0.0} or point not in budgets:
+        runs += [("published", SCHEMES["published"], r) for r in sorted(set(budgets + [point]))
+                 if ("published", r) not in {(n, rr) for n, _, rr in runs}]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    chunk_range = _parse_pair(args.chunks, "--chunks")
+    word_range = _parse_pair(args.chunk_words, "--chunk-words")
+    samples = [(seed, i, s) for seed in seeds
+               for i, s in enumerate(make_varied_samples(args.samples, seed, chunk_range, word_range))]
 
-    configs = []  # (label, mode, ratio, BlendConfig)
-    for r in ratios:
-        if r in (0.0, 1.0) or not gradual:
-            configs.append((f"{r:.0%}", "both" if r in (0.0, 1.0) else "single", r,
-                            BlendConfig(recompute_ratio=r, check_layers=(args.check_layer,), deviation=args.deviation,
-                                        fresh_check_kv=args.fresh_check_kv)))
-        else:
-            configs.append((f"{r:.0%} single", "single", r,
-                            BlendConfig(recompute_ratio=r, check_layers=(args.check_layer,), deviation=args.deviation,
-                                        fresh_check_kv=args.fresh_check_kv)))
-            configs.append((f"{r:.0%} gradual", "gradual", r,
-                            BlendConfig(recompute_ratio=r, check_layers=gradual, deviation=args.deviation,
-                                        fresh_check_kv=args.fresh_check_kv)))
-
-    stats = {"full prefill": []}
-    stats.update({c[0]: [] for c in configs})
+    eos = {tok.eos_token_id, getattr(model.config, "eos_token_id", None)} - {None}
     records = []
     t_start = time.perf_counter()
-    for i, sample in enumerate(samples):
+    for count, (seed, index, sample) in enumerate(samples):
         prefix, texts, query = chat_segments(tok, sample)
-        chunks = engine.encode_chunks(texts)
-        segments = [prefix, *chunks, query]
-        full = engine.full_prefill(segments)
+        full = engine.full_prefill([prefix, *texts, query])
         n = full.num_tokens
-        full_kv = [(layer.keys, layer.values) for layer in full.cache.layers]
-        full_answer_ids = _greedy_answer(engine, tok, full.logits, full.cache, n, args.answer_tokens)
-        # full prefill's greedy continuation of kl_tokens tokens, with its distributions
-        full.cache = make_dynamic_cache(model, [k for k, _ in full_kv], [v for _, v in full_kv])
+        full_cache = _cache_copy(model, full)
         ref_tokens, ref_logits = engine.generate(full, args.kl_tokens, stop_at_eos=False, return_logits=True)
-        full_answer = first_clause(tok.decode(full_answer_ids, skip_special_tokens=True))
-        rec = {"question": sample.question, "gold": sample.answer, "kind": sample.kind, "tokens": n,
-               "answers": {"full prefill": full_answer}}
-        stats["full prefill"].append({"f1": f1_score(full_answer, sample.answer),
-                                      "em": exact_match(full_answer, sample.answer), "agreement": 1.0, "kl": 0.0,
-                                      "recomputed": 1.0, "ttft_ms": full.timings["total_ms"]})
-        for label, mode, r, cfg in configs:
-            res = engine.blend(segments, cfg)
-            kv = [(layer.keys, layer.values) for layer in res.cache.layers]
-            ans_ids = _greedy_answer(engine, tok, res.logits, res.cache, n, args.answer_tokens)
-            answer = first_clause(tok.decode(ans_ids, skip_special_tokens=True))
-            logits = _teacher_forced_logits(engine, res.logits, kv, ref_tokens, n)
-            stats[label].append({
-                "f1": f1_score(answer, sample.answer), "em": exact_match(answer, sample.answer),
-                "agreement": float(answer.strip().lower() == full_answer.strip().lower()),
-                "kl": _kl(ref_logits, logits), "kl_first": _kl(ref_logits[:1], logits[:1]),
-                "recomputed": res.recomputed_fraction(), "ttft_ms": res.timings["total_ms"]})
-            rec["answers"][label] = answer
+        full.cache = full_cache
+        answer_ids, by_eos = _answer_prefix(tok, ref_tokens, eos, min(args.answer_tokens, args.kl_tokens))
+        full_answer = first_clause(tok.decode(answer_ids, skip_special_tokens=True))
+        rec = {"seed": seed, "index": index, "kind": sample.kind, "chunks": len(texts), "tokens": n,
+               "question": sample.question, "gold": sample.answer, "full_answer": full_answer,
+               "full_f1": f1_score(full_answer, sample.answer), "full_em": exact_match(full_answer, sample.answer),
+               "runs": {}}
+        contexts = {"bos": engine._bos(), "none": [], "prefix": engine.tokenize(prefix).tolist()}
+        encoded, hindsight = {}, None
+        for name, scheme, r in runs:
+            if scheme.context not in encoded:
+                encoded[scheme.context] = engine.encode_chunks(texts, context=contexts[scheme.context])
+            chunks = encoded[scheme.context]
+            segments = [prefix, *chunks, query]
+            scores = None
+            if scheme.hindsight:
+                if hindsight is None:
+                    hindsight = _hindsight_scores(engine, full, chunks, engine.plan_request(segments).spans)
+                scores = hindsight
+            cfg = BlendConfig(recompute_ratio=r) if name == DEFAULT_SCHEME else scheme.config(r)
+            res = engine.blend(segments, cfg, rank_scores=scores)
+            logits = _teacher_forced_logits(engine, res, ref_tokens, n)
+            kl = _kl_rows(ref_logits, logits)
+            greedy = logits.argmax(-1).tolist()
+            same = greedy[:len(answer_ids)] == answer_ids and (not by_eos or greedy[len(answer_ids)] in eos)
+            if same:
+                answer = full_answer
+            else:
+                ids = _greedy_answer(engine, tok, res.logits, _cache_copy(model, res), n, eos, args.answer_tokens)
+                answer = first_clause(tok.decode(ids, skip_special_tokens=True))
+            rec["runs"][f"{name}@{r:g}"] = {
+                "answer": answer, "f1": f1_score(answer, sample.answer), "em": exact_match(answer, sample.answer),
+                "agree": float(normalize(answer) == normalize(full_answer)), "kl1": float(kl[0]),
+                "kl16": float(kl.mean()), "compute": res.compute_fraction(), "last_layer": res.recomputed_fraction(),
+                "select_ms": res.timings.get("select_ms", 0.0), "blend_ms": res.timings["total_ms"]}
         records.append(rec)
-        common.progress(f"sample {i + 1}/{len(samples)} ({n} tokens, {time.perf_counter() - t_start:.0f} s): "
-                        f"gold {sample.answer!r}, full {full_answer!r}, 0% {rec['answers'].get('0%')!r}")
+        common.progress(f"request {count + 1}/{len(samples)} (seed {seed}, {len(texts)} chunks, {n} tokens, "
+                        f"{time.perf_counter() - t_start:.0f} s): gold {sample.answer!r}, full {full_answer!r}")
 
-    def mean(xs, key):
-        vals = [x[key] for x in xs if key in x]
-        return sum(vals) / len(vals) if vals else float("nan")
-
-    table = common.Table(f"QA quality on {len(samples)} generated requests ({args.chunks} chunks, deviation "
-                         f"{args.deviation.upper()}, single check layer {args.check_layer}, gradual {gradual})",
-                         ["method", "recomputed", "F1", "EM", "agree w/ full", "KL 16 tok", "KL 1st tok", "TTFT ms"])
-    rows = []
-    for label in stats:
-        xs = stats[label]
-        mode = "full" if label == "full prefill" else next(c[1] for c in configs if c[0] == label)
-        ratio = 1.0 if label == "full prefill" else next(c[2] for c in configs if c[0] == label)
-        row = {"method": label if label == "full prefill" else f"CacheBlend {label}" if ratio > 0 else "full KV reuse (0%)",
-               "mode": mode, "ratio": ratio, "recomputed": mean(xs, "recomputed"), "f1": mean(xs, "f1"),
-               "em": mean(xs, "em"), "agreement": mean(xs, "agreement"), "kl": mean(xs, "kl"),
-               "kl_first": mean(xs, "kl_first") if label != "full prefill" else 0.0, "ttft_ms": mean(xs, "ttft_ms")}
-        if label == "full prefill":
-            row["method"] = "full prefill"
-        rows.append(row)
-        table.add(row["method"], row["recomputed"], row["f1"], row["em"], row["agreement"], row["kl"],
-                  row["kl_first"], row["ttft_ms"])
+    rows = _summarise(records, runs, args.bootstrap)
+    table = _table(rows, len(records))
     print(table.render())
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "quality.png")
-    _plot(rows, png, table.title)
+    _plot(rows, records, png, table.title)
     result = {"command": COMMAND, "environment": common.environment(args.device), "kernels": _kernels.backends(),
               "settings": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-              "table": table.as_dict(), "rows": rows, "samples": records,
+              "schemes": {name: {"description": s.description, "changes": dict(s.changes), "context": s.context}
+                          for name, s, _ in runs},
+              "default_config": {k: (list(v) if isinstance(v, tuple) else v)
+                                 for k, v in BlendConfig().__dict__.items()},
+              "full_prefill": {"f1": _mean([r["full_f1"] for r in records]),
+                               "em": _mean([r["full_em"] for r in records])},
+              "table": table.as_dict(), "rows": rows, "requests": records,
               "seconds": time.perf_counter() - t_start}
     with open(os.path.join(args.out, "quality.json"), "w") as f:
-        json.dump(result, f, indent=2, default=str)
+        json.dump(result, f, indent=1, default=str)
     print(f"wrote {png} and {os.path.join(args.out, 'quality.json')}")
     return result
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().lower().split())
+
+
+def _summarise(records, runs, resamples) -> list[dict]:
+    rows = []
+    for name, scheme, r in runs:
+        key = f"{name}@{r:g}"
+        xs = [rec["runs"][key] for rec in records]
+        pub = [rec["runs"][f"published@{r:g}"] for rec in records] if r > 0 else xs
+        full_f1 = [rec["full_f1"] for rec in records]
+        row = {"scheme": name, "budget": r, "compute": _mean([x["compute"] for x in xs]),
+               "last_layer": _mean([x["last_layer"] for x in xs])}
+        for metric in ("f1", "em", "agree", "kl1", "kl16"):
+            row[metric] = _mean([x[metric] for x in xs])
+        row["f1_vs_full"] = row["f1"] - _mean(full_f1)
+        row["f1_vs_full_ci"] = _bootstrap_mean_ci([x["f1"] - f for x, f in zip(xs, full_f1)], resamples)
+        for metric in ("f1", "agree", "kl1", "kl16"):
+            row[f"{metric}_vs_published"] = row[metric] - _mean([p[metric] for p in pub])
+            row[f"{metric}_vs_published_ci"] = _bootstrap_mean_ci([x[metric] - p[metric] for x, p in zip(xs, pub)],
+                                                                  resamples)
+        for metric in ("kl1", "kl16"):
+            den = _mean([p[metric] for p in pub])
+            row[f"{metric}_x_published"] = row[metric] / den if den > 0 else float("nan")
+            row[f"{metric}_x_published_ci"] = _bootstrap_ratio_ci([x[metric] for x in xs], [p[metric] for p in pub],
+                                                                  resamples)
+        row["select_share"] = _mean([x["select_ms"] / x["blend_ms"] for x in xs])
+        row["description"] = scheme.description
+        rows.append(row)
+    return rows
+
+
+def _ci(pair) -> str:
+    return f"[{pair[0]:+.3f}, {pair[1]:+.3f}]"
+
+
+def _table(rows, num_requests):
+    table = common.Table(
+        f"Fidelity and F1 at equal compute on {num_requests} requests (bundled model; intervals: paired bootstrap 95%)",
+        ["scheme", "budget", "computed", "last layer", "F1", "F1 - full [95%]", "agree", "agree - pub [95%]",
+         "KL 1st", "x pub [95%]", "KL 16", "x pub [95%]", "select %"])
+    for r in rows:
+        table.add(r["scheme"], f"{r['budget']:.0%}", r["compute"], r["last_layer"], r["f1"], _ci(r["f1_vs_full_ci"]),
+                  r["agree"], _ci(r["agree_vs_published_ci"]), r["kl1"],
+                  f"{r['kl1_x_published']:.3f} [{r['kl1_x_published_ci'][0]:.2f}, {r['kl1_x_published_ci'][1]:.2f}]",
+                  r["kl16"],
+                  f"{r['kl16_x_published']:.3f} [{r['kl16_x_published_ci'][0]:.2f}, {r['kl16_x_published_ci'][1]:.2f}]",
+                  100 * r["select_share"])
+    return table
+
+
+def _plot(rows, records, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+    reuse = next(r for r in rows if r["scheme"] == "full KV reuse")
+    panels = (("agree", "greedy-answer agreement with full prefill"), ("kl1", "KL(full || scheme), first token"),
+              ("kl16", "mean KL, first 16 tokens"), ("f1", "F1 vs gold"))
+    schemes = []
+    for r in rows:
+        if r["scheme"] not in schemes and r["scheme"] != "full KV reuse":
+            schemes.append(r["scheme"])
+    for name in schemes:
+        pts = sorted((r["compute"], r) for r in rows if r["scheme"] == name)
+        single = len(pts) == 1
+        for ax, (key, _) in zip(axes, panels):
+            xs = [reuse["compute"]] + [p[0] for p in pts] if not single else [p[0] for p in pts]
+            ys = [reuse[key]] + [p[1][key] for p in pts] if not single else [p[1][key] for p in pts]
+            ax.plot([100 * x for x in xs], ys, "o" if single else "o-", label=name, ms=4 if not single else 6)
+    full_f1 = _mean([r["full_f1"] for r in records])
+    for ax, (key, name) in zip(axes, panels):
+        ax.axhline({"agree": 1.0, "kl1": 0.0, "kl16": 0.0, "f1": full_f1}[key], color="gray", ls=":",
+                   label="full prefill")
+        ax.set_xlabel("computed: % of full prefill's token-layers")
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -53,6 +53,7 @@ it recomputes fully. Optional ``close()`` is called when the blend ends.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -88,42 +89,96 @@ class InMemorySource:
         pass
 
 
+DEVIATIONS = ("k", "v", "kv")
+SELECTIONS = ("deviation", "impact", "probe")
+QUOTAS = ("global", "per_chunk")
+BUDGETS = ("compute", "ratio")
+CHUNK_PREFIXES = ("bos", "none")
+
+
 @dataclass
 class BlendConfig:
-    """Blend settings.
+    """Blend settings. The defaults are the best scheme measured on the project's quality
+    set (README, "Quality"); :meth:`published` is the scheme of the CacheBlend paper.
 
-    - ``recompute_ratio``: final fraction ``r`` of the request's tokens (non-forced) to recompute.
-    - ``check_layers``: layers where selection happens (ascending). One layer (default
-      ``(1,)``) is the published scheme; several give gradual filtering.
-    - ``check_ratios``: per check layer ratio, falling, the last equal to ``recompute_ratio``;
-      None gives a linear schedule from ``min(1, 2r)`` down to ``r`` (just ``r`` for one layer).
-    - ``deviation``: ``"k"``, ``"v"`` or ``"kv"`` (sum of both).
-    - ``chunk_prefix``: what a chunk is encoded after, its KV then dropped: ``"bos"`` (the
-      tokenizer's BOS token, the default) or ``"none"`` (chunk encoded alone at position 0).
+    Budget
+    - ``recompute_ratio``: the recompute budget ``r``. The published scheme recomputes layer
+      0 for every token, then ``ceil(r * N)`` non-forced tokens plus every forced token at
+      each later layer; that many token-layers is the request's budget.
+    - ``budget``: ``"compute"`` (default) makes every scheme spend at most that budget:
+      extra full layers (a later first check layer), wider early selections (gradual
+      filtering) and chunk-boundary tokens are paid from it, so schemes compare at equal
+      compute. ``"ratio"`` applies the ratios literally: each check layer keeps
+      ``ceil(r_l * N)`` non-forced tokens, whatever the schedule costs.
+
+    Selection
+    - ``check_layers``: layers where selection happens (ascending). ``(1,)`` is the
+      published scheme; several give gradual filtering (each selects from the previous
+      selection). Under the compute budget a first check layer the budget cannot pay for
+      moves earlier (to layer 1 at ratio 0, so ratio 0 stays full KV reuse).
+    - ``check_ratios``: per check layer ratio, not increasing; None gives a linear schedule
+      from ``min(1, 2r)`` down to ``r`` (just ``r`` for one layer). Under the compute budget
+      only their proportions count: the schedule is scaled to fit the budget.
+    - ``deviation``: what deviation ranks tokens by: ``"k"``, ``"v"`` or ``"kv"`` (sum), the
+      squared distance between the fresh and the reused K (V) over heads and dims.
+    - ``selection``: how candidates are ranked.
+      ``"deviation"`` (published): by deviation alone.
+      ``"impact"``: deviation times the attention mass that the query tokens (forced tokens
+      after the last reused chunk) put on each token at the check layer, since a query's
+      output error is roughly the attention-weighted sum of the errors of the tokens it reads.
+      ``"probe"``: a probe pass first runs the last ``probe_tokens`` query tokens through
+      every layer over the reused KV (full KV reuse for those rows only), and tokens are
+      ranked by the attention mass the probe puts on them summed over the layers from the
+      check layer on: the tokens whose KV the query actually reads where the selection
+      takes effect. The probe's token-layers are paid from the budget; it needs every
+      layer's reused KV before the first check layer (see the layer-source protocol).
+    - ``quota``: ``"global"`` takes the top tokens of the whole request; ``"per_chunk"``
+      gives each reused chunk a share of the budget proportional to its candidates.
+    - ``boundary_tokens``: the first ``b`` tokens of each reused chunk are taken first,
+      inside the budget (each chunk was encoded alone, so its first tokens were attention
+      sinks).
+
+    Reuse
+    - ``chunk_prefix``: what :meth:`BlendEngine.encode_chunk` encodes a chunk after when no
+      explicit context is given, its KV then dropped: ``"bos"`` (the tokenizer's BOS token)
+      or ``"none"`` (the chunk alone at position 0).
     - ``fresh_check_kv``: a check layer computes fresh K/V for all its candidates anyway;
       True keeps them for every candidate (not only the selected tokens) in the request's
       KV at that layer. No extra compute; with it, ratio 0 no longer equals full KV reuse
-      at the check layers. Off by default.
+      at the check layers.
     """
 
     recompute_ratio: float = 0.15
     check_layers: tuple[int, ...] = (1,)
     check_ratios: tuple[float, ...] | None = None
     deviation: str = "k"
+    selection: str = "deviation"
+    quota: str = "global"
+    probe_tokens: int = 8
+    boundary_tokens: int = 0
+    budget: str = "compute"
     chunk_prefix: str = "bos"
     fresh_check_kv: bool = False
 
+    @classmethod
+    def published(cls, recompute_ratio: float = 0.15) -> "BlendConfig":
+        """The published CacheBlend scheme: K deviation at one check layer (layer 1), global top-k."""
+        return cls(recompute_ratio=recompute_ratio, check_layers=(1,), check_ratios=None, deviation="k",
+                   selection="deviation", quota="global", boundary_tokens=0, budget="ratio", chunk_prefix="bos",
+                   fresh_check_kv=False)
+
+    def replace(self, **changes) -> "BlendConfig":
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
     def ratios(self) -> tuple[float, ...]:
+        """The configured per-check-layer ratios (before any compute-budget scaling)."""
         n = len(self.check_layers)
         if self.check_ratios is not None:
             if len(self.check_ratios) != n:
                 raise ValueError(f"check_ratios has {len(self.check_ratios)} entries for {n} check layers")
             return tuple(float(r) for r in self.check_ratios)
-        r = float(self.recompute_ratio)
-        if n == 1:
-            return (r,)
-        top = min(1.0, 2 * r)
-        return tuple(top + (r - top) * i / (n - 1) for i in range(n))
+        return _linear_schedule(float(self.recompute_ratio), n)
 
     def validate(self, num_layers: int) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
@@ -136,10 +191,109 @@ class BlendConfig:
         ratios = self.ratios()
         if any(not 0.0 <= r <= 1.0 for r in ratios) or any(a < b for a, b in zip(ratios, ratios[1:])):
             raise ValueError(f"check_ratios must lie in [0, 1] and not increase, got {ratios}")
-        if self.deviation not in ("k", "v", "kv"):
-            raise ValueError(f"deviation must be 'k', 'v' or 'kv', got {self.deviation!r}")
-        if self.chunk_prefix not in ("bos", "none"):
-            raise ValueError(f"chunk_prefix must be 'bos' or 'none', got {self.chunk_prefix!r}")
+        for name, value, allowed in (("deviation", self.deviation, DEVIATIONS),
+                                     ("selection", self.selection, SELECTIONS), ("quota", self.quota, QUOTAS),
+                                     ("budget", self.budget, BUDGETS),
+                                     ("chunk_prefix", self.chunk_prefix, CHUNK_PREFIXES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        if not isinstance(self.boundary_tokens, int) or self.boundary_tokens < 0:
+            raise ValueError(f"boundary_tokens must be a non-negative int, got {self.boundary_tokens!r}")
+        if not isinstance(self.probe_tokens, int) or self.probe_tokens < 1:
+            raise ValueError(f"probe_tokens must be a positive int, got {self.probe_tokens!r}")
+
+
+def _linear_schedule(r: float, n: int) -> tuple[float, ...]:
+    if n == 1:
+        return (r,)
+    top = min(1.0, 2 * r)
+    return tuple(top + (r - top) * i / (n - 1) for i in range(n))
+
+
+def published_cost(num_tokens: int, num_forced: int, ratio: float, num_layers: int) -> int:
+    """Token-layers the published scheme computes for a request: layer 0 for every token,
+    then ``ceil(ratio * N)`` non-forced tokens plus the forced ones at each later layer."""
+    if num_layers == 1:
+        return num_tokens
+    kept = min(num_tokens, num_forced + math.ceil(ratio * num_tokens - 1e-9))
+    return num_tokens + (num_layers - 1) * kept
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a request is recomputed: the check layers it uses, how many non-forced tokens
+    each keeps (forced tokens come on top) and how many rows the probe pass runs (0: none)."""
+
+    layers: tuple[int, ...]
+    picks: tuple[int, ...]
+    probe_rows: int = 0
+
+
+def selection_schedule(cfg: BlendConfig, num_tokens: int, num_forced: int, num_layers: int,
+                       probe_rows: int = 0) -> Schedule:
+    """The :class:`Schedule` of a request of ``num_tokens`` tokens, ``num_forced`` of them
+    forced, whose ``"probe"`` selection would run ``probe_rows`` rows.
+
+    With ``budget="ratio"`` each check layer keeps ``ceil(r_l * N)`` non-forced tokens. With
+    ``budget="compute"`` the largest schedule of the configured shape whose token-layers
+    (every token before the first check layer, then the kept tokens at each layer, plus the
+    probe's rows at every layer) fit in :func:`published_cost`; if even an empty selection
+    does not fit, the first check layer moves earlier until it does (layer 1 keeps ratio 0
+    equal to full KV reuse). A probe runs only when a selection has to rank tokens (some but
+    not all candidates kept); when the budget cannot pay for it, tokens are ranked by
+    deviation instead.
+    """
+    free = max(num_tokens - num_forced, 0)
+
+    def ranks(picks) -> bool:
+        return any(0 < k < free for k in picks)
+
+    if cfg.budget == "ratio":
+        layers = tuple(cfg.check_layers)
+        picks = tuple(min(free, math.ceil(r * num_tokens - 1e-9)) for r in cfg.ratios())
+        return Schedule(layers, picks, probe_rows if probe_rows and ranks(picks) else 0)
+    plain = _fit_schedule(cfg, num_tokens, num_forced, num_layers, extra_cost=0)
+    if not (probe_rows and ranks(plain.picks)):
+        return plain
+    probed = _fit_schedule(cfg, num_tokens, num_forced, num_layers, extra_cost=probe_rows * num_layers)
+    if not any(probed.picks):
+        return plain
+    return Schedule(probed.layers, probed.picks, probe_rows)
+
+
+def _fit_schedule(cfg: BlendConfig, n: int, num_forced: int, num_layers: int, extra_cost: int) -> Schedule:
+    """The compute-budget schedule (see :func:`selection_schedule`) with ``extra_cost``
+    token-layers spent elsewhere."""
+    free = max(n - num_forced, 0)
+    layers = tuple(cfg.check_layers)
+    shape = cfg.ratios()
+    budget = published_cost(n, num_forced, cfg.recompute_ratio, num_layers) - extra_cost
+
+    def picks(final: int) -> tuple[int, ...]:
+        if cfg.check_ratios is None:
+            sched = _linear_schedule(final / n, len(layers))
+        else:
+            last = shape[-1]
+            sched = tuple(min(1.0, r / last * final / n) if last > 0 else (1.0 if r > 0 else 0.0) for r in shape)
+            sched = sched[:-1] + (final / n,)
+        return tuple(min(free, max(final, math.ceil(r * n - 1e-9))) for r in sched)
+
+    def cost(ks: tuple[int, ...], lays: tuple[int, ...]) -> int:
+        bounds = lays[1:] + (num_layers,)
+        return lays[0] * n + sum((b - a) * min(n, num_forced + k) for k, a, b in zip(ks, lays, bounds))
+
+    lays = layers
+    while cost(picks(0), lays) > budget and lays[0] > min(1, num_layers - 1):
+        first = lays[0] - 1
+        lays = tuple(sorted({first, *(l for l in lays[1:] if l > first)}))
+    lo, hi = 0, free
+    while lo < hi:  # the largest final count whose schedule fits (cost grows with it)
+        mid = (lo + hi + 1) // 2
+        if cost(picks(mid), lays) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return Schedule(lays, picks(lo))
 
 
 @dataclass
@@ -164,8 +318,96 @@ class BlendResult:
         return int(self.input_ids.shape[0])
 
     def recomputed_fraction(self, layer: int = -1) -> float:
+        """Fraction of the request's tokens computed at ``layer`` (the last by default)."""
         sel = self.selected[layer]
         return 1.0 if sel is None else sel.numel() / self.num_tokens
+
+    def compute_fraction(self) -> float:
+        """Token-layers computed (attention and MLP) over ``N * L``: the share of a full
+        prefill's compute this blend spent (a check layer's Q/K/V of its rejected
+        candidates is not counted)."""
+        n = self.num_tokens
+        return sum(n if s is None else s.numel() for s in self.selected) / (n * len(self.selected))
+
+
+@dataclass
+class RequestPlan:
+    """A request laid out for blending (:meth:`BlendEngine.plan_request`).
+
+    ``input_ids`` ``[N]``; ``forced`` ``[N]`` bool (tokens without cached KV, and the last
+    token); ``chunks`` the reused chunks in request order, ``spans`` their ``(start, end)``
+    positions and ``src_pos`` the positions their K was rotated at (concatenated);
+    ``check`` maps each check layer to the number of non-forced tokens it keeps;
+    ``probe_rows`` the positions the probe pass runs (empty: no probe).
+    """
+
+    config: BlendConfig
+    input_ids: torch.Tensor
+    forced: torch.Tensor
+    chunks: list
+    spans: list
+    src_pos: torch.Tensor | None
+    check: dict
+    probe_rows: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class _BlendState:
+    """Per-request state while the layers run: the request's KV buffers, the hidden states
+    of the rows still computed (``sel``: their positions, ``None`` for all) and timings."""
+
+    plan: RequestPlan
+    rope: object
+    kbuf: torch.Tensor  # [L, H_kv, N, D]
+    vbuf: torch.Tensor
+    positions: torch.Tensor  # [N] on the device
+    forced: torch.Tensor  # [N] bool on the device
+    hidden: torch.Tensor  # [rows, hidden]
+    cos: torch.Tensor  # [N, rotary_dim]
+    sin: torch.Tensor
+    src_pos: torch.Tensor | None
+    dst_pos: torch.Tensor | None
+    sel: torch.Tensor | None = None
+    rank_scores: torch.Tensor | None = None
+    probe_mass: torch.Tensor | None = None  # [L, N] (probe selection)
+    selected: list = field(default_factory=list)
+    timings: dict = field(default_factory=lambda: {"concat_ms": 0.0, "select_ms": 0.0})
+
+    def rows(self) -> torch.Tensor:
+        """Positions of the rows computed at the current layer."""
+        return self.positions if self.sel is None else self.sel
+
+    def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.cos, self.sin) if self.sel is None else (self.cos[self.sel], self.sin[self.sel])
+
+    def layer_kv(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-major ``[N, H_kv, D]`` views of layer ``l``'s K and V."""
+        return self.kbuf[l].transpose(0, 1), self.vbuf[l].transpose(0, 1)
+
+
+def _per_chunk_top(score: torch.Tensor, pos: torch.Tensor, spans, k: int) -> torch.Tensor:
+    """Indices of ``k`` tokens, each chunk's share proportional to its candidates (largest
+    remainders get the leftover), the top scores within each chunk."""
+    starts = torch.tensor([a for a, _ in spans], device=pos.device)
+    chunk = torch.searchsorted(starts, pos, right=True) - 1
+    sizes = torch.bincount(chunk, minlength=len(spans)).cpu()
+    exact = sizes.double() * k / max(int(sizes.sum()), 1)
+    quota = exact.floor().long()
+    left = k - int(quota.sum())
+    if left > 0:  # largest remainder first, ties to the earlier chunk
+        order = sorted(range(len(spans)), key=lambda i: (-(float(exact[i]) - int(quota[i])), i))
+        for i in order[:left]:
+            quota[i] += 1
+    picks = []
+    for i in range(len(spans)):
+        members = (chunk == i).nonzero().flatten()
+        if quota[i] > 0:
+            picks.append(members[_kernels.select_hkvd(score[members], int(quota[i]))])
+    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64, device=score.device)
 
 
 def _cache_kwarg(model) -> str:
@@ -302,8 +544,11 @@ class BlendEngine:
             bos = bos[0]
         return [] if bos is None else [int(bos)]
 
-    def chunk_prefix_ids(self) -> list[int]:
-        """The ids a chunk is encoded after under ``config.chunk_prefix`` (their KV is dropped)."""
+    def chunk_prefix_ids(self, context=None) -> list[int]:
+        """The ids a chunk is encoded after (their KV is dropped): ``context`` (text or ids)
+        tokenized, else those of ``config.chunk_prefix`` (``"bos"``: BOS; ``"none"``: nothing)."""
+        if context is not None:
+            return self.tokenize(context).tolist()
         return self.bos_ids() if self.config.chunk_prefix == "bos" else []
 
     # ------------------------------------------------------------------ HF helpers
@@ -321,12 +566,17 @@ class BlendEngine:
     # ------------------------------------------------------------------ chunks
 
     @torch.inference_mode()
-    def encode_chunk(self, segment) -> ChunkKV:
-        """Prefill one chunk alone (after the configured prefix, whose KV is dropped)."""
+    def encode_chunk(self, segment, context=None) -> ChunkKV:
+        """Prefill one chunk after a context whose KV is dropped.
+
+        ``context`` (text or token ids) is what the chunk is encoded after, e.g. the
+        system prompt the chunk will be used with; by default the configured
+        ``chunk_prefix`` (BOS, or nothing). The context's ids are part of the chunk's key.
+        """
         ids = self.tokenize(segment)
         if ids.numel() == 0:
             raise ValueError("cannot encode an empty chunk")
-        prefix = self.chunk_prefix_ids()
+        prefix = self.chunk_prefix_ids(context)
         full = torch.tensor(prefix + ids.tolist(), dtype=torch.int64)
         pos = torch.arange(full.numel(), dtype=torch.int64)
         out = self._forward(full, pos)
@@ -336,10 +586,10 @@ class BlendEngine:
         key = self.chunk_key(ids, prefix)
         return ChunkKV(kv.contiguous(), pos[p:].clone(), ids, key, tuple(prefix))
 
-    def encode_chunks(self, segments, progress=None) -> list[ChunkKV]:
+    def encode_chunks(self, segments, progress=None, context=None) -> list[ChunkKV]:
         out = []
         for i, s in enumerate(segments):
-            out.append(self.encode_chunk(s))
+            out.append(self.encode_chunk(s, context))
             if progress is not None:
                 progress(i + 1, len(segments), out[-1])
         return out
@@ -392,41 +642,57 @@ class BlendEngine:
 
     # ------------------------------------------------------------------ blend
 
-    def _layer_qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        attn = layer.self_attn
-        m = h.shape[0]
-        x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(m, -1, self.head_dim)
-        k = attn.k_proj(x).view(m, -1, self.head_dim)
-        v = attn.v_proj(x).view(m, -1, self.head_dim)
-        if self.has_qk_norm:
-            q = attn.q_norm(q)
-            k = attn.k_norm(k)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
-
-    def _deviation(self, k_fresh, v_fresh, k_reused, v_reused, index: torch.Tensor) -> torch.Tensor:
-        mode = self.config.deviation
-        if mode == "k":
-            return _kernels.kv_deviation(k_fresh, k_reused, index)
-        if mode == "v":
-            return _kernels.kv_deviation(v_fresh, v_reused, index)
-        dev = _kernels.kv_deviation(k_fresh, k_reused, index)
-        return _kernels.kv_deviation(v_fresh, v_reused, index, out=dev, accumulate=True)
-
     @torch.inference_mode()
-    def blend(self, segments, config: BlendConfig | None = None, source: LayerSource | None = None) -> BlendResult:
+    def blend(self, segments, config: BlendConfig | None = None, source: LayerSource | None = None,
+              rank_scores: torch.Tensor | None = None) -> BlendResult:
         """Blend ``segments`` (``ChunkKV`` reused; text / ids forced) into a prefill.
 
-        ``source`` overrides where the reused chunks' per-layer KV comes from (see the
-        layer-source protocol in the module docstring); by default the chunks' own tensors.
+        ``config`` overrides the engine's :class:`BlendConfig` for this call. ``source``
+        overrides where the reused chunks' per-layer KV comes from (see the layer-source
+        protocol in the module docstring); by default the chunks' own tensors.
+        ``rank_scores`` ``[N]``, if given, ranks the candidates at every check layer in
+        place of the configured deviation (for experiments with other rankings, such as
+        the hindsight yardstick of ``bench quality``).
         """
         cfg = config or self.config
         cfg.validate(self.num_layers)
         t_start = time.perf_counter()
-        device, dtype = self.device, self.dtype
+        plan = self.plan_request(segments, cfg)
+        if source is None:
+            source = InMemorySource(plan.chunks, self.device, self.dtype)
+        state = self._start(plan)
+        if rank_scores is not None:
+            if rank_scores.shape != (plan.num_tokens,):
+                raise ValueError(f"rank_scores must be [{plan.num_tokens}], got {tuple(rank_scores.shape)}")
+            state.rank_scores = rank_scores.to(self.device, torch.float32)
+        try:
+            placed = plan.probe_rows.numel() > 0
+            if placed:  # the probe reads every layer's reused KV and leaves it in place
+                self._probe(state, source)
+            for l, layer in enumerate(self.layers):
+                if not placed:
+                    reused = source.layer(l)
+                    if plan.chunks and (state.sel is not None or l in plan.check):
+                        self._place_reused(state, l, reused)
+                q, k, v = self._layer_qkv(layer, state.hidden, *state.rotary())
+                if l in plan.check:
+                    q, k, v = self._select(state, l, q, k, v)
+                self._attend_and_mlp(state, l, layer, q, k, v)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+        result = self._finish(state)
+        result.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+        return result
 
-        # -- request layout: token ids, forced mask, reused chunks' positions
-        ids_parts, forced_parts, chunks, src_pos, dst_pos = [], [], [], [], []
+    # -- the blend's steps, in order
+
+    def plan_request(self, segments, config: BlendConfig | None = None) -> "RequestPlan":
+        """Lay a request out: token ids, forced tokens, where each reused chunk goes, and
+        how many tokens each check layer keeps (:func:`selection_schedule`)."""
+        cfg = config or self.config
+        ids_parts, forced_parts, chunks, spans, src_pos = [], [], [], [], []
         n = 0
         for seg in segments:
             if isinstance(seg, ChunkKV):
@@ -436,8 +702,8 @@ class BlendEngine:
                 ids_parts.append(seg.token_ids)
                 forced_parts.append(torch.zeros(t, dtype=torch.bool))
                 chunks.append(seg)
+                spans.append((n, n + t))
                 src_pos.append(seg.positions.cpu())
-                dst_pos.append(torch.arange(n, n + t, dtype=torch.int64))
             else:
                 ids = self.tokenize(seg)
                 t = ids.numel()
@@ -450,92 +716,182 @@ class BlendEngine:
         if window and getattr(self.model.config, "use_sliding_window", True) and n > window:
             raise ValueError(f"request of {n} tokens exceeds the model's sliding window ({window}); "
                              "sliding-window attention is not supported")
-        ids = torch.cat(ids_parts)
         forced = torch.cat(forced_parts)
         forced[-1] = True  # the last token gives the first output token
-        rope = self.rope(max(n, int(torch.cat(src_pos).max()) + 1 if src_pos else n))
-        if source is None:
-            source = InMemorySource(chunks, device, dtype)
-        if chunks:
-            src_all = torch.cat(src_pos).to(device)
-            dst_all = torch.cat(dst_pos).to(device)
+        probe = torch.zeros(0, dtype=torch.int64)
+        if chunks and cfg.selection == "probe":  # the query: forced tokens after the last chunk's start
+            probe = forced[spans[-1][0]:].nonzero().flatten()[-cfg.probe_tokens:] + spans[-1][0]
+        schedule = selection_schedule(cfg, n, int(forced.sum()), self.num_layers, probe.numel())
+        return RequestPlan(cfg, torch.cat(ids_parts), forced, chunks, spans,
+                           torch.cat(src_pos) if chunks else None, dict(zip(schedule.layers, schedule.picks)),
+                           probe[: schedule.probe_rows] if schedule.probe_rows else probe[:0])
 
-        # -- buffers: the request's KV in HF layout [L, H_kv, N, D]; token-major views for the ops
-        kbuf = torch.empty(self.num_layers, self.num_kv_heads, n, self.head_dim, device=device, dtype=dtype)
+    def _start(self, plan: "RequestPlan") -> "_BlendState":
+        """Buffers for the request's KV, the embeddings and the RoPE angles of every position."""
+        n, device = plan.num_tokens, self.device
+        max_src = int(plan.src_pos.max()) + 1 if plan.chunks else 0
+        rope = self.rope(max(n, max_src))
+        # the request's KV in HF layout [L, H_kv, N, D]; the ops see token-major views
+        kbuf = torch.empty(self.num_layers, self.num_kv_heads, n, self.head_dim, device=device, dtype=self.dtype)
         vbuf = torch.empty_like(kbuf)
-        pos_all = torch.arange(n, device=device)
-        forced_dev = forced.to(device)
-        hidden = self.base.embed_tokens(ids.to(device)[None])[0]  # [N, hidden]
-        cos_all, sin_all = self.base.rotary_emb(hidden[None], pos_all[None])
-        cos_all, sin_all = cos_all[0], sin_all[0]
+        positions = torch.arange(n, device=device)
+        hidden = self.base.embed_tokens(plan.input_ids.to(device)[None])[0]  # [N, hidden]
+        cos, sin = self.base.rotary_emb(hidden[None], positions[None])
+        dst = torch.cat([torch.arange(a, b) for a, b in plan.spans]).to(device) if plan.chunks else None
+        return _BlendState(plan, rope, kbuf, vbuf, positions, plan.forced.to(device), hidden, cos[0], sin[0],
+                           plan.src_pos.to(device) if plan.chunks else None, dst)
 
-        check = dict(zip(cfg.check_layers, cfg.ratios()))
-        selected: list = [None] * self.num_layers
-        sel = None  # None: all tokens; else int64 positions (ascending) whose hidden states we carry
-        timings = {"concat_ms": 0.0}
-        try:
-            for l, layer in enumerate(self.layers):
-                reused = source.layer(l)
-                k_tok = kbuf[l].transpose(0, 1)  # [N, H_kv, D] view
-                v_tok = vbuf[l].transpose(0, 1)
-                need_reused = sel is not None or l in check
-                if chunks and need_reused:
-                    t0 = time.perf_counter()
-                    _kernels.fused_kv_concat([c[None] for c in reused], src_all, dst_all, dst_all,
-                                             rope.cos_sin_cache, rope.is_neox, [k_tok], [v_tok])
-                    timings["concat_ms"] += (time.perf_counter() - t0) * 1e3
-                pos = pos_all if sel is None else sel
-                cos, sin = (cos_all, sin_all) if sel is None else (cos_all[sel], sin_all[sel])
-                q, k, v = self._layer_qkv(layer, hidden, cos, sin)
+    def _place_reused(self, state: "_BlendState", l: int, reused: Sequence[torch.Tensor]) -> None:
+        """Gather the reused chunks' layer-``l`` KV into the request at their new positions (K re-rotated)."""
+        t0 = time.perf_counter()
+        k_tok, v_tok = state.layer_kv(l)
+        _kernels.fused_kv_concat([c[None] for c in reused], state.src_pos, state.dst_pos, state.dst_pos,
+                                 state.rope.cos_sin_cache, state.rope.is_neox, [k_tok], [v_tok])
+        state.timings["concat_ms"] += (time.perf_counter() - t0) * 1e3
 
-                if l in check:
-                    if cfg.fresh_check_kv:  # after the deviation below reads the reused K/V
-                        fresh_rows = (k, v)
-                    rows_forced = forced_dev if sel is None else forced_dev[sel]
-                    cand_rows = (~rows_forced).nonzero().flatten()
-                    num_cand = cand_rows.numel()
-                    if num_cand:
-                        budget = min(math.ceil(check[l] * n - 1e-9), num_cand)
-                        cand_pos = cand_rows if sel is None else sel[cand_rows]
-                        dev = self._deviation(k[cand_rows], v[cand_rows], k_tok, v_tok, cand_pos)
-                        pick = _kernels.select_hkvd(dev, budget)
-                        keep = torch.cat([rows_forced.nonzero().flatten(), cand_rows[pick]]).sort().values
-                    else:
-                        keep = rows_forced.nonzero().flatten()
-                    if cfg.fresh_check_kv:
-                        rows = pos_all if sel is None else sel
-                        k_tok[rows], v_tok[rows] = fresh_rows
-                    if not (sel is None and keep.numel() == n):  # all kept: stay on the full path
-                        sel = keep if sel is None else sel[keep]
-                        q, k, v, hidden = q[keep], k[keep], v[keep], hidden[keep]
-                        pos = sel
+    def _probe(self, state: "_BlendState", source: LayerSource) -> None:
+        """The probe pass: the probe rows (the last query tokens) run through every layer
+        over the reused KV, as in full KV reuse; ``state.probe_mass[l]`` is the attention
+        they pay each position at layer ``l``, summed over rows and heads. Every layer's
+        reused KV is left placed in the request's buffers for the main pass."""
+        t0 = time.perf_counter()
+        rows = state.plan.probe_rows.to(self.device)
+        hidden = state.hidden[rows]
+        group = self.num_heads // self.num_kv_heads
+        visible = state.positions[None, :] <= rows[:, None]  # [P, N] exact position-causal mask
+        mass = torch.zeros(self.num_layers, state.plan.num_tokens, device=self.device, dtype=torch.float32)
+        for l, layer in enumerate(self.layers):
+            self._place_reused(state, l, source.layer(l))
+            k_tok, v_tok = state.layer_kv(l)
+            q, k, v = self._layer_qkv(layer, hidden, state.cos[rows], state.sin[rows])
+            k_tok[rows], v_tok[rows] = k, v
+            qg = q.float().view(rows.numel(), self.num_kv_heads, group, self.head_dim)
+            scores = torch.einsum("phgd,nhd->phgn", qg, k_tok.float()) * self.scaling
+            probs = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
+            mass[l] = probs.sum((0, 1, 2))
+            o = torch.einsum("phgn,nhd->phgd", probs, v_tok.float()).to(q.dtype).reshape(rows.numel(), -1)
+            h = hidden + layer.self_attn.o_proj(o)
+            hidden = h + layer.mlp(layer.post_attention_layernorm(h))
+        state.probe_mass = mass
+        state.timings["probe_ms"] = (time.perf_counter() - t0) * 1e3
 
-                attn = layer.self_attn
-                if sel is None:
-                    k_tok.copy_(k)
-                    v_tok.copy_(v)
-                    o = F.scaled_dot_product_attention(
-                        q.transpose(0, 1)[None], kbuf[l][None], vbuf[l][None], is_causal=True,
-                        scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads)[0].transpose(0, 1)
-                else:
-                    k_tok[sel] = k
-                    v_tok[sel] = v
-                    o = _kernels.sparse_query_attention(q, k_tok, v_tok, pos, self.scaling)
-                selected[l] = sel
-                hidden = hidden + attn.o_proj(o.reshape(o.shape[0], -1))
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        finally:
-            close = getattr(source, "close", None)
-            if close is not None:
-                close()
+    def _layer_qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        attn = layer.self_attn
+        m = h.shape[0]
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(m, -1, self.head_dim)
+        k = attn.k_proj(x).view(m, -1, self.head_dim)
+        v = attn.v_proj(x).view(m, -1, self.head_dim)
+        if self.has_qk_norm:
+            q = attn.q_norm(q)
+            k = attn.k_norm(k)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
-        last = self.base.norm(hidden[-1:])
+    def _select(self, state: "_BlendState", l: int, q, k, v):
+        """At a check layer: rank the candidates (the rows computed so far that are not
+        forced) and keep the top ones plus every forced row; returns the kept rows' Q/K/V."""
+        t0 = time.perf_counter()
+        cfg, plan = state.plan.config, state.plan
+        k_tok, v_tok = state.layer_kv(l)
+        rows = state.rows()
+        rows_forced = state.forced[rows]
+        cand = (~rows_forced).nonzero().flatten()
+        budget = min(plan.check[l], cand.numel())
+        if budget > 0:
+            cand_pos = rows[cand]
+            if state.rank_scores is not None:
+                score = state.rank_scores[cand_pos].contiguous()
+            elif state.probe_mass is not None:  # the probe's attention where this selection takes effect
+                score = state.probe_mass[l:].sum(0)[cand_pos]
+            else:
+                score = self._deviation(cfg, k[cand], v[cand], k_tok, v_tok, cand_pos)
+            if cfg.selection == "impact" and state.rank_scores is None:
+                score = score * self._query_attention_mass(state, l, q, k, rows)[cand_pos]
+            pick = self._top_candidates(cfg, plan, score, cand_pos, budget)
+            keep = torch.cat([rows_forced.nonzero().flatten(), cand[pick]]).sort().values
+        else:
+            keep = rows_forced.nonzero().flatten()
+        if cfg.fresh_check_kv:  # after the deviation above has read the reused K/V
+            k_tok[rows], v_tok[rows] = k, v
+        if not (state.sel is None and keep.numel() == plan.num_tokens):  # all kept: stay on the full path
+            state.sel = rows[keep]
+            q, k, v, state.hidden = q[keep], k[keep], v[keep], state.hidden[keep]
+        state.timings["select_ms"] += (time.perf_counter() - t0) * 1e3
+        return q, k, v
+
+    @staticmethod
+    def _deviation(cfg: BlendConfig, k_fresh, v_fresh, k_reused, v_reused, index: torch.Tensor) -> torch.Tensor:
+        if cfg.deviation == "k":
+            return _kernels.kv_deviation(k_fresh, k_reused, index)
+        if cfg.deviation == "v":
+            return _kernels.kv_deviation(v_fresh, v_reused, index)
+        dev = _kernels.kv_deviation(k_fresh, k_reused, index)
+        return _kernels.kv_deviation(v_fresh, v_reused, index, out=dev, accumulate=True)
+
+    def _query_attention_mass(self, state: "_BlendState", l: int, q, k, rows) -> torch.Tensor:
+        """``[N]`` float32: the attention the query rows (forced rows after the last reused
+        chunk) pay each position at this layer, summed over rows and heads; keys are the
+        fresh K of the computed rows and the reused K elsewhere."""
+        query_start = state.plan.spans[-1][1]
+        qrows = (rows >= query_start).nonzero().flatten()
+        keys = state.layer_kv(l)[0].clone()
+        keys[rows] = k
+        group = self.num_heads // self.num_kv_heads
+        qg = q[qrows].float().view(qrows.numel(), self.num_kv_heads, group, self.head_dim)
+        scores = torch.einsum("mhgd,nhd->mhgn", qg, keys.float()) * self.scaling
+        visible = state.positions[None, :] <= rows[qrows][:, None]  # [m, N] exact causal mask
+        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+        return scores.softmax(-1).sum((0, 1, 2))
+
+    @staticmethod
+    def _top_candidates(cfg: BlendConfig, plan: "RequestPlan", score: torch.Tensor, cand_pos: torch.Tensor,
+                        budget: int) -> torch.Tensor:
+        """Indices into the candidates of the ``budget`` tokens kept: the chunk-boundary
+        tokens first, then the highest scores, over the request or per chunk."""
+        prio = torch.zeros_like(score, dtype=torch.bool)
+        if cfg.boundary_tokens:
+            starts = torch.tensor([a for a, _ in plan.spans], device=cand_pos.device)
+            chunk = torch.searchsorted(starts, cand_pos, right=True) - 1
+            prio = cand_pos - starts[chunk] < cfg.boundary_tokens
+        first = prio.nonzero().flatten()
+        if first.numel() >= budget:
+            return first[_kernels.select_hkvd(score[first], budget)]
+        rest = (~prio).nonzero().flatten()
+        need = budget - first.numel()
+        if cfg.quota == "global":
+            chosen = rest[_kernels.select_hkvd(score[rest], need)]
+        else:
+            chosen = rest[_per_chunk_top(score[rest], cand_pos[rest], plan.spans, need)]
+        return torch.cat([first, chosen])
+
+    def _attend_and_mlp(self, state: "_BlendState", l: int, layer, q, k, v) -> None:
+        """Write the computed rows' fresh K/V into the request, attend (causal prefill on the
+        full path, exact position-causal sparse-query attention on the selective path),
+        then the output projection and MLP for those rows."""
+        k_tok, v_tok = state.layer_kv(l)
+        if state.sel is None:
+            k_tok.copy_(k)
+            v_tok.copy_(v)
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], state.kbuf[l][None], state.vbuf[l][None], is_causal=True,
+                scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads)[0].transpose(0, 1)
+        else:
+            k_tok[state.sel] = k
+            v_tok[state.sel] = v
+            o = _kernels.sparse_query_attention(q, k_tok, v_tok, state.sel, self.scaling)
+        state.selected.append(state.sel)
+        h = state.hidden + layer.self_attn.o_proj(o.reshape(o.shape[0], -1))
+        state.hidden = h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _finish(self, state: "_BlendState") -> BlendResult:
+        """First-token logits from the last token; the blended KV as a ``DynamicCache`` (views)."""
+        last = self.base.norm(state.hidden[-1:])
         logits = self.model.lm_head(last)[0].float()
-        cache = make_dynamic_cache(self.model, [kbuf[l][None] for l in range(self.num_layers)],
-                                   [vbuf[l][None] for l in range(self.num_layers)])
+        cache = make_dynamic_cache(self.model, [state.kbuf[l][None] for l in range(self.num_layers)],
+                                   [state.vbuf[l][None] for l in range(self.num_layers)])
         self._sync()
-        timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
-        return BlendResult(logits, cache, ids, selected, forced, timings)
+        plan = state.plan
+        return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, state.timings)
 
     # ------------------------------------------------------------------ decoding
 

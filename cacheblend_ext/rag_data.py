@@ -74,6 +74,16 @@ def _sentences() -> list[list[str]]:
     return out
 
 
+_essay_cache: list = []
+
+
+def _essays():
+    """The essays' sentence lists, read once per process."""
+    if not _essay_cache:
+        _essay_cache.append(_sentences())
+    return _essay_cache[0]
+
+
 def _filler(rng: random.Random, essays, words: int) -> list[str]:
     sents = essays[rng.randrange(len(essays))]
     start = rng.randrange(max(1, len(sents) - 40))
@@ -94,36 +104,59 @@ def make_samples(num_samples: int = 24, num_chunks: int = 4, chunk_words: int = 
     if num_chunks < 2:
         raise ValueError("need at least 2 chunks (two-hop facts span two chunks)")
     rng = random.Random(seed)
-    essays = _sentences()
-    samples = []
-    for s in range(num_samples):
-        projects = rng.sample(PROJECTS, 3)
-        people = [f"{f} {l}" for f, l in zip(rng.sample(FIRST, 3), rng.sample(LAST, 3))]
-        cities = rng.sample(CITIES, 3)
-        planted = [[] for _ in range(num_chunks)]
-        for p, person, city in zip(projects, people, cities):
-            a = rng.randrange(num_chunks)
-            b = rng.choice([c for c in range(num_chunks) if c != a])
-            planted[a].append(f"Project {p} is led by {person}.")
-            planted[b].append(f"{person} was born in {city}.")
-        chunks = []
-        for c in range(num_chunks):
-            sents = _filler(rng, essays, chunk_words)
-            for fact in planted[c]:
-                sents.insert(rng.randrange(len(sents) + 1), fact)
-            chunks.append(" ".join(sents))
-        t = rng.randrange(3)
-        if rng.random() < two_hop_fraction:
-            q = f"Where was the leader of Project {projects[t]} born?"
-            stem = f"The leader of Project {projects[t]} was born in"
-            ans, kind = cities[t], "two-hop"
-        else:
-            q = f"Who leads Project {projects[t]}?"
-            stem = f"Project {projects[t]} is led by"
-            ans, kind = people[t], "single-hop"
-        samples.append(Sample(chunks, q, stem, ans, kind,
-                              {"projects": projects, "people": people, "cities": cities}))
-    return samples
+    essays = _essays()
+    return [_make_sample(rng, essays, num_chunks, [chunk_words] * num_chunks, two_hop_fraction)
+            for _ in range(num_samples)]
+
+
+def _make_sample(rng: random.Random, essays, num_chunks: int, words: list[int], two_hop_fraction: float) -> Sample:
+    """One request: 3 projects, each leader's birthplace planted in a different chunk than
+    the project's leader; chunk ``c`` has about ``words[c]`` filler words."""
+    projects = rng.sample(PROJECTS, 3)
+    people = [f"{f} {l}" for f, l in zip(rng.sample(FIRST, 3), rng.sample(LAST, 3))]
+    cities = rng.sample(CITIES, 3)
+    planted = [[] for _ in range(num_chunks)]
+    for p, person, city in zip(projects, people, cities):
+        a = rng.randrange(num_chunks)
+        b = rng.choice([c for c in range(num_chunks) if c != a])
+        planted[a].append(f"Project {p} is led by {person}.")
+        planted[b].append(f"{person} was born in {city}.")
+    chunks = []
+    for c in range(num_chunks):
+        sents = _filler(rng, essays, words[c])
+        for fact in planted[c]:
+            sents.insert(rng.randrange(len(sents) + 1), fact)
+        chunks.append(" ".join(sents))
+    t = rng.randrange(3)
+    if rng.random() < two_hop_fraction:
+        q = f"Where was the leader of Project {projects[t]} born?"
+        stem = f"The leader of Project {projects[t]} was born in"
+        ans, kind = cities[t], "two-hop"
+    else:
+        q = f"Who leads Project {projects[t]}?"
+        stem = f"Project {projects[t]} is led by"
+        ans, kind = people[t], "single-hop"
+    return Sample(chunks, q, stem, ans, kind, {"projects": projects, "people": people, "cities": cities})
+
+
+def make_varied_samples(num_samples: int = 32, seed: int = 0, chunks: tuple[int, int] = (3, 8),
+                        chunk_words: tuple[int, int] = (52, 320), two_hop_fraction: float = 0.5) -> list[Sample]:
+    """Requests of varied shape: each draws its chunk count from ``chunks`` and each chunk
+    its filler length from ``chunk_words`` (both inclusive; 52 to 320 words is about 64 to
+    400 tokens with the bundled tokenizer), then plants facts as :func:`make_samples` does."""
+    lo, hi = chunks
+    if lo < 2 or hi < lo:
+        raise ValueError(f"chunks must be (lo, hi) with 2 <= lo <= hi, got {chunks}")
+    wlo, whi = chunk_words
+    if wlo < 1 or whi < wlo:
+        raise ValueError(f"chunk_words must be (lo, hi) with 1 <= lo <= hi, got {chunk_words}")
+    rng = random.Random(f"varied-{seed}")
+    out = []
+    for _ in range(num_samples):
+        n = rng.randint(lo, hi)
+        words = [rng.randint(wlo, whi) for _ in range(n)]
+        out.append(_make_sample(rng, _essays(), n, words, two_hop_fraction))
+    return out
 
 
 def chat_segments(tokenizer, sample: Sample) -> tuple[str, list[str], str]:

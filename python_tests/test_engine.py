@@ -178,7 +178,7 @@ def test_chunk_order_change_at_ratio_one(tiny):
 
 
 def test_gradual_filtering_selects_nested_subsets(tiny):
-    cfg = BlendConfig(recompute_ratio=0.2, check_layers=(1, 2, 3), deviation="kv")
+    cfg = BlendConfig(recompute_ratio=0.2, check_layers=(1, 2, 3), deviation="kv", budget="ratio")
     assert cfg.ratios() == pytest.approx((0.4, 0.3, 0.2))
     engine = BlendEngine(tiny, config=cfg)
     prefix, chunk_ids, query = request_parts(seed=4)
