@@ -127,11 +127,12 @@ class BlendConfig:
       after the last reused chunk) put on each token at the check layer, since a query's
       output error is roughly the attention-weighted sum of the errors of the tokens it reads.
       ``"probe"``: a probe pass first runs the last ``probe_tokens`` query tokens through
-      every layer over the reused KV (full KV reuse for those rows only), and tokens are
-      ranked by the attention mass the probe puts on them summed over the layers from the
-      check layer on: the tokens whose KV the query actually reads where the selection
-      takes effect. The probe's token-layers are paid from the budget; it needs every
-      layer's reused KV before the first check layer (see the layer-source protocol).
+      every layer over the reused chunk KV alone (full KV reuse for those rows only), and
+      tokens are ranked by the attention mass the probe puts on them, summed over the
+      layers from the check layer on: the tokens whose KV the query actually reads where
+      the selection takes effect. The probe's token-layers are paid from the budget; it
+      needs every layer's reused KV before the first check layer (see the layer-source
+      protocol).
     - ``quota``: ``"global"`` takes the top tokens of the whole request; ``"per_chunk"``
       gives each reused chunk a share of the budget proportional to its candidates.
     - ``boundary_tokens``: the first ``b`` tokens of each reused chunk are taken first,
@@ -751,14 +752,21 @@ class BlendEngine:
 
     def _probe(self, state: "_BlendState", source: LayerSource) -> None:
         """The probe pass: the probe rows (the last query tokens) run through every layer
-        over the reused KV, as in full KV reuse; ``state.probe_mass[l]`` is the attention
-        they pay each position at layer ``l``, summed over rows and heads. Every layer's
-        reused KV is left placed in the request's buffers for the main pass."""
+        over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]`` is the
+        attention they pay each position at layer ``l``, summed over rows and heads. Every
+        layer's reused KV is left placed in the request's buffers for the main pass."""
         t0 = time.perf_counter()
         rows = state.plan.probe_rows.to(self.device)
         hidden = state.hidden[rows]
         group = self.num_heads // self.num_kv_heads
-        visible = state.positions[None, :] <= rows[:, None]  # [P, N] exact position-causal mask
+        # The probe sees the reused KV and its own rows (exact position-causal mask); other
+        # tokens without cached KV (the prefix, the start of a long query) have no KV yet.
+        known = ~state.forced
+        known[rows] = True
+        visible = (state.positions[None, :] <= rows[:, None]) & known[None, :]  # [P, N]
+        unknown = (~known).nonzero().flatten()
+        state.kbuf[:, :, unknown] = 0  # masked out, but 0 * NaN would still reach the output
+        state.vbuf[:, :, unknown] = 0
         mass = torch.zeros(self.num_layers, state.plan.num_tokens, device=self.device, dtype=torch.float32)
         for l, layer in enumerate(self.layers):
             self._place_reused(state, l, source.layer(l))

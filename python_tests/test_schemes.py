@@ -99,7 +99,8 @@ def test_ratio_budget_applies_ratios_literally():
 
 CHANGES = [
     {"recompute_ratio": 0.4}, {"deviation": "v"}, {"deviation": "kv"}, {"selection": "impact"},
-    {"selection": "probe"}, {"selection": "probe", "probe_tokens": 2}, {"quota": "per_chunk"}, {"boundary_tokens": 4}, {"budget": "ratio", "check_layers": (1, 2)},
+    {"selection": "probe", "recompute_ratio": 0.4}, {"selection": "probe", "probe_tokens": 2}, {"quota": "per_chunk"},
+    {"boundary_tokens": 4}, {"budget": "ratio", "check_layers": (1, 2)},
     {"check_layers": (2,), "recompute_ratio": 0.4}, {"check_layers": (1, 2, 3), "check_ratios": (0.6, 0.4, 0.2)},
     {"fresh_check_kv": True},
 ]
@@ -140,7 +141,7 @@ def test_chunk_prefix_per_engine_and_explicit_context(llama):
 # ---------------------------------------------------------------------------- selection vs a reference
 
 
-def reference_scores(model, engine, prefix, chunk_ids, chunks, query, cfg, layer):
+def reference_scores(model, engine, prefix, chunk_ids, chunks, query, cfg, layer, probed=False):
     """Float64 scores of every token at the first check layer, from Hugging Face's own
     forward: the layers before it ran in full, so the fresh Q/K/V there are full prefill's."""
     ids = torch.cat([prefix, *chunk_ids, query])
@@ -168,7 +169,7 @@ def reference_scores(model, engine, prefix, chunk_ids, chunks, query, cfg, layer
         v_reused[dst] = c.kv[layer, 1].double()
         spans.append((start, start + c.num_tokens))
         start += c.num_tokens
-    if cfg.selection == "probe":
+    if probed:
         return probe_mass(model, engine, ids, chunks, spans, cfg.probe_tokens)[layer:].sum(0), spans
     dk = ((k - k_reused) ** 2).sum((1, 2))
     dv = ((v - v_reused) ** 2).sum((1, 2))
@@ -207,8 +208,13 @@ def probe_mass(model, engine, ids, chunks, spans, probe_tokens):
                 keys[s:e] = reference.rope_reposition(c.kv[l, 0].double(), c.positions, torch.arange(s, e), rope, True)
                 values[s:e] = c.kv[l, 1].double()
             keys[rows], values[rows] = k, v
+            known = torch.zeros(n, dtype=torch.bool)  # the chunks' KV and the probe's own rows
+            for s, e in spans:
+                known[s:e] = True
+            known[rows] = True
             logits = torch.einsum("phd,nhd->phn", q, keys.repeat_interleave(group, 1)) * engine.scaling
             logits = logits.masked_fill(torch.arange(n)[None, None, :] > rows[:, None, None], float("-inf"))
+            logits = logits.masked_fill(~known[None, None, :], float("-inf"))
             probs = logits.softmax(-1)
             masses.append(probs.sum((0, 1)))
             o = torch.einsum("phn,nhd->phd", probs, values.repeat_interleave(group, 1)).reshape(probe_tokens, -1)
@@ -255,7 +261,9 @@ def test_selection_matches_reference(llama, name, ratio):
     result = engine.blend([prefix, *chunks, query])
     plan = engine.plan_request([prefix, *chunks, query])
     (layer, budget), = plan.check.items()
-    score, spans = reference_scores(llama, engine, prefix, chunk_ids, chunks, query, cfg, layer)
+    probed = plan.probe_rows.numel() > 0
+    assert probed == (name == "probe" and ratio > 0.3)  # at 10% the tiny request cannot pay for a probe
+    score, spans = reference_scores(llama, engine, prefix, chunk_ids, chunks, query, cfg, layer, probed)
     want = reference_picks(cfg, score, spans, budget)
     forced = set(result.forced.nonzero().flatten().tolist())
     got = set(result.selected[layer].tolist()) - forced
