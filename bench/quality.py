@@ -275,7 +275,7 @@ def _run(args) -> dict:
                "question": sample.question, "gold": sample.answer, "full_answer": full_answer,
                "full_f1": f1_score(full_answer, sample.answer), "full_em": exact_match(full_answer, sample.answer),
                "runs": {}}
-        contexts = {"bos": engine._bos(), "none": [], "prefix": engine.tokenize(prefix).tolist()}
+        contexts = {"bos": engine.bos_ids(), "none": [], "prefix": engine.tokenize(prefix).tolist()}
         encoded, hindsight = {}, None
         for name, scheme, r in runs:
             if scheme.context not in encoded:

@@ -63,28 +63,35 @@ class CachedBlender:
         self.depth = depth
         self.controller = controller
 
-    def key(self, segment) -> str:
-        """The content key the engine gives ``segment``'s chunk KV."""
+    def key(self, segment, prefix=None, config=None) -> str:
+        """The content key of ``segment``'s chunk KV when it is used after ``prefix``."""
         e = self.engine
-        return e.chunk_key(e.tokenize(segment), e.chunk_prefix_ids())
+        return e.chunk_key(e.tokenize(segment), e.chunk_prefix_ids(self._context(prefix, config)))
 
-    def add(self, segment) -> str:
-        """Encode ``segment`` and store its KV (unless already stored); returns its key."""
-        key = self.key(segment)
+    def add(self, segment, prefix=None, config=None) -> str:
+        """Encode ``segment`` and store its KV (unless already stored) for requests that
+        start with ``prefix``; returns its key."""
+        key = self.key(segment, prefix, config)
         if self.store.where(key) is None:
-            self._encode_and_put(segment)
+            self._encode_and_put(segment, self._context(prefix, config))
         return key
 
-    def add_many(self, segments: Sequence, progress=None) -> list[str]:
+    def add_many(self, segments: Sequence, prefix=None, config=None, progress=None) -> list[str]:
         keys = []
         for i, s in enumerate(segments):
-            keys.append(self.add(s))
+            keys.append(self.add(s, prefix, config))
             if progress is not None:
                 progress(i + 1, len(segments))
         return keys
 
-    def _encode_and_put(self, segment):
-        chunk = self.engine.encode_chunk(segment)
+    def _context(self, prefix, config):
+        """What chunks are encoded after: the request's prefix under ``chunk_prefix="prefix"``,
+        else the configured default (None)."""
+        cfg = config or self.engine.config
+        return prefix if cfg.chunk_prefix == "prefix" and prefix is not None else None
+
+    def _encode_and_put(self, segment, context=None):
+        chunk = self.engine.encode_chunk(segment, context)
         self.store.put(chunk.key, chunk.kv, chunk.positions, chunk.token_ids,
                        meta={"prefix_ids": [int(t) for t in chunk.prefix_ids]})
         return chunk
@@ -98,21 +105,23 @@ class CachedBlender:
     def blend(self, prefix, chunks: Sequence, query, config=None):
         """Blend ``prefix + chunks + query``; chunks are texts or token ids, reused via the store.
 
-        ``prefix`` may be ``None``. A chunk the store does not have is encoded and stored;
+        ``prefix`` may be ``None``. Under ``chunk_prefix="prefix"`` chunks are encoded after
+        ``prefix`` (and keyed by it). A chunk the store does not have is encoded and stored;
         a chunk that fails while it streams (corrupt, remote gone or evicted) is encoded
         again and the request recomputed, so a store failure never reaches the caller.
         Returns ``(BlendResult, LoadReport)``; the report is also in
         ``result.timings["load"]``.
         """
         e = self.engine
-        keys = [self.key(c) for c in chunks]
+        context = self._context(prefix, config)
+        keys = [self.key(c, prefix, config) for c in chunks]
         encoded: dict = {}  # chunk index -> ChunkKV encoded during this request
         while True:  # each failed attempt encodes one more chunk, so this ends
             todo = [i for i in range(len(chunks)) if i not in encoded]
             handles = dict(zip(todo, self.store.open_many([keys[i] for i in todo])))
             for i in todo:
                 if handles[i] is None:  # a miss: encode, store, use the fresh KV
-                    encoded[i] = self._encode_and_put(chunks[i])
+                    encoded[i] = self._encode_and_put(chunks[i], context)
             ordered = [handles.get(i) or self._encoded_handle(encoded[i]) for i in range(len(chunks))]
             source = StoreLayerSource(ordered, e.device, pipelined=self.pipelined, depth=self.depth)
             stubs = [_stub_chunk(h, e.dtype, e.device) for h in ordered]
@@ -123,7 +132,7 @@ class CachedBlender:
                 failed = keys.index(exc.key)
                 if failed in encoded:  # cannot happen: encoded KV is in memory
                     raise
-                encoded[failed] = self._encode_and_put(chunks[failed])
+                encoded[failed] = self._encode_and_put(chunks[failed], context)
                 continue
             finally:
                 source.close()

@@ -93,7 +93,7 @@ DEVIATIONS = ("k", "v", "kv")
 SELECTIONS = ("deviation", "impact", "probe")
 QUOTAS = ("global", "per_chunk")
 BUDGETS = ("compute", "ratio")
-CHUNK_PREFIXES = ("bos", "none")
+CHUNK_PREFIXES = ("bos", "none", "prefix")
 
 
 @dataclass
@@ -140,9 +140,14 @@ class BlendConfig:
       sinks).
 
     Reuse
-    - ``chunk_prefix``: what :meth:`BlendEngine.encode_chunk` encodes a chunk after when no
-      explicit context is given, its KV then dropped: ``"bos"`` (the tokenizer's BOS token)
-      or ``"none"`` (the chunk alone at position 0).
+    - ``chunk_prefix``: what a chunk is encoded after, its KV then dropped: ``"bos"`` (the
+      tokenizer's BOS token), ``"none"`` (the chunk alone at position 0) or ``"prefix"``
+      (the request's own prefix, e.g. the system prompt: the chunk's KV then starts from
+      the context it will be used in, and a chunk right after the prefix is exact).
+      ``"prefix"`` needs an encoder that knows the prefix (:class:`CachedBlender`, or
+      ``encode_chunk(segment, context=prefix)``); without one a chunk is encoded after BOS.
+      The context is part of the chunk's key, so chunks encoded after one system prompt
+      are not reused under another.
     - ``fresh_check_kv``: a check layer computes fresh K/V for all its candidates anyway;
       True keeps them for every candidate (not only the selected tokens) in the request's
       KV at that layer. No extra compute; with it, ratio 0 no longer equals full KV reuse
@@ -313,6 +318,7 @@ class BlendResult:
     selected: list
     forced: torch.Tensor
     timings: dict = field(default_factory=dict)
+    probe_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -324,11 +330,12 @@ class BlendResult:
         return 1.0 if sel is None else sel.numel() / self.num_tokens
 
     def compute_fraction(self) -> float:
-        """Token-layers computed (attention and MLP) over ``N * L``: the share of a full
-        prefill's compute this blend spent (a check layer's Q/K/V of its rejected
-        candidates is not counted)."""
-        n = self.num_tokens
-        return sum(n if s is None else s.numel() for s in self.selected) / (n * len(self.selected))
+        """Token-layers computed (attention and MLP, the probe pass's rows included) over
+        ``N * L``: the share of a full prefill's compute this blend spent (a check layer's
+        Q/K/V of its rejected candidates is not counted)."""
+        n, layers = self.num_tokens, len(self.selected)
+        main = sum(n if s is None else s.numel() for s in self.selected)
+        return (main + self.probe_tokens * layers) / (n * layers)
 
 
 @dataclass
@@ -547,10 +554,11 @@ class BlendEngine:
 
     def chunk_prefix_ids(self, context=None) -> list[int]:
         """The ids a chunk is encoded after (their KV is dropped): ``context`` (text or ids)
-        tokenized, else those of ``config.chunk_prefix`` (``"bos"``: BOS; ``"none"``: nothing)."""
+        tokenized, else those of ``config.chunk_prefix`` (``"none"``: nothing; ``"bos"``, and
+        ``"prefix"`` when no request prefix is given: BOS)."""
         if context is not None:
             return self.tokenize(context).tolist()
-        return self.bos_ids() if self.config.chunk_prefix == "bos" else []
+        return [] if self.config.chunk_prefix == "none" else self.bos_ids()
 
     # ------------------------------------------------------------------ HF helpers
 
@@ -899,7 +907,8 @@ class BlendEngine:
                                    [state.vbuf[l][None] for l in range(self.num_layers)])
         self._sync()
         plan = state.plan
-        return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, state.timings)
+        return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, state.timings,
+                           int(plan.probe_rows.numel()))
 
     # ------------------------------------------------------------------ decoding
 
