@@ -43,7 +43,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--query-tokens", type=int, default=32)
     parser.add_argument("--ratios", default="0,5,10,15,20,30,100", help="CacheBlend recompute ratios in percent")
-    parser.add_argument("--check-layer", type=int, default=1)
+    parser.add_argument("--scheme", default="default", choices=["default", "published"],
+                        help="BlendConfig() defaults, or the published CacheBlend scheme (K deviation at layer 1)")
     parser.add_argument("--source", default="memory",
                         help=f"reused-KV layer source, or a comma-separated list ({', '.join(SOURCES)})")
     parser.add_argument("--no-baselines", action="store_true",
@@ -89,7 +90,10 @@ def _run(args) -> dict:
         model, tok = random_7b(args.device, dtype), None
     else:
         model, tok = load_model(args.model, dtype=dtype, device=args.device)
-    engine = BlendEngine(model, tok, BlendConfig(check_layers=(args.check_layer,)))
+    def config(r):
+        return BlendConfig(recompute_ratio=r) if args.scheme == "default" else BlendConfig.published(r)
+
+    engine = BlendEngine(model, tok, config(0.15))
     common.progress(f"kernels: {_kernels.backends()}")
 
     g = torch.Generator().manual_seed(0)
@@ -99,7 +103,7 @@ def _run(args) -> dict:
     chunk_ids = [torch.randint(100, vocab, (args.chunk_tokens,), generator=g) for _ in range(args.chunks)]
     query = torch.randint(100, vocab, (args.query_tokens,), generator=g)
     common.progress(f"encoding {args.chunks} chunks x {args.chunk_tokens} tokens")
-    chunks = engine.encode_chunks(chunk_ids)
+    chunks = engine.encode_chunks(chunk_ids, context=engine.chunk_context(prefix))
     first = engine.encode_prefix([prefix, chunk_ids[0]])  # exact-prefix KV for prefix caching
     segments = [prefix, *chunks, query]
     n = prefix.numel() + sum(c.numel() for c in chunk_ids) + query.numel()
@@ -120,11 +124,11 @@ def _run(args) -> dict:
                ("prefix caching (chunk 1 reused), HF", None,
                 lambda: engine.full_prefill(segments, reuse_prefix=first)),
                ("prefix caching (chunk 1 reused), engine", None,
-                lambda: engine.blend(prefix_segments, BlendConfig(recompute_ratio=0.0, check_layers=(args.check_layer,))))]
+                lambda: engine.blend(prefix_segments, config(0.0)))]
     if args.no_baselines:
         methods = []
     for r in [float(x) / 100 for x in args.ratios.split(",") if x.strip()]:
-        cfg = BlendConfig(recompute_ratio=r, check_layers=(args.check_layer,))
+        cfg = config(r)
         for src in source_names:
             name = "full KV reuse" if r == 0 else f"CacheBlend {r:.0%}"
             if len(source_names) > 1:

@@ -15,7 +15,7 @@ recompute budget, is scored by
 - F1 / exact match of its answer against the gold answer;
 - what it actually computed: the share of a full prefill's token-layers (forced tokens
   and every extra token included) and the share of tokens carried to the last layer;
-- the time its selection took (share of the blend).
+- the time its selection took, the probe pass included (share of the blend).
 
 Every scheme runs under the compute budget of the published scheme at the same ratio
 (``BlendConfig.budget = "compute"``), so curves compare at equal compute. Differences
@@ -68,6 +68,13 @@ SCHEMES = {
     "fresh": Scheme("fresh_check_kv", (("fresh_check_kv", True),)),
     "ctx-prefix": Scheme("chunks encoded after the request's system prefix", context="prefix"),
     "ctx-none": Scheme("chunks encoded alone (no BOS)", context="none"),
+    "probe": Scheme("probe selection (the query's attention over reused KV) at check layer 1",
+                    (("selection", "probe"),)),
+    "probe-c0": Scheme("probe selection at check layer 0", (("selection", "probe"), ("check_layers", (0,)))),
+    "probe-c0-16": Scheme("probe selection at check layer 0, 16 probe tokens",
+                          (("selection", "probe"), ("check_layers", (0,)), ("probe_tokens", 16))),
+    "default-deviation": Scheme("the default with K deviation in place of the probe",
+                                (("check_layers", (0,)),), context="prefix"),
     "hindsight": Scheme("yardstick: true KV error over all layers (needs full prefill)", hindsight=True),
 }
 DEFAULT_SCHEME = "default"
@@ -85,9 +92,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chunks", default="3,8", help="min,max chunks per request")
     parser.add_argument("--chunk-words", default="52,320", help="min,max filler words per chunk (~64-400 tokens)")
     parser.add_argument("--budgets", default="5,10,15,20,30", help="recompute budgets in percent (the curves)")
-    parser.add_argument("--curve-schemes", default="published,default,v,hindsight",
+    parser.add_argument("--curve-schemes", default="published,default,hindsight",
                         help=f"schemes run at every budget; known: {DEFAULT_SCHEME}, {', '.join(SCHEMES)}")
-    parser.add_argument("--point-schemes", default="kv,impact,boundary4,per-chunk,check3,gradual,fresh,ctx-prefix,ctx-none",
+    parser.add_argument("--point-schemes",
+                        default="v,kv,impact,boundary4,per-chunk,check3,gradual,fresh,ctx-prefix,ctx-none,probe,"
+                                "probe-c0,probe-c0-16,default-deviation",
                         help="schemes run at --point-budget only")
     parser.add_argument("--point-budget", type=float, default=15.0, help="budget (percent) of --point-schemes")
     parser.add_argument("--kl-tokens", type=int, default=16)
@@ -302,7 +311,8 @@ def _run(args) -> dict:
                 "answer": answer, "f1": f1_score(answer, sample.answer), "em": exact_match(answer, sample.answer),
                 "agree": float(normalize(answer) == normalize(full_answer)), "kl1": float(kl[0]),
                 "kl16": float(kl.mean()), "compute": res.compute_fraction(), "last_layer": res.recomputed_fraction(),
-                "select_ms": res.timings.get("select_ms", 0.0), "blend_ms": res.timings["total_ms"]}
+                "select_ms": res.timings.get("select_ms", 0.0) + res.timings.get("probe_ms", 0.0),
+                "blend_ms": res.timings["total_ms"]}
         records.append(rec)
         common.progress(f"request {count + 1}/{len(samples)} (seed {seed}, {len(texts)} chunks, {n} tokens, "
                         f"{time.perf_counter() - t_start:.0f} s): gold {sample.answer!r}, full {full_answer!r}")
@@ -369,7 +379,7 @@ def _table(rows, num_requests):
     table = common.Table(
         f"Fidelity and F1 at equal compute on {num_requests} requests (bundled model; intervals: paired bootstrap 95%)",
         ["scheme", "budget", "computed", "last layer", "F1", "F1 - full [95%]", "agree", "agree - pub [95%]",
-         "KL 1st", "x pub [95%]", "KL 16", "x pub [95%]", "select %"])
+         "KL 1st", "x pub [95%]", "KL 16", "x pub [95%]", "select+probe %"])
     for r in rows:
         table.add(r["scheme"], f"{r['budget']:.0%}", r["compute"], r["last_layer"], r["f1"], _ci(r["f1_vs_full_ci"]),
                   r["agree"], _ci(r["agree_vs_published_ci"]), r["kl1"],

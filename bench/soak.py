@@ -178,7 +178,8 @@ def run_soak(engine, *, blends: int, pool_size: int = 48, min_tokens: int = 8, m
             chunks, query = random_request(rng, pool, vocab)
             result, _ = blender.blend(prefix, chunks, query)
             if check_every and i % check_every == 0:
-                ref = engine.blend([prefix] + [engine.encode_chunk(c) for c in chunks] + [query])
+                context = engine.chunk_context(prefix)
+                ref = engine.blend([prefix] + [engine.encode_chunk(c, context) for c in chunks] + [query])
                 checks += 1
                 mismatches += int(not torch.equal(result.logits, ref.logits))
                 del ref

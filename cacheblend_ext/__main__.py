@@ -27,7 +27,7 @@ def _demo(args) -> int:
         print(f"\r  encoding chunks: {i}/{n} ({chunk.num_tokens} tokens, key {chunk.key[:12]})", end="", flush=True)
 
     t0 = time.perf_counter()
-    chunks = engine.encode_chunks(texts, progress=show)
+    chunks = engine.encode_chunks(texts, progress=show, context=engine.chunk_context(prefix))
     print(f"\n  encoded {len(chunks)} chunks once in {time.perf_counter() - t0:.2f} s "
           f"({sum(c.num_tokens for c in chunks)} tokens, {sum(c.nbytes for c in chunks) / 2**20:.1f} MiB of KV)")
     segments = [prefix, *chunks, query]

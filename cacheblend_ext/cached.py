@@ -31,6 +31,12 @@ def _stub_chunk(handle, dtype, device):
     return ChunkKV(kv, handle.positions, handle.token_ids, handle.key, prefix)
 
 
+def _check_not_empty(engine, chunks) -> None:
+    for i, c in enumerate(chunks):
+        if engine.tokenize(c).numel() == 0:
+            raise ValueError(f"chunks[{i}] is empty: a chunk needs at least one token")
+
+
 class CachedBlender:
     """A :class:`cacheblend_ext.engine.BlendEngine` whose chunks live in a :class:`ChunkStore`.
 
@@ -66,29 +72,24 @@ class CachedBlender:
     def key(self, segment, prefix=None, config=None) -> str:
         """The content key of ``segment``'s chunk KV when it is used after ``prefix``."""
         e = self.engine
-        return e.chunk_key(e.tokenize(segment), e.chunk_prefix_ids(self._context(prefix, config)))
+        return e.chunk_key(e.tokenize(segment), e.chunk_prefix_ids(e.chunk_context(prefix, config)))
 
     def add(self, segment, prefix=None, config=None) -> str:
         """Encode ``segment`` and store its KV (unless already stored) for requests that
         start with ``prefix``; returns its key."""
         key = self.key(segment, prefix, config)
         if self.store.where(key) is None:
-            self._encode_and_put(segment, self._context(prefix, config))
+            self._encode_and_put(segment, self.engine.chunk_context(prefix, config))
         return key
 
     def add_many(self, segments: Sequence, prefix=None, config=None, progress=None) -> list[str]:
+        _check_not_empty(self.engine, segments)
         keys = []
         for i, s in enumerate(segments):
             keys.append(self.add(s, prefix, config))
             if progress is not None:
                 progress(i + 1, len(segments))
         return keys
-
-    def _context(self, prefix, config):
-        """What chunks are encoded after: the request's prefix under ``chunk_prefix="prefix"``,
-        else the configured default (None)."""
-        cfg = config or self.engine.config
-        return prefix if cfg.chunk_prefix == "prefix" and prefix is not None else None
 
     def _encode_and_put(self, segment, context=None):
         chunk = self.engine.encode_chunk(segment, context)
@@ -113,26 +114,31 @@ class CachedBlender:
         ``result.timings["load"]``.
         """
         e = self.engine
-        context = self._context(prefix, config)
+        _check_not_empty(e, chunks)
+        context = e.chunk_context(prefix, config)
         keys = [self.key(c, prefix, config) for c in chunks]
-        encoded: dict = {}  # chunk index -> ChunkKV encoded during this request
+        encoded: dict = {}  # key -> ChunkKV encoded during this request (a repeated chunk once)
+
+        def encode(i):
+            if keys[i] not in encoded:
+                encoded[keys[i]] = self._encode_and_put(chunks[i], context)
+
         while True:  # each failed attempt encodes one more chunk, so this ends
-            todo = [i for i in range(len(chunks)) if i not in encoded]
+            todo = [i for i in range(len(chunks)) if keys[i] not in encoded]
             handles = dict(zip(todo, self.store.open_many([keys[i] for i in todo])))
             for i in todo:
                 if handles[i] is None:  # a miss: encode, store, use the fresh KV
-                    encoded[i] = self._encode_and_put(chunks[i], context)
-            ordered = [handles.get(i) or self._encoded_handle(encoded[i]) for i in range(len(chunks))]
+                    encode(i)
+            ordered = [self._encoded_handle(encoded[k]) if k in encoded else handles[i] for i, k in enumerate(keys)]
             source = StoreLayerSource(ordered, e.device, pipelined=self.pipelined, depth=self.depth)
             stubs = [_stub_chunk(h, e.dtype, e.device) for h in ordered]
             segments = ([prefix] if prefix is not None else []) + stubs + [query]
             try:
                 result = e.blend(segments, config, source=source)
             except ChunkLoadError as exc:  # the store already dropped a corrupt copy
-                failed = keys.index(exc.key)
-                if failed in encoded:  # cannot happen: encoded KV is in memory
+                if exc.key in encoded:  # cannot happen: encoded KV is in memory
                     raise
-                encoded[failed] = self._encode_and_put(chunks[failed], context)
+                encode(keys.index(exc.key))
                 continue
             finally:
                 source.close()

@@ -111,9 +111,13 @@ class BlendConfig:
       compute. ``"ratio"`` applies the ratios literally: each check layer keeps
       ``ceil(r_l * N)`` non-forced tokens, whatever the schedule costs.
 
+    The defaults: ``"probe"`` selection at check layer 0 (no full layer is spent before
+    it), chunks encoded after the request's own prefix, everything inside the published
+    scheme's compute at the same ratio.
+
     Selection
     - ``check_layers``: layers where selection happens (ascending). ``(1,)`` is the
-      published scheme; several give gradual filtering (each selects from the previous
+      published scheme, ``(0,)`` the default; several give gradual filtering (each selects from the previous
       selection). Under the compute budget a first check layer the budget cannot pay for
       moves earlier (to layer 1 at ratio 0, so ratio 0 stays full KV reuse).
     - ``check_ratios``: per check layer ratio, not increasing; None gives a linear schedule
@@ -155,15 +159,15 @@ class BlendConfig:
     """
 
     recompute_ratio: float = 0.15
-    check_layers: tuple[int, ...] = (1,)
+    check_layers: tuple[int, ...] = (0,)
     check_ratios: tuple[float, ...] | None = None
     deviation: str = "k"
-    selection: str = "deviation"
+    selection: str = "probe"
     quota: str = "global"
     probe_tokens: int = 8
     boundary_tokens: int = 0
     budget: str = "compute"
-    chunk_prefix: str = "bos"
+    chunk_prefix: str = "prefix"
     fresh_check_kv: bool = False
 
     @classmethod
@@ -245,7 +249,8 @@ def selection_schedule(cfg: BlendConfig, num_tokens: int, num_forced: int, num_l
     (every token before the first check layer, then the kept tokens at each layer, plus the
     probe's rows at every layer) fit in :func:`published_cost`; if even an empty selection
     does not fit, the first check layer moves earlier until it does (layer 1 keeps ratio 0
-    equal to full KV reuse). A probe runs only when a selection has to rank tokens (some but
+    equal to full KV reuse); ``recompute_ratio`` 0 selects nothing (full KV reuse) even
+    where a schedule that starts at layer 0 could afford some tokens. A probe runs only when a selection has to rank tokens (some but
     not all candidates kept); when the budget cannot pay for it, tokens are ranked by
     deviation instead.
     """
@@ -292,6 +297,8 @@ def _fit_schedule(cfg: BlendConfig, n: int, num_forced: int, num_layers: int, ex
     while cost(picks(0), lays) > budget and lays[0] > min(1, num_layers - 1):
         first = lays[0] - 1
         lays = tuple(sorted({first, *(l for l in lays[1:] if l > first)}))
+    if cfg.recompute_ratio == 0:  # ratio 0 is full KV reuse, whatever a cheaper schedule could afford
+        return Schedule(lays, picks(0))
     lo, hi = 0, free
     while lo < hi:  # the largest final count whose schedule fits (cost grows with it)
         mid = (lo + hi + 1) // 2
@@ -552,6 +559,13 @@ class BlendEngine:
             bos = bos[0]
         return [] if bos is None else [int(bos)]
 
+    def chunk_context(self, prefix, config: BlendConfig | None = None):
+        """What a chunk used after ``prefix`` (text, ids or None) is encoded after: ``prefix``
+        under ``chunk_prefix="prefix"``, else None (the configured default of
+        :meth:`chunk_prefix_ids`)."""
+        cfg = config or self.config
+        return prefix if cfg.chunk_prefix == "prefix" and prefix is not None else None
+
     def chunk_prefix_ids(self, context=None) -> list[int]:
         """The ids a chunk is encoded after (their KV is dropped): ``context`` (text or ids)
         tokenized, else those of ``config.chunk_prefix`` (``"none"``: nothing; ``"bos"``, and
@@ -586,6 +600,8 @@ class BlendEngine:
         if ids.numel() == 0:
             raise ValueError("cannot encode an empty chunk")
         prefix = self.chunk_prefix_ids(context)
+        self._check_positions(len(prefix) + ids.numel(),
+                              f"chunk of {ids.numel()} tokens after {len(prefix)} context tokens")
         full = torch.tensor(prefix + ids.tolist(), dtype=torch.int64)
         pos = torch.arange(full.numel(), dtype=torch.int64)
         out = self._forward(full, pos)
@@ -614,6 +630,7 @@ class BlendEngine:
         rest is prefilled (prefix caching).
         """
         ids = torch.cat([s.token_ids if isinstance(s, ChunkKV) else self.tokenize(s) for s in segments])
+        self._check_positions(ids.numel(), f"request of {ids.numel()} tokens")
         t0 = time.perf_counter()
         cache, start = None, 0
         if reuse_prefix is not None:
@@ -644,6 +661,26 @@ class BlendEngine:
         kv = torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in self._cache_layers(cache)])
         key = self.chunk_key(ids, ())
         return ChunkKV(kv.contiguous(), pos, ids, key, ())
+
+    def _check_chunk(self, chunk: ChunkKV, name: str) -> None:
+        """Refuse chunk KV that this model cannot use: wrong shape, or a key that is not the
+        one this model, RoPE configuration and dtype give its tokens (KV of another model
+        would blend into wrong answers without an error)."""
+        want = (self.num_layers, 2, chunk.num_tokens, self.num_kv_heads, self.head_dim)
+        if tuple(chunk.kv.shape) != want:
+            raise ValueError(f"{name}: chunk KV must be [L={want[0]}, 2, T, H_kv={want[3]}, D={want[4]}] "
+                             f"for this model, got {tuple(chunk.kv.shape)}")
+        try:
+            self.identity.check_chunk(chunk, self.dtype)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+
+    def _check_positions(self, n: int, what: str) -> None:
+        """Refuse work that needs more positions than the model has (its RoPE was not
+        trained past them, and some engines' tables end there)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and n > limit:
+            raise ValueError(f"{what} exceeds the model's max_position_embeddings ({limit})")
 
     def _sync(self):
         if self.device.type == "cuda":
@@ -680,7 +717,7 @@ class BlendEngine:
                 self._probe(state, source)
             for l, layer in enumerate(self.layers):
                 if not placed:
-                    reused = source.layer(l)
+                    reused = source.layer(l) if plan.chunks else []
                     if plan.chunks and (state.sel is not None or l in plan.check):
                         self._place_reused(state, l, reused)
                 q, k, v = self._layer_qkv(layer, state.hidden, *state.rotary())
@@ -703,10 +740,9 @@ class BlendEngine:
         cfg = config or self.config
         ids_parts, forced_parts, chunks, spans, src_pos = [], [], [], [], []
         n = 0
-        for seg in segments:
+        for i, seg in enumerate(segments):
             if isinstance(seg, ChunkKV):
-                if seg.num_layers != self.num_layers:
-                    raise ValueError(f"chunk has {seg.num_layers} layers, the model {self.num_layers}")
+                self._check_chunk(seg, f"segments[{i}]")
                 t = seg.num_tokens
                 ids_parts.append(seg.token_ids)
                 forced_parts.append(torch.zeros(t, dtype=torch.bool))
@@ -721,6 +757,7 @@ class BlendEngine:
             n += t
         if n == 0:
             raise ValueError("empty request")
+        self._check_positions(n, f"request of {n} tokens")
         window = getattr(self.model.config, "sliding_window", None)
         if window and getattr(self.model.config, "use_sliding_window", True) and n > window:
             raise ValueError(f"request of {n} tokens exceeds the model's sliding window ({window}); "
@@ -763,7 +800,7 @@ class BlendEngine:
         over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]`` is the
         attention they pay each position at layer ``l``, summed over rows and heads. Every
         layer's reused KV is left placed in the request's buffers for the main pass."""
-        t0 = time.perf_counter()
+        t0, concat0 = time.perf_counter(), state.timings["concat_ms"]
         rows = state.plan.probe_rows.to(self.device)
         hidden = state.hidden[rows]
         group = self.num_heads // self.num_kv_heads
@@ -789,7 +826,9 @@ class BlendEngine:
             h = hidden + layer.self_attn.o_proj(o)
             hidden = h + layer.mlp(layer.post_attention_layernorm(h))
         state.probe_mass = mass
-        state.timings["probe_ms"] = (time.perf_counter() - t0) * 1e3
+        # the probe's own time: placing the reused KV is the main pass's work done early
+        placing = state.timings["concat_ms"] - concat0
+        state.timings["probe_ms"] = (time.perf_counter() - t0) * 1e3 - placing
 
     def _layer_qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         attn = layer.self_attn

@@ -25,7 +25,10 @@ def tiny_llama(device):
 
 
 def reference(engine, prefix, chunks, query, cfg):
-    return engine.blend([prefix] + [engine.encode_chunk(c) for c in chunks] + [query], cfg)
+    """The in-memory blend: chunks encoded as the config prescribes for ``prefix``."""
+    context = engine.chunk_context(prefix, cfg)
+    return engine.blend(([] if prefix is None else [prefix]) + [engine.encode_chunk(c, context) for c in chunks]
+                        + [query], cfg)
 
 
 def assert_same(result, ref):
@@ -45,7 +48,7 @@ def test_blend_from_disk_equals_blend_from_memory(tmp_path, engine, pipelined):
     cfg = engine_mod.BlendConfig(recompute_ratio=0.3)
     prefix, chunks, query = request_parts()
     ref = reference(engine, prefix, chunks, query, cfg)
-    CachedBlender(engine, disk_dir=tmp_path).add_many(chunks)
+    CachedBlender(engine, disk_dir=tmp_path).add_many(chunks, prefix)
     # a fresh store (as after a restart) with no memory tier: every chunk streams from disk
     blender = CachedBlender(engine, disk_dir=tmp_path, cpu_bytes=0, pipelined=pipelined)
     result, report = blender.blend(prefix, chunks, query, cfg)
@@ -76,7 +79,7 @@ def test_corrupt_file_is_reencoded_transparently(tmp_path, engine):
     cfg = engine_mod.BlendConfig(recompute_ratio=0.3)
     prefix, chunks, query = request_parts(2)
     ref = reference(engine, prefix, chunks, query, cfg)
-    keys = CachedBlender(engine, disk_dir=tmp_path).add_many(chunks)
+    keys = CachedBlender(engine, disk_dir=tmp_path).add_many(chunks, prefix)
     blender = CachedBlender(engine, disk_dir=tmp_path, cpu_bytes=0)
     path = blender.store.disk_dir / keys[1][:2] / f"{keys[1]}{FILE_SUFFIX}"
     data = bytearray(path.read_bytes())

@@ -139,7 +139,7 @@ def test_fresh_check_kv_keeps_the_check_layers_fresh_kv(tiny):
     chunks = [engine.encode_chunk(c) for c in chunk_ids]
     full = engine._cache_layers(engine.full_prefill([prefix, *chunks, query]).cache)
     for fresh in (True, False):
-        cfg = BlendConfig(recompute_ratio=0.0, fresh_check_kv=fresh)
+        cfg = BlendConfig.published(0.0).replace(fresh_check_kv=fresh)  # check layer 1
         blended = engine._cache_layers(engine.blend([prefix, *chunks, query], cfg).cache)
         k_err = (blended[1][0] - full[1][0]).abs().max().item()
         v_err = (blended[1][1] - full[1][1]).abs().max().item()

@@ -77,11 +77,11 @@ def test_chunk_of_another_model_or_rope_is_refused(model, tmp_path, other):
     # 2. one disk directory shared by both: each model only ever reuses its own chunks
     prefix, chunks, query = request_parts(3)
     cfg = BlendConfig(recompute_ratio=0.3)
-    CachedBlender(theirs, disk_dir=tmp_path).add_many(chunks)
+    CachedBlender(theirs, disk_dir=tmp_path).add_many(chunks, prefix)
     blender = CachedBlender(ours, disk_dir=tmp_path, cpu_bytes=0)
     result, report = blender.blend(prefix, chunks, query, cfg)
     assert report.tiers == {"encoded": 3}  # nothing of theirs was reused
-    ref = ours.blend([prefix] + [ours.encode_chunk(c) for c in chunks] + [query], cfg)
+    ref = ours.blend([prefix] + [ours.encode_chunk(c, ours.chunk_context(prefix, cfg)) for c in chunks] + [query], cfg)
     assert torch.equal(result.logits, ref.logits)
     # 3. their KV written under our key (a buggy writer) is refused by the identity in its header
     our_key = ours.chunk_key(ids, [1])

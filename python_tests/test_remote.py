@@ -239,13 +239,13 @@ def test_stalled_server_times_out(private_redis):
     server = private_redis()
     store = remote_store(server.url, remote_timeout_s=0.3, remote_in_flight=1)
     key = store.put("k", make_kv(), torch.arange(T))
-    handle = store.open(key)
-    source = StoreLayerSource([handle], "cpu", pipelined=True)
-    source.layer(0)
+    handle = store.open(key)  # the header is read; the server stalls before any layer is
+    # (pausing after a first layer raced with the prefetcher, which can fetch every layer first)
     server.client().execute_command("CLIENT", "PAUSE", 3000, "ALL")
     t0 = time.monotonic()
+    source = StoreLayerSource([handle], "cpu", pipelined=True)
     with pytest.raises(ChunkUnavailableError):
-        for l in range(1, L):
+        for l in range(L):
             source.layer(l)
     source.close()
     assert time.monotonic() - t0 < 2.5
@@ -340,7 +340,8 @@ CFG = BlendConfig(recompute_ratio=0.3)
 
 
 def reference(engine, prefix, chunks, query):
-    return engine.blend([prefix] + [engine.encode_chunk(c) for c in chunks] + [query], CFG)
+    context = engine.chunk_context(prefix, CFG)
+    return engine.blend([prefix] + [engine.encode_chunk(c, context) for c in chunks] + [query], CFG)
 
 
 def _inject_at_layer(monkeypatch, layer, fault):
@@ -362,7 +363,7 @@ def test_blend_survives_remote_faults(engine, private_redis, monkeypatch, fault)
     server = private_redis()
     prefix, chunks, query = request_parts(4)
     ref = reference(engine, prefix, chunks, query)
-    CachedBlender(engine, remote=server.url).add_many(chunks)
+    CachedBlender(engine, remote=server.url).add_many(chunks, prefix)
     store = ChunkStore(engine.identity.model_id, engine.identity.rope_id, cpu_bytes=0, remote=server.url,
                        remote_timeout_s=0.3, remote_in_flight=1)
     blender = CachedBlender(engine, store)
@@ -398,7 +399,7 @@ def test_blend_with_the_server_absent(redis_client_module, engine):
 
 def test_blend_from_cluster_and_controller_learns_remote(engine, redis_cluster):
     prefix, chunks, query = request_parts(7)
-    CachedBlender(engine, remote=redis_cluster.url).add_many(chunks)
+    CachedBlender(engine, remote=redis_cluster.url).add_many(chunks, prefix)
     ctl = LoadingController(Measurements(prefill_a_ms=0.01, kv_bytes_per_layer_token=512, tier_gbps={"cpu": 1.0}))
     blender = CachedBlender(engine, remote=redis_cluster.url, cpu_bytes=0, controller=ctl)
     result, report = blender.blend(prefix, chunks, query, CFG)
@@ -433,7 +434,7 @@ def test_two_processes_one_cache(engine, redis_url, tmp_path):
     """Process A (this one) encodes and stores; interpreter B blends from the remote alone."""
     prefix, chunks, query = request_parts(8)
     blender_a = CachedBlender(engine, remote=redis_url, cpu_bytes=0)
-    blender_a.add_many(chunks)
+    blender_a.add_many(chunks, prefix)
     result_a, _ = blender_a.blend(prefix, chunks, query, CFG)
     torch.save({"prefix": prefix, "chunks": chunks, "query": query}, tmp_path / "request.pt")
     here = os.path.dirname(os.path.abspath(__file__))

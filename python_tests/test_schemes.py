@@ -25,6 +25,7 @@ SCHEMES = {
     "impact-v": {"selection": "impact", "deviation": "v"},
     "probe": {"selection": "probe"},
     "probe-gradual": {"selection": "probe", "check_layers": (1, 2)},
+    "probe-check0": {"selection": "probe", "check_layers": (0,)},  # the default's selection
     "per_chunk": {"quota": "per_chunk"},
     "boundary": {"boundary_tokens": 3},
     "check2": {"check_layers": (2,)},
@@ -59,7 +60,8 @@ def test_published_schedule_is_the_ratio_rule():
             assert sched.probe_rows == 0
 
 
-@pytest.mark.parametrize("name", ["check2", "gradual", "boundary", "published", "probe", "probe-gradual"])
+@pytest.mark.parametrize("name", ["check2", "gradual", "boundary", "published", "probe", "probe-gradual",
+                                  "probe-check0"])
 @pytest.mark.parametrize("ratio", [0.0, 0.05, 0.15, 0.3, 1.0])
 def test_compute_budget_is_spent_not_exceeded(name, ratio):
     """Under the compute budget the schedule's token-layers (probe included) fit in the
@@ -77,12 +79,13 @@ def test_compute_budget_is_spent_not_exceeded(name, ratio):
     budget = published_cost(n, forced, ratio, num_layers)
     assert cost(picks) <= budget
     assert all(a >= b for a, b in zip(picks, picks[1:]))
-    if picks[-1] < n - forced and len(layers) == 1:
+    if picks[-1] < n - forced and len(layers) == 1 and ratio > 0:  # (ratio 0 selects nothing)
         assert cost((picks[0] + 1,)) > budget
     if cfg.selection == "probe":  # a probe runs exactly when a selection must rank tokens
         assert (sched.probe_rows == probe) == any(0 < k < n - forced for k in picks)
     if ratio == 0.0:
-        assert layers[0] == 1 and picks[-1] == 0 and sched.probe_rows == 0  # layer 1, nothing: full reuse
+        # nothing selected at the first check layer (layer 1, or 0 where configured): full reuse
+        assert layers[0] == min(cfg.check_layers[0], 1) and picks[-1] == 0 and sched.probe_rows == 0
     if ratio == 1.0:
         assert picks == (n - forced,) * len(picks) and sched.probe_rows == 0
 
@@ -106,11 +109,20 @@ CHANGES = [
 ]
 
 
-@pytest.mark.parametrize("change", CHANGES, ids=lambda c: ",".join(c))
-def test_config_per_call_equals_engine_level(llama, change):
+# changes from the defaults (probe selection at check layer 0)
+DEFAULT_CHANGES = [
+    {"recompute_ratio": 0.4}, {"selection": "deviation"}, {"selection": "impact"}, {"probe_tokens": 2},
+    {"check_layers": (2,)}, {"quota": "per_chunk"}, {"boundary_tokens": 4}, {"budget": "ratio"},
+]
+BASES = [("published", BlendConfig.published(0.2).replace(budget="compute"), c) for c in CHANGES] + [
+    ("default", BlendConfig(recompute_ratio=0.2), c) for c in DEFAULT_CHANGES]
+
+
+@pytest.mark.parametrize("base_name,base,change", BASES, ids=lambda x: x if isinstance(x, str) else (
+    ",".join(x) if isinstance(x, dict) else ""))
+def test_config_per_call_equals_engine_level(llama, base_name, base, change):
     """A field passed per call takes effect exactly as when the engine is built with it,
     and it changes the blend (so the comparison is not vacuous)."""
-    base = BlendConfig(recompute_ratio=0.2)
     cfg = base.replace(**change)
     per_call_engine = BlendEngine(llama, config=base)
     prefix, _, chunks, query = request(per_call_engine, seed=11)
