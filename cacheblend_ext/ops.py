@@ -62,15 +62,44 @@ def _rope_reposition_out_fake(key, src_pos, dst_pos, cos_sin_cache, is_neox, *, 
 # ---------------------------------------------------------------------------
 
 
-def _per_layer(caches: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
+KV_LAYOUTS = ("NHD", "HND")
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in KV_LAYOUTS:
+        raise ValueError(f"layout must be 'NHD' or 'HND', got {layout!r}")
+
+
+def paged_view(cache: torch.Tensor, layout: str = "NHD", name: str = "cache") -> torch.Tensor:
+    """The ops' view of one engine cache tensor: ``[num_blocks, block_size, H, D]`` (or a
+    token pool ``[num_slots, H, D]``), a view of ``cache``, never a copy.
+
+    ``layout="NHD"``: ``cache`` is already ``[num_blocks, block_size, H, D]`` (vLLM,
+    FlashInfer NHD) or ``[num_slots, H, D]`` (SGLang's token pools, a contiguous request
+    KV). ``layout="HND"``: ``cache`` is ``[num_blocks, H, block_size, D]`` (FlashInfer
+    HND, vLLM's heads-first layout); the view swaps the two middle dims. Any strides are
+    kept as they are (K and V side by side in one buffer's last dimension, one layer of an
+    all-layers buffer), only the last dim must be contiguous; the ops read the block,
+    offset and head strides from the view.
+    """
+    _check_layout(layout)
+    if layout == "NHD":
+        return cache
+    if cache.dim() != 4:
+        raise ValueError(f"{name} with layout='HND' must be [num_blocks, H, block_size, D], "
+                         f"got shape {tuple(cache.shape)}")
+    return cache.transpose(1, 2)
+
+
+def _per_layer(caches: torch.Tensor | Sequence[torch.Tensor], name: str, layout: str = "NHD") -> list[torch.Tensor]:
     if isinstance(caches, torch.Tensor):
         if caches.dim() not in (4, 5):
             raise ValueError(
-                f"{name} as one tensor must be [L, num_slots, H, D] or [L, num_blocks, block_size, H, D], "
-                f"got shape {tuple(caches.shape)}"
+                f"{name} as one tensor must be [L, num_slots, H, D] or [L, num_blocks, block_size, H, D] "
+                f"([L, num_blocks, H, block_size, D] with layout='HND'), got shape {tuple(caches.shape)}"
             )
-        return list(caches.unbind(0))
-    return list(caches)
+        caches = caches.unbind(0)
+    return [paged_view(c, layout, f"{name}[{l}]") for l, c in enumerate(caches)]
 
 
 def fused_kv_concat(
@@ -82,6 +111,8 @@ def fused_kv_concat(
     is_neox: bool,
     k_caches: torch.Tensor | Sequence[torch.Tensor],
     v_caches: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    layout: str = "NHD",
 ) -> None:
     """Gather the cached K/V of many chunks, for every layer, into a request's cache.
 
@@ -96,9 +127,16 @@ def fused_kv_concat(
     Destinations: ``k_caches`` / ``v_caches`` are either one tensor ``[L, num_slots, H, D]``
     (contiguous request KV, slot = row) or ``[L, num_blocks, block_size, H, D]`` (paged),
     or lists of L per-layer tensors ``[num_slots, H, D]`` / ``[num_blocks, block_size, H, D]``
-    (as vLLM keeps them). Each destination element is written once, in one launch for up
-    to 32 chunks x 64 layers. Slots must be unique (checked on the CPU; on CUDA it is the
-    caller's contract, like vLLM's ``reshape_and_cache``).
+    (as vLLM keeps them). Slot ``s`` of a paged cache is block ``s // block_size``, offset
+    ``s % block_size`` (vLLM's ``slot_mapping``). ``layout="HND"``: the paged caches are
+    ``[num_blocks, H, block_size, D]`` (heads before the block offset). Every per-layer
+    cache may be a strided view of an engine's buffer (K and V of ``[num_blocks, 2, ...]``,
+    K and V side by side in one last dimension, one layer of an all-layers buffer): the
+    op writes into it in place, whatever its strides (see :func:`paged_view` and the
+    README's "Engine-native layouts"). Each destination element is written once, in one
+    launch for up to 32 chunks x 64 layers; the CUDA kernel uses 16-byte vectors when every
+    row and stride allows, scalar accesses otherwise. Slots must be unique (checked on the
+    CPU; on CUDA it is the caller's contract, like vLLM's ``reshape_and_cache``).
     """
     _ops.fused_kv_concat(
         list(chunks),
@@ -107,8 +145,8 @@ def fused_kv_concat(
         slot_mapping,
         cos_sin_cache,
         is_neox,
-        _per_layer(k_caches, "k_caches"),
-        _per_layer(v_caches, "v_caches"),
+        _per_layer(k_caches, "k_caches", layout),
+        _per_layer(v_caches, "v_caches", layout),
     )
 
 
