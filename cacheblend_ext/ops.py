@@ -317,3 +317,88 @@ def sparse_query_attention(
 @torch.library.register_fake("cacheblend::sparse_query_attention")
 def _sparse_query_attention_fake(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse) -> None:
     return None
+
+
+def _kv_pair(kv_cache, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) as the op's ``[num_pages, page_size, Hkv, D]`` views of an engine's cache."""
+    _check_layout(layout)
+    if isinstance(kv_cache, torch.Tensor):
+        if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
+            raise ValueError(
+                "kv_cache as one tensor must be [num_pages, 2, page_size, Hkv, D] (layout='NHD') or "
+                f"[num_pages, 2, Hkv, page_size, D] (layout='HND'), got shape {tuple(kv_cache.shape)}")
+        k, v = kv_cache[:, 0], kv_cache[:, 1]
+    else:
+        k, v = kv_cache
+    out = []
+    for t, name in ((k, "k_cache"), (v, "v_cache")):
+        if t.dim() == 3:  # a token pool [num_slots, Hkv, D]: pages of one token
+            if layout != "NHD":
+                raise ValueError(f"{name} as a token pool [num_slots, Hkv, D] takes layout='NHD', got {layout!r}")
+            t = t.unsqueeze(1)
+        else:
+            t = paged_view(t, layout, name)
+        out.append(t)
+    return out[0], out[1]
+
+
+def sparse_query_attention_paged(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    q_pos: torch.Tensor,
+    q_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_last_page_len: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    layout: str = "NHD",
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sparse_query_attention` with K and V read in place from a paged cache.
+
+    ``kv_cache`` is an engine's cache for one layer, never copied: a ``(k_cache,
+    v_cache)`` pair of ``[num_pages, page_size, Hkv, D]`` (``layout="NHD"``) or
+    ``[num_pages, Hkv, page_size, D]`` (``layout="HND"``), or one tensor with K and V at
+    dim 1, ``[num_pages, 2, page_size, Hkv, D]`` / ``[num_pages, 2, Hkv, page_size, D]``
+    (vLLM's per-layer ``[num_blocks, 2, block_size, H, D]``, FlashInfer's single tensor).
+    K and V may be any strided views with a contiguous last dim (K and V side by side in
+    one buffer's last dim, one layer of an all-layers buffer). A token pool
+    ``[num_slots, Hkv, D]`` pair (SGLang) is a cache with pages of one token: pass the
+    request's slot ids (its location tensor) as ``kv_indices``.
+
+    The page table is FlashInfer's: request ``b`` owns queries ``q_indptr[b] :
+    q_indptr[b + 1]`` of ``q`` / ``q_pos`` and pages ``kv_indices[kv_indptr[b] :
+    kv_indptr[b + 1]]`` in order, its last page holding ``kv_last_page_len[b]`` keys (1 to
+    page_size; None: every last page full). Key ``j`` of a request sits at position ``j``:
+    page ``kv_indices[kv_indptr[b] + j // page_size]``, offset ``j % page_size`` (vLLM's
+    ``block_table`` row of a request is its ``kv_indices``). Masks, GQA, ``scale``,
+    ``out`` and ``return_lse`` as :func:`sparse_query_attention`, whose result on the
+    gathered K/V this equals. All index tensors are int32 or int64.
+
+    CUDA: the SIMT kernel (one warp per (query, head), fp32 online softmax) reads each
+    key through the page table; no host sync. CPU: the contiguous op's tiled GEMM kernel,
+    each K/V tile gathered through the page table into its per-thread fp32 buffer.
+    """
+    k_cache, v_cache = _kv_pair(kv_cache, layout)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if kv_last_page_len is None:
+        kv_last_page_len = torch.full((q_indptr.shape[0] - 1,), k_cache.shape[1], dtype=kv_indptr.dtype,
+                                      device=kv_indptr.device)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+    _ops.sparse_query_attention_paged(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                                      float(scale), out, lse)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("cacheblend::sparse_query_attention_paged")
+def _sparse_query_attention_paged_fake(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                                       scale, out, lse) -> None:
+    torch._check(q.dim() == 3, lambda: f"q must be [num_queries, num_q_heads, head_dim], got {q.shape}")
+    torch._check(k_cache.dim() == 4, lambda: f"k_cache must be [num_pages, page_size, Hkv, D], got {k_cache.shape}")
+    torch._check(out.shape == q.shape, lambda: f"out must have the shape of q {q.shape}, got {out.shape}")
+    return None
