@@ -8,6 +8,7 @@ output NaN. Outputs start as NaN, so an unwritten element fails too.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from cacheblend_ext import ops, reference
-from conftest import DTYPES, assert_close_to_ref, poison_
+from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, poison_
 from test_engine_layouts import ENGINE_LAYOUTS, engine_kv_arg, engine_views, make_engine_cache
 
 HKV, D = 2, 64
@@ -84,7 +85,17 @@ def _contiguous_cpu(q, k, v, q_pos, q_indptr, kv_indptr):
     return ops.sparse_query_attention(q, k, v, q_pos, q_indptr=q_indptr, kv_indptr=kv_indptr, return_lse=True)
 
 
-def _paged_cpu(cache, q, q_pos, q_indptr, kv_indptr, kv_indices, last):
+_cuda_skip = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (or CUDA kernels not built)")
+
+
+def _to_device(args, device):
+    """_setup's arguments (engine cache first) on ``device``."""
+    cache, *tensors = args
+    cache = dataclasses.replace(cache, buffers=[b.to(device) for b in cache.buffers])
+    return (cache, *(t.to(device) for t in tensors))
+
+
+def _paged_op(cache, q, q_pos, q_indptr, kv_indptr, kv_indices, last):
     out = poison_(torch.empty_like(q))
     kv = engine_kv_arg(cache, 0)
     last_arg = None if cache.kind == "sglang" else last  # token pools: every page holds its one token
@@ -106,7 +117,7 @@ def test_layouts_cpu(kind, page_size, dtype):
     if kind == "sglang" and page_size != 1:
         pytest.skip("SGLang pools are page size 1")
     args = _setup(kind, page_size, dtype, KV_LENS, Q_COUNTS, hq=6)
-    out, lse = _paged_cpu(*args)
+    out, lse = _paged_op(*args)
     want_out, want_lse = _contiguous(*args, _contiguous_cpu)
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
 
@@ -118,7 +129,7 @@ def test_gqa_and_int32_against_reference(hq, index_dtype):
     reference of the paged op."""
     cache, q, q_pos, q_indptr, kv_indptr, kv_indices, last = _setup(
         "flashinfer_hnd_pair", 16, torch.bfloat16, [33, 129], [4, 7], hq, index_dtype=index_dtype)
-    out, lse = _paged_cpu(cache, q, q_pos, q_indptr, kv_indptr, kv_indices, last)
+    out, lse = _paged_op(cache, q, q_pos, q_indptr, kv_indptr, kv_indices, last)
     k_view, v_view = (ops.paged_view(t, "HND") for t in engine_views(cache, 0))
     want_out, want_lse = reference.sparse_query_attention_paged(q, k_view, v_view, q_pos, q_indptr, kv_indptr,
                                                                 kv_indices, last)
@@ -156,8 +167,71 @@ def test_layouts_emulated(emulated_kernels, kind, page_size, dtype):
     out, lse = _emulated_paged(emulated_kernels)(*args)
     want_out, want_lse = _contiguous(*args, _emulated_contiguous(emulated_kernels))
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
-    cpu_out, _ = _paged_cpu(*args)
+    cpu_out, _ = _paged_op(*args)
     assert_close_to_ref(out, cpu_out.double(), dtype, factor=2.0)
+
+
+@_cuda_skip
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(ENGINE_LAYOUTS))
+def test_layouts_cuda(kind, dtype):
+    """The CUDA kernel on a GPU, every layout: close to the CPU op (the kernels sum in a
+    different order)."""
+    page_size = 1 if kind == "sglang" else 5
+    args = _setup(kind, page_size, dtype, KV_LENS, Q_COUNTS, hq=6)
+    cpu_out, cpu_lse = _paged_op(*args)
+    out, lse = _paged_op(*_to_device(args, "cuda"))
+    assert_close_to_ref(out, cpu_out.double(), dtype, factor=2.0)
+    assert_close_to_ref(lse, cpu_lse.double(), torch.float32, scale=1.0, factor=50.0)
+
+
+@_cuda_skip
+def test_cuda_graph_replay():
+    """No host sync and no data-dependent allocation: the op is captured once and replayed
+    over new cache contents (written in place, as an engine does)."""
+    args = _to_device(_setup("flashinfer_hnd_pair", 16, torch.bfloat16, [33, 129], [4, 7], hq=6), "cuda")
+    cache, q, q_pos, q_indptr, kv_indptr, kv_indices, last = args
+    k, v = ops._kv_pair(engine_kv_arg(cache, 0), cache.layout)
+    out = torch.empty_like(q)
+
+    def run():
+        torch.ops.cacheblend.sparse_query_attention_paged(q, k, v, q_pos, q_indptr, kv_indptr, kv_indices, last,
+                                                          0.125, out, None)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up outside the capture
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for _ in range(2):
+        for buf in cache.buffers:  # new values where they were finite (the owned slots)
+            buf.copy_(torch.where(buf.isnan(), buf, torch.randn_like(buf)))
+        graph.replay()
+        torch.cuda.synchronize()
+        want = torch.empty_like(q)
+        torch.ops.cacheblend.sparse_query_attention_paged(q, k, v, q_pos, q_indptr, kv_indptr, kv_indices, last,
+                                                          0.125, want, None)
+        assert torch.equal(out, want)
+
+
+def test_torch_compile_fullgraph():
+    """The wrappers (layout views included) trace without graph breaks through the fake
+    implementations."""
+    cache, q, q_pos, q_indptr, kv_indptr, kv_indices, last = _setup("vllm_all_layers_hnd", 5, torch.float32,
+                                                                     [7, 12], [2, 3], hq=4)
+    k, v = engine_views(cache, 0)
+
+    def attend(q, k, v, q_pos, q_indptr, kv_indptr, kv_indices, last):
+        return ops.sparse_query_attention_paged(q, (k, v), q_pos, q_indptr, kv_indptr, kv_indices, last,
+                                                layout="HND", return_lse=True)
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    inputs = (q, k, v, q_pos, q_indptr, kv_indptr, kv_indices, last)
+    for got, want in zip(compiled(*inputs), attend(*inputs)):
+        assert torch.equal(got, want)
 
 
 def test_device_checks_emulated(emulated_kernels):
