@@ -345,3 +345,22 @@ def test_no_copy_of_the_cache():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     print(result.stdout)  # peak growth of the ops and of the control copy, in copies of K
+
+
+def test_k_and_v_with_different_strides(emulated_kernels):
+    """K in an NHD buffer, V in an HND one (and a wider row): each is read with its own
+    page, offset and head strides, on the CPU and in the emulated CUDA kernel."""
+    gen = torch.Generator().manual_seed(9)
+    num_pages, kv_indptr, kv_indices, last = _page_table([9, 23], 4, gen)
+    k = torch.randn(num_pages, 4, HKV, D, generator=gen)
+    v = torch.randn(num_pages, HKV, 4, D + 8, generator=gen)[..., 8:].transpose(1, 2)
+    q, q_pos, q_indptr = _queries([3, 5], [9, 23], 4, torch.float32, gen)
+    want, want_lse = reference.sparse_query_attention_paged(q, k, v, q_pos, q_indptr, kv_indptr, kv_indices, last)
+    out, lse = ops.sparse_query_attention_paged(q, (k, v), q_pos, q_indptr, kv_indptr, kv_indices, last,
+                                                return_lse=True)
+    assert_close_to_ref(out, want, torch.float32)
+    out_emu, lse_emu = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:2]))
+    emulated_kernels.sparse_query_attention_paged(q, k, v, q_pos, q_indptr, kv_indptr, kv_indices, last, D ** -0.5,
+                                                  out_emu, lse_emu)
+    assert_close_to_ref(out_emu, want, torch.float32)
+    assert_close_to_ref(lse_emu, want_lse, torch.float32, scale=1.0, factor=50.0)
