@@ -62,15 +62,44 @@ def _rope_reposition_out_fake(key, src_pos, dst_pos, cos_sin_cache, is_neox, *, 
 # ---------------------------------------------------------------------------
 
 
-def _per_layer(caches: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
+KV_LAYOUTS = ("NHD", "HND")
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in KV_LAYOUTS:
+        raise ValueError(f"layout must be 'NHD' or 'HND', got {layout!r}")
+
+
+def paged_view(cache: torch.Tensor, layout: str = "NHD", name: str = "cache") -> torch.Tensor:
+    """The ops' view of one engine cache tensor: ``[num_blocks, block_size, H, D]`` (or a
+    token pool ``[num_slots, H, D]``), a view of ``cache``, never a copy.
+
+    ``layout="NHD"``: ``cache`` is already ``[num_blocks, block_size, H, D]`` (vLLM,
+    FlashInfer NHD) or ``[num_slots, H, D]`` (SGLang's token pools, a contiguous request
+    KV). ``layout="HND"``: ``cache`` is ``[num_blocks, H, block_size, D]`` (FlashInfer
+    HND, vLLM's heads-first layout); the view swaps the two middle dims. Any strides are
+    kept as they are (K and V side by side in one buffer's last dimension, one layer of an
+    all-layers buffer), only the last dim must be contiguous; the ops read the block,
+    offset and head strides from the view.
+    """
+    _check_layout(layout)
+    if layout == "NHD":
+        return cache
+    if cache.dim() != 4:
+        raise ValueError(f"{name} with layout='HND' must be [num_blocks, H, block_size, D], "
+                         f"got shape {tuple(cache.shape)}")
+    return cache.transpose(1, 2)
+
+
+def _per_layer(caches: torch.Tensor | Sequence[torch.Tensor], name: str, layout: str = "NHD") -> list[torch.Tensor]:
     if isinstance(caches, torch.Tensor):
         if caches.dim() not in (4, 5):
             raise ValueError(
-                f"{name} as one tensor must be [L, num_slots, H, D] or [L, num_blocks, block_size, H, D], "
-                f"got shape {tuple(caches.shape)}"
+                f"{name} as one tensor must be [L, num_slots, H, D] or [L, num_blocks, block_size, H, D] "
+                f"([L, num_blocks, H, block_size, D] with layout='HND'), got shape {tuple(caches.shape)}"
             )
-        return list(caches.unbind(0))
-    return list(caches)
+        caches = caches.unbind(0)
+    return [paged_view(c, layout, f"{name}[{l}]") for l, c in enumerate(caches)]
 
 
 def fused_kv_concat(
@@ -82,6 +111,8 @@ def fused_kv_concat(
     is_neox: bool,
     k_caches: torch.Tensor | Sequence[torch.Tensor],
     v_caches: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    layout: str = "NHD",
 ) -> None:
     """Gather the cached K/V of many chunks, for every layer, into a request's cache.
 
@@ -96,9 +127,16 @@ def fused_kv_concat(
     Destinations: ``k_caches`` / ``v_caches`` are either one tensor ``[L, num_slots, H, D]``
     (contiguous request KV, slot = row) or ``[L, num_blocks, block_size, H, D]`` (paged),
     or lists of L per-layer tensors ``[num_slots, H, D]`` / ``[num_blocks, block_size, H, D]``
-    (as vLLM keeps them). Each destination element is written once, in one launch for up
-    to 32 chunks x 64 layers. Slots must be unique (checked on the CPU; on CUDA it is the
-    caller's contract, like vLLM's ``reshape_and_cache``).
+    (as vLLM keeps them). Slot ``s`` of a paged cache is block ``s // block_size``, offset
+    ``s % block_size`` (vLLM's ``slot_mapping``). ``layout="HND"``: the paged caches are
+    ``[num_blocks, H, block_size, D]`` (heads before the block offset). Every per-layer
+    cache may be a strided view of an engine's buffer (K and V of ``[num_blocks, 2, ...]``,
+    K and V side by side in one last dimension, one layer of an all-layers buffer): the
+    op writes into it in place, whatever its strides (see :func:`paged_view` and the
+    README's "Engine-native layouts"). Each destination element is written once, in one
+    launch for up to 32 chunks x 64 layers; the CUDA kernel uses 16-byte vectors when every
+    row and stride allows, scalar accesses otherwise. Slots must be unique (checked on the
+    CPU; on CUDA it is the caller's contract, like vLLM's ``reshape_and_cache``).
     """
     _ops.fused_kv_concat(
         list(chunks),
@@ -107,8 +145,8 @@ def fused_kv_concat(
         slot_mapping,
         cos_sin_cache,
         is_neox,
-        _per_layer(k_caches, "k_caches"),
-        _per_layer(v_caches, "v_caches"),
+        _per_layer(k_caches, "k_caches", layout),
+        _per_layer(v_caches, "v_caches", layout),
     )
 
 
@@ -278,4 +316,89 @@ def sparse_query_attention(
 
 @torch.library.register_fake("cacheblend::sparse_query_attention")
 def _sparse_query_attention_fake(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse) -> None:
+    return None
+
+
+def _kv_pair(kv_cache, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) as the op's ``[num_pages, page_size, Hkv, D]`` views of an engine's cache."""
+    _check_layout(layout)
+    if isinstance(kv_cache, torch.Tensor):
+        if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
+            raise ValueError(
+                "kv_cache as one tensor must be [num_pages, 2, page_size, Hkv, D] (layout='NHD') or "
+                f"[num_pages, 2, Hkv, page_size, D] (layout='HND'), got shape {tuple(kv_cache.shape)}")
+        k, v = kv_cache[:, 0], kv_cache[:, 1]
+    else:
+        k, v = kv_cache
+    out = []
+    for t, name in ((k, "k_cache"), (v, "v_cache")):
+        if t.dim() == 3:  # a token pool [num_slots, Hkv, D]: pages of one token
+            if layout != "NHD":
+                raise ValueError(f"{name} as a token pool [num_slots, Hkv, D] takes layout='NHD', got {layout!r}")
+            t = t.unsqueeze(1)
+        else:
+            t = paged_view(t, layout, name)
+        out.append(t)
+    return out[0], out[1]
+
+
+def sparse_query_attention_paged(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    q_pos: torch.Tensor,
+    q_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_last_page_len: torch.Tensor | None = None,
+    scale: float | None = None,
+    *,
+    layout: str = "NHD",
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sparse_query_attention` with K and V read in place from a paged cache.
+
+    ``kv_cache`` is an engine's cache for one layer, never copied: a ``(k_cache,
+    v_cache)`` pair of ``[num_pages, page_size, Hkv, D]`` (``layout="NHD"``) or
+    ``[num_pages, Hkv, page_size, D]`` (``layout="HND"``), or one tensor with K and V at
+    dim 1, ``[num_pages, 2, page_size, Hkv, D]`` / ``[num_pages, 2, Hkv, page_size, D]``
+    (vLLM's per-layer ``[num_blocks, 2, block_size, H, D]``, FlashInfer's single tensor).
+    K and V may be any strided views with a contiguous last dim (K and V side by side in
+    one buffer's last dim, one layer of an all-layers buffer). A token pool
+    ``[num_slots, Hkv, D]`` pair (SGLang) is a cache with pages of one token: pass the
+    request's slot ids (its location tensor) as ``kv_indices``.
+
+    The page table is FlashInfer's: request ``b`` owns queries ``q_indptr[b] :
+    q_indptr[b + 1]`` of ``q`` / ``q_pos`` and pages ``kv_indices[kv_indptr[b] :
+    kv_indptr[b + 1]]`` in order, its last page holding ``kv_last_page_len[b]`` keys (1 to
+    page_size; None: every last page full). Key ``j`` of a request sits at position ``j``:
+    page ``kv_indices[kv_indptr[b] + j // page_size]``, offset ``j % page_size`` (vLLM's
+    ``block_table`` row of a request is its ``kv_indices``). Masks, GQA, ``scale``,
+    ``out`` and ``return_lse`` as :func:`sparse_query_attention`, whose result on the
+    gathered K/V this equals. All index tensors are int32 or int64.
+
+    CUDA: the SIMT kernel (one warp per (query, head), fp32 online softmax) reads each
+    key through the page table; no host sync. CPU: the contiguous op's tiled GEMM kernel,
+    each K/V tile gathered through the page table into its per-thread fp32 buffer.
+    """
+    k_cache, v_cache = _kv_pair(kv_cache, layout)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if kv_last_page_len is None:
+        kv_last_page_len = torch.full((q_indptr.shape[0] - 1,), k_cache.shape[1], dtype=kv_indptr.dtype,
+                                      device=kv_indptr.device)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+    _ops.sparse_query_attention_paged(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                                      float(scale), out, lse)
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("cacheblend::sparse_query_attention_paged")
+def _sparse_query_attention_paged_fake(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices, kv_last_page_len,
+                                       scale, out, lse) -> None:
+    torch._check(q.dim() == 3, lambda: f"q must be [num_queries, num_q_heads, head_dim], got {q.shape}")
+    torch._check(k_cache.dim() == 4, lambda: f"k_cache must be [num_pages, page_size, Hkv, D], got {k_cache.shape}")
+    torch._check(out.shape == q.shape, lambda: f"out must have the shape of q {q.shape}, got {out.shape}")
     return None

@@ -137,3 +137,37 @@ def sparse_query_attention(
         out[q0:q1] = torch.einsum("hmn,nhd->mhd", probs, vb)
         lse[q0:q1] = lse_b.transpose(0, 1)
     return out, lse
+
+
+def gather_paged_kv(cache: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor,
+                    kv_last_page_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys (or values) of every request of a paged cache ``[num_pages, page_size, H, D]``
+    as contiguous rows ``[N, H, D]`` (a copy, request after request) and their offsets
+    ``[B + 1]`` (int64): request ``b``'s pages ``kv_indices[kv_indptr[b]:kv_indptr[b + 1]]``,
+    the last holding ``kv_last_page_len[b]`` rows."""
+    page_size = cache.shape[1]
+    rows, offsets = [], [0]
+    for b in range(kv_indptr.shape[0] - 1):
+        pages = kv_indices[int(kv_indptr[b]):int(kv_indptr[b + 1])].long()
+        n = 0 if pages.numel() == 0 else (pages.numel() - 1) * page_size + int(kv_last_page_len[b])
+        rows.append(cache[pages].reshape(-1, *cache.shape[2:])[:n])
+        offsets.append(offsets[-1] + n)
+    return torch.cat(rows), torch.tensor(offsets, dtype=torch.int64)
+
+
+def sparse_query_attention_paged(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_indptr: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_last_page_len: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``ops.sparse_query_attention_paged`` (caches ``[num_pages, page_size,
+    Hkv, D]``): :func:`sparse_query_attention` on the gathered keys and values."""
+    k, token_indptr = gather_paged_kv(k_cache, kv_indptr, kv_indices, kv_last_page_len)
+    v, _ = gather_paged_kv(v_cache, kv_indptr, kv_indices, kv_last_page_len)
+    return sparse_query_attention(q, k, v, q_pos, scale, q_indptr, token_indptr)

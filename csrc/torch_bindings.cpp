@@ -115,6 +115,17 @@ void sparse_query_attention_entry(const at::Tensor& q, const at::Tensor& k, cons
   Impl(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
 }
 
+template <auto Impl>
+void sparse_query_attention_paged_entry(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                        const at::Tensor& q_pos, const at::Tensor& q_indptr,
+                                        const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
+                                        const at::Tensor& kv_last_page_len, double scale, const at::Tensor& out,
+                                        const std::optional<at::Tensor>& lse) {
+  validate_sparse_query_attention_paged(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices,
+                                        kv_last_page_len, scale, out, lse);
+  Impl(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices, kv_last_page_len, scale, out, lse);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cacheblend, m) {
@@ -165,6 +176,15 @@ TORCH_LIBRARY(cacheblend, m) {
   m.def(
       "sparse_query_attention(Tensor q, Tensor k, Tensor v, Tensor q_pos, Tensor? q_indptr, "
       "Tensor? kv_indptr, float scale, Tensor(a!) out, Tensor(b!)? lse) -> ()");
+  // The same with K and V read in place from a paged cache k_cache / v_cache
+  // [num_pages, page_size, Hkv, D] (any strides, last dim contiguous) through a
+  // FlashInfer-style page table: request b (queries q_indptr[b]:q_indptr[b+1]) owns pages
+  // kv_indices[kv_indptr[b]:kv_indptr[b+1]], the last one holding kv_last_page_len[b]
+  // keys; key j sits at position j.
+  m.def(
+      "sparse_query_attention_paged(Tensor q, Tensor k_cache, Tensor v_cache, Tensor q_pos, Tensor q_indptr, "
+      "Tensor kv_indptr, Tensor kv_indices, Tensor kv_last_page_len, float scale, Tensor(a!) out, "
+      "Tensor(b!)? lse) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
@@ -179,6 +199,7 @@ TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {
 
   // ---- sparse_query_attention ----
   m.impl("sparse_query_attention", &sparse_query_attention_entry<&sparse_query_attention_cpu>);
+  m.impl("sparse_query_attention_paged", &sparse_query_attention_paged_entry<&sparse_query_attention_paged_cpu>);
 }
 
 #ifdef CACHEBLEND_WITH_CUDA
@@ -194,6 +215,7 @@ TORCH_LIBRARY_IMPL(cacheblend, CUDA, m) {
 
   // ---- sparse_query_attention ----
   m.impl("sparse_query_attention", &sparse_query_attention_entry<&sparse_query_attention_cuda>);
+  m.impl("sparse_query_attention_paged", &sparse_query_attention_paged_entry<&sparse_query_attention_paged_cuda>);
 }
 #endif
 

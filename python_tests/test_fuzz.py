@@ -578,6 +578,45 @@ ATTENTION_DEFECTS += [Defect("kv_indptr", _attention_defect_ragged), Defect("q_i
                       Defect("q_indptr", _attention_defect_q_indptr_order)]
 
 
+def _paged_attention_args():
+    # Two requests of 5 and 9 keys on pages of 4 (2 + 3 pages of 6).
+    return dict(q=torch.randn(3, 4, 16), k_cache=torch.randn(6, 4, 2, 16), v_cache=torch.randn(6, 4, 2, 16),
+                q_pos=torch.tensor([4, 0, 8]), q_indptr=torch.tensor([0, 1, 3]), kv_indptr=torch.tensor([0, 2, 5]),
+                kv_indices=torch.tensor([5, 0, 3, 1, 2]), kv_last_page_len=torch.tensor([1, 1]), scale=0.25,
+                out=torch.empty(3, 4, 16), lse=torch.empty(3, 4))
+
+
+PAGED_ATTENTION_DEFECTS = [
+    _bad("q", _retype(torch.float64)),
+    _bad("q", lambda t: t[0]),
+    _bad("q", _noncontig_last),
+    _bad("k_cache", lambda t: t[0]),
+    _bad("k_cache", _retype(torch.float16)),
+    _bad("k_cache", lambda t: t[..., :8]),
+    _bad("v_cache", lambda t: t[:5]),
+    _bad("v_cache", _noncontig_last),
+    _bad("q_pos", lambda t: t[:2]),
+    _bad("q_pos", _retype(torch.float32)),
+    _bad("q_pos", lambda t: t + 10),
+    _bad("q_indptr", lambda t: torch.tensor([0, 1, 4])),
+    _bad("q_indptr", lambda t: t.view(3, 1)),
+    _bad("kv_indptr", lambda t: torch.tensor([0, 2, 6])),
+    _bad("kv_indptr", lambda t: torch.tensor([0, 3, 2])),
+    _bad("kv_indptr", _retype(torch.float32)),
+    _bad("kv_indices", lambda t: t + 6),
+    _bad("kv_indices", lambda t: -t - 1),
+    _bad("kv_indices", lambda t: t.view(5, 1)),
+    _bad("kv_last_page_len", lambda t: t[:1]),
+    _bad("kv_last_page_len", lambda t: torch.tensor([0, 1])),
+    _bad("kv_last_page_len", lambda t: torch.tensor([5, 1])),
+    _bad("scale", lambda x: float("inf")),
+    _bad("out", lambda t: t[:, :2]),
+    _bad("out", _retype(torch.bfloat16)),
+    _bad("lse", lambda t: t[:2]),
+    _bad("lse", _retype(torch.float64)),
+]
+
+
 def _call_rope(a):
     ops.rope_reposition(a["key"], a["src_pos"], a["dst_pos"], a["cos_sin_cache"], a["is_neox"], out=a["out"])
 
@@ -608,6 +647,11 @@ def _call_attention(a):
                                     a["out"], a["lse"])
 
 
+def _call_paged_attention(a):
+    ops._ops.sparse_query_attention_paged(a["q"], a["k_cache"], a["v_cache"], a["q_pos"], a["q_indptr"], a["kv_indptr"],
+                                          a["kv_indices"], a["kv_last_page_len"], a["scale"], a["out"], a["lse"])
+
+
 BAD_CASES = {
     "rope_reposition_out": (_rope_args, ROPE_DEFECTS, _call_rope),
     "rope_reposition": (_rope_args, [d for d in ROPE_DEFECTS if d.argument != "out"], _call_rope_inplace),
@@ -617,6 +661,7 @@ BAD_CASES = {
                      _call_deviation_functional),
     "select_hkvd_batched": (_select_args, SELECT_DEFECTS, _call_select),
     "sparse_query_attention": (_attention_args, ATTENTION_DEFECTS, _call_attention),
+    "sparse_query_attention_paged": (_paged_attention_args, PAGED_ATTENTION_DEFECTS, _call_paged_attention),
 }
 
 

@@ -122,4 +122,50 @@ void dispatch_sparse_query_attention(const at::Tensor& q, const at::Tensor& k, c
   });
 }
 
+// sparse_query_attention_paged: the paged SIMT kernel. The page table and the request
+// offsets travel as int64 (an on-device conversion when they are int32; no host sync).
+template <typename Launcher>
+void dispatch_sparse_query_attention_paged(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                           const at::Tensor& q_pos, const at::Tensor& q_indptr,
+                                           const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
+                                           const at::Tensor& kv_last_page_len, double scale, const at::Tensor& out,
+                                           const std::optional<at::Tensor>& lse, const Launcher& launcher) {
+  if (q.size(0) == 0) return;
+  const at::Tensor q_ind = q_indptr.to(at::kLong), page_ind = kv_indptr.to(at::kLong);
+  const at::Tensor indices = kv_indices.to(at::kLong), last = kv_last_page_len.to(at::kLong);
+  attention::AttentionArgs args{};
+  args.q = q.data_ptr();
+  args.k = k_cache.data_ptr();
+  args.v = v_cache.data_ptr();
+  args.out = out.data_ptr();
+  args.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
+  args.q_indptr = q_ind.data_ptr<int64_t>();
+  args.kv_indptr = nullptr;  // the page table below
+  args.q_s0 = q.stride(0);
+  args.q_s1 = q.stride(1);
+  args.k_s1 = k_cache.stride(2);
+  args.v_s1 = v_cache.stride(2);
+  args.o_s0 = out.stride(0);
+  args.o_s1 = out.stride(1);
+  args.lse_s0 = lse.has_value() ? lse->stride(0) : 0;
+  args.lse_s1 = lse.has_value() ? lse->stride(1) : 0;
+  args.num_q = q.size(0);
+  args.num_requests = static_cast<int>(q_ind.size(0) - 1);
+  args.hq = static_cast<int>(q.size(1));
+  args.hkv = static_cast<int>(k_cache.size(2));
+  args.group = args.hq / args.hkv;
+  args.head_dim = static_cast<int>(q.size(2));
+  args.scale_log2 = static_cast<float>(scale) * attention::kLog2e;
+  const attention::PagedKV paged{page_ind.data_ptr<int64_t>(), indices.data_ptr<int64_t>(),
+                                 last.data_ptr<int64_t>(),     indices.size(0),
+                                 k_cache.size(0),              k_cache.size(1),
+                                 k_cache.stride(0),            k_cache.stride(1),
+                                 v_cache.stride(0),            v_cache.stride(1)};
+  CB_DISPATCH_FLOAT_TYPES(q.scalar_type(), "sparse_query_attention_paged", [&] {
+    AT_DISPATCH_INDEX_TYPES(q_pos.scalar_type(), "sparse_query_attention_paged", [&] {
+      launch_attention_paged_simt<scalar_t, index_t>(args, paged, q_pos.data_ptr<index_t>(), launcher);
+    });
+  });
+}
+
 }  // namespace cacheblend

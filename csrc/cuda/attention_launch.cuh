@@ -5,6 +5,7 @@
 
 #include "cuda/launch.h"
 #include "kernels/attention/mma.cuh"
+#include "kernels/attention/paged.cuh"
 #include "kernels/attention/simt.cuh"
 #include "kernels/attention/split.cuh"
 
@@ -15,6 +16,14 @@ void launch_attention_simt(const attention::AttentionArgs& args, const pos_t* q_
   launcher(attention::sparse_query_attention_simt_kernel<T, pos_t>,
            Dim3{static_cast<unsigned>(args.num_q), static_cast<unsigned>(ceil_div(args.hq, attention::kSimtWarps))},
            Dim3{attention::kSimtWarps * 32}, 0, args, q_pos);
+}
+
+template <typename T, typename pos_t, typename Launcher>
+void launch_attention_paged_simt(const attention::AttentionArgs& args, const attention::PagedKV& paged,
+                                 const pos_t* q_pos, const Launcher& launcher) {
+  launcher(attention::sparse_query_attention_paged_simt_kernel<T, pos_t>,
+           Dim3{static_cast<unsigned>(args.num_q), static_cast<unsigned>(ceil_div(args.hq, attention::kSimtWarps))},
+           Dim3{attention::kSimtWarps * 32}, 0, args, paged, q_pos);
 }
 
 template <typename T, typename pos_t, int D, typename Launcher>

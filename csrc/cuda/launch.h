@@ -125,6 +125,12 @@ inline bool attention_tensor_core_ok(const attention::AttentionArgs& a) {
 template <typename T, typename pos_t, typename Launcher>
 void launch_attention_simt(const attention::AttentionArgs& args, const pos_t* q_pos, const Launcher& launcher);
 
+// sparse_query_attention_paged's SIMT kernel (any storage type, head_dim up to 256):
+// the query side in args, the keys through the page table in paged.
+template <typename T, typename pos_t, typename Launcher>
+void launch_attention_paged_simt(const attention::AttentionArgs& args, const attention::PagedKV& paged,
+                                 const pos_t* q_pos, const Launcher& launcher);
+
 // The mma_v1 tensor-core kernel (T = half_t / bfloat16_t, D = 64 / 128).
 template <typename T, typename pos_t, int D, typename Launcher>
 void launch_attention_mma(const attention::AttentionArgs& args, const pos_t* q_pos, const Launcher& launcher);

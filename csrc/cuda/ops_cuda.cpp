@@ -103,4 +103,16 @@ void sparse_query_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
   C10_CUDA_CHECK(launcher.status());
 }
 
+void sparse_query_attention_paged_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                       const at::Tensor& q_pos, const at::Tensor& q_indptr,
+                                       const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
+                                       const at::Tensor& kv_last_page_len, double scale, const at::Tensor& out,
+                                       const std::optional<at::Tensor>& lse) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  const CudaLauncher launcher = current_stream_launcher();
+  dispatch_sparse_query_attention_paged(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices,
+                                        kv_last_page_len, scale, out, lse, launcher);
+  C10_CUDA_CHECK(launcher.status());
+}
+
 }  // namespace cacheblend

@@ -71,6 +71,16 @@ void sparse_query_attention(const at::Tensor& q, const at::Tensor& k, const at::
                                 /*tensor_cores=*/true, static_cast<int>(force_splits), EmulatedLauncher{});
 }
 
+void sparse_query_attention_paged(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& q_pos, const at::Tensor& q_indptr, const at::Tensor& kv_indptr,
+                                  const at::Tensor& kv_indices, const at::Tensor& kv_last_page_len, double scale,
+                                  const at::Tensor& out, const std::optional<at::Tensor>& lse) {
+  validate_sparse_query_attention_paged(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices,
+                                        kv_last_page_len, scale, out, lse);
+  dispatch_sparse_query_attention_paged(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices,
+                                        kv_last_page_len, scale, out, lse, EmulatedLauncher{});
+}
+
 }  // namespace
 }  // namespace cacheblend
 
@@ -88,4 +98,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_query_attention", &cacheblend::sparse_query_attention, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("q_pos"), py::arg("q_indptr"), py::arg("kv_indptr"), py::arg("scale"), py::arg("out"),
         py::arg("lse"), py::arg("impl") = "mma_v1", py::arg("force_splits") = 0);
+  m.def("sparse_query_attention_paged", &cacheblend::sparse_query_attention_paged, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("q_pos"), py::arg("q_indptr"), py::arg("kv_indptr"), py::arg("kv_indices"),
+        py::arg("kv_last_page_len"), py::arg("scale"), py::arg("out"), py::arg("lse"));
 }

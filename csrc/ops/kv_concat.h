@@ -8,7 +8,11 @@
 // (-1 = skip) of every layer, its K re-rotated from src_pos[t] to dst_pos[t].
 // Destinations: k_caches / v_caches are L tensors each, all of one shape, dtype and
 // strides: [num_slots, H, D] (contiguous request KV: slot = row) or
-// [num_blocks, block_size, H, D] (paged: slot = block * block_size + offset).
+// [num_blocks, block_size, H, D] (paged: slot = block * block_size + offset). The sizes
+// say which dim is which; the strides are free (last dim contiguous), so every engine
+// layout is a view: heads before the block offset (HND, a transposed view), K and V of
+// one [num_blocks, 2, ...] tensor, K and V side by side in one last dimension, one layer
+// of an all-layers buffer (cacheblend_ext.ops.paged_view).
 #pragma once
 
 #include <ATen/core/ATen_fwd.h>
@@ -54,6 +58,9 @@ inline void validate_fused_kv_concat(at::TensorList chunks, const at::Tensor& sr
     }
   }
   check_last_dim_contiguous(ref, "k_caches[l]");
+  for (int64_t i = 0; i + 1 < ref.dim(); ++i)
+    TORCH_CHECK(ref.stride(i) != 0 || ref.size(i) <= 1, "k_caches[l] must not be an expanded view (stride 0 in dim ",
+                i, "): distinct slots and heads must be distinct memory, got strides ", ref.strides());
   int64_t total_tokens = 0;
   for (size_t i = 0; i < chunks.size(); ++i) {
     const at::Tensor& c = chunks[i];

@@ -8,7 +8,8 @@
 //    keys visited one by one with an online softmax in fp32. Simple and obviously
 //    correct; used for fp32 inputs, head dims other than 64 / 128, unaligned inputs,
 //    GPUs before sm_80, and on request (CACHEBLEND_ATTENTION_IMPL=simt) so both kernels
-//    can be compared.
+//    can be compared. paged.cuh runs the same per-row loop through a page table
+//    (sparse_query_attention_paged).
 //  * mma.cuh, sparse_query_attention_mma_kernel: flash-attention-2 style for fp16 /
 //    bf16 with tensor cores (mma.sync m16n8k16, fp32 accumulation). A block owns one kv
 //    head and 64 "rows", each row one (query token, query head of that kv head's group)
@@ -60,6 +61,19 @@ struct AttentionArgs {
 
 struct Request {
   int64_t q_begin, q_end, kv_begin, kv_len;
+};
+
+// sparse_query_attention_paged (paged.cuh): where the keys live. The kernel also takes
+// an AttentionArgs for the query side, with k / v the caches' data, k_s1 / v_s1 their
+// head strides, q_indptr the request offsets of the queries (kv_indptr, k_s0, v_s0 and
+// num_k unused). Key j of request b sits in page indices[page_indptr[b] + j / page_size]
+// at offset j % page_size.
+struct PagedKV {
+  const int64_t* page_indptr;    // [num_requests + 1] into indices
+  const int64_t* indices;        // page ids
+  const int64_t* last_page_len;  // [num_requests]: keys in each request's last page
+  int64_t num_indices, num_pages, page_size;
+  int64_t k_page_stride, k_offset_stride, v_page_stride, v_offset_stride;  // elements
 };
 
 // Tile shape of the tensor-core kernels (mma.cuh, split.cuh): a block is kMmaThreads
