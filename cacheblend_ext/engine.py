@@ -389,6 +389,8 @@ class _BlendState:
     sel: torch.Tensor | None = None
     rank_scores: torch.Tensor | None = None
     probe_mass: torch.Tensor | None = None  # [L, N] (probe selection)
+    batch_kv: tuple | None = None  # in a batched blend: the batch's (K, V) buffers kbuf / vbuf are slices of
+    batch_offset: int = 0  # where this request's tokens start in them
     selected: list = field(default_factory=list)
     timings: dict = field(default_factory=lambda: {"concat_ms": 0.0, "select_ms": 0.0})
 
@@ -712,18 +714,7 @@ class BlendEngine:
                 raise ValueError(f"rank_scores must be [{plan.num_tokens}], got {tuple(rank_scores.shape)}")
             state.rank_scores = rank_scores.to(self.device, torch.float32)
         try:
-            placed = plan.probe_rows.numel() > 0
-            if placed:  # the probe reads every layer's reused KV and leaves it in place
-                self._probe(state, source)
-            for l, layer in enumerate(self.layers):
-                if not placed:
-                    reused = source.layer(l) if plan.chunks else []
-                    if plan.chunks and (state.sel is not None or l in plan.check):
-                        self._place_reused(state, l, reused)
-                q, k, v = self._layer_qkv(layer, state.hidden, *state.rotary())
-                if l in plan.check:
-                    q, k, v = self._select(state, l, q, k, v)
-                self._attend_and_mlp(state, l, layer, q, k, v)
+            self._run_layers([state], [source])
         finally:
             close = getattr(source, "close", None)
             if close is not None:
@@ -731,6 +722,44 @@ class BlendEngine:
         result = self._finish(state)
         result.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
         return result
+
+    @torch.inference_mode()
+    def blend_batch(self, requests: Sequence, config: BlendConfig | None = None) -> list[BlendResult]:
+        """Blend several requests in one pass: a ragged batch whose rows share every
+        projection and MLP call (one weight read per layer for the whole batch) and, once
+        they are all selective, one ``sparse_query_attention`` call over the batch's KV.
+
+        ``requests`` is a list of segment lists as :meth:`blend` takes them (chunk KV in
+        memory); ``config`` applies to all. Each request is planned, ranked and selected on
+        its own, so each result is the one :meth:`blend` gives it (selections identical,
+        logits equal up to the rounding of the larger matrix products). The results' caches
+        are views of one KV buffer of the whole batch. ``timings["total_ms"]`` is the
+        batch's time.
+        """
+        cfg = config or self.config
+        cfg.validate(self.num_layers)
+        if not requests:
+            raise ValueError("requests must hold at least one request")
+        t_start = time.perf_counter()
+        plans = [self.plan_request(segments, cfg) for segments in requests]
+        total = sum(p.num_tokens for p in plans)
+        shape = (self.num_layers, self.num_kv_heads, total, self.head_dim)
+        kbig = torch.empty(shape, device=self.device, dtype=self.dtype)
+        vbig = torch.empty_like(kbig)
+        states, offset = [], 0
+        for plan in plans:  # each request's KV: a slice of the batch buffer (a view)
+            n = plan.num_tokens
+            state = self._start(plan, kbig[:, :, offset:offset + n], vbig[:, :, offset:offset + n])
+            state.batch_kv, state.batch_offset = (kbig, vbig), offset
+            states.append(state)
+            offset += n
+        self._run_layers(states, [InMemorySource(p.chunks, self.device, self.dtype) for p in plans])
+        results = [self._finish(state) for state in states]
+        elapsed = (time.perf_counter() - t_start) * 1e3
+        for result in results:
+            result.timings["total_ms"] = elapsed
+            result.timings["batch_size"] = len(results)
+        return results
 
     # -- the blend's steps, in order
 
@@ -772,14 +801,17 @@ class BlendEngine:
                            torch.cat(src_pos) if chunks else None, dict(zip(schedule.layers, schedule.picks)),
                            probe[: schedule.probe_rows] if schedule.probe_rows else probe[:0])
 
-    def _start(self, plan: "RequestPlan") -> "_BlendState":
-        """Buffers for the request's KV, the embeddings and the RoPE angles of every position."""
+    def _start(self, plan: "RequestPlan", kbuf: torch.Tensor | None = None,
+               vbuf: torch.Tensor | None = None) -> "_BlendState":
+        """Buffers for the request's KV (``kbuf`` / ``vbuf`` if given: views of a batch's
+        buffer), the embeddings and the RoPE angles of every position."""
         n, device = plan.num_tokens, self.device
         max_src = int(plan.src_pos.max()) + 1 if plan.chunks else 0
         rope = self.rope(max(n, max_src))
         # the request's KV in HF layout [L, H_kv, N, D]; the ops see token-major views
-        kbuf = torch.empty(self.num_layers, self.num_kv_heads, n, self.head_dim, device=device, dtype=self.dtype)
-        vbuf = torch.empty_like(kbuf)
+        if kbuf is None:
+            kbuf = torch.empty(self.num_layers, self.num_kv_heads, n, self.head_dim, device=device, dtype=self.dtype)
+            vbuf = torch.empty_like(kbuf)
         positions = torch.arange(n, device=device)
         hidden = self.base.embed_tokens(plan.input_ids.to(device)[None])[0]  # [N, hidden]
         cos, sin = self.base.rotary_emb(hidden[None], positions[None])
@@ -795,40 +827,84 @@ class BlendEngine:
                                  state.rope.cos_sin_cache, state.rope.is_neox, [k_tok], [v_tok])
         state.timings["concat_ms"] += (time.perf_counter() - t0) * 1e3
 
-    def _probe(self, state: "_BlendState", source: LayerSource) -> None:
-        """The probe pass: the probe rows (the last query tokens) run through every layer
-        over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]`` is the
-        attention they pay each position at layer ``l``, summed over rows and heads. Every
-        layer's reused KV is left placed in the request's buffers for the main pass."""
-        t0, concat0 = time.perf_counter(), state.timings["concat_ms"]
-        rows = state.plan.probe_rows.to(self.device)
-        hidden = state.hidden[rows]
-        group = self.num_heads // self.num_kv_heads
-        # The probe sees the reused KV and its own rows (exact position-causal mask); other
-        # tokens without cached KV (the prefix, the start of a long query) have no KV yet.
-        known = ~state.forced
-        known[rows] = True
-        visible = (state.positions[None, :] <= rows[:, None]) & known[None, :]  # [P, N]
-        unknown = (~known).nonzero().flatten()
-        state.kbuf[:, :, unknown] = 0  # masked out, but 0 * NaN would still reach the output
-        state.vbuf[:, :, unknown] = 0
-        mass = torch.zeros(self.num_layers, state.plan.num_tokens, device=self.device, dtype=torch.float32)
+    def _run_layers(self, states: list, sources: list) -> None:
+        """The probe (where planned), then every layer for all ``states`` together: their
+        rows share the projection and MLP calls; ranking and selection stay per request."""
+        probed = [s.plan.probe_rows.numel() > 0 for s in states]
+        if any(probed):  # the probe reads every layer's reused KV and leaves it in place
+            self._probe([s for s, p in zip(states, probed) if p], [src for src, p in zip(sources, probed) if p])
         for l, layer in enumerate(self.layers):
-            self._place_reused(state, l, source.layer(l))
-            k_tok, v_tok = state.layer_kv(l)
-            q, k, v = self._layer_qkv(layer, hidden, state.cos[rows], state.sin[rows])
-            k_tok[rows], v_tok[rows] = k, v
-            qg = q.float().view(rows.numel(), self.num_kv_heads, group, self.head_dim)
-            scores = torch.einsum("phgd,nhd->phgn", qg, k_tok.float()) * self.scaling
-            probs = scores.masked_fill(~visible[:, None, None, :], float("-inf")).softmax(-1)
-            mass[l] = probs.sum((0, 1, 2))
-            o = torch.einsum("phgn,nhd->phgd", probs, v_tok.float()).to(q.dtype).reshape(rows.numel(), -1)
-            h = hidden + layer.self_attn.o_proj(o)
-            hidden = h + layer.mlp(layer.post_attention_layernorm(h))
-        state.probe_mass = mass
-        # the probe's own time: placing the reused KV is the main pass's work done early
-        placing = state.timings["concat_ms"] - concat0
-        state.timings["probe_ms"] = (time.perf_counter() - t0) * 1e3 - placing
+            for state, source, placed in zip(states, sources, probed):
+                if not placed:
+                    reused = source.layer(l) if state.plan.chunks else []
+                    if state.plan.chunks and (state.sel is not None or l in state.plan.check):
+                        self._place_reused(state, l, reused)
+            qkv = self._rows_qkv(layer, [s.hidden for s in states], [s.rotary() for s in states])
+            for i, state in enumerate(states):
+                if l in state.plan.check:
+                    qkv[i] = self._select(state, l, *qkv[i])
+            outs = self._attend(states, l, qkv)
+            hidden = self._o_proj_mlp(layer, [s.hidden for s in states], outs)
+            for state, h in zip(states, hidden):
+                state.hidden = h
+
+    def _probe(self, states: list, sources: list) -> None:
+        """The probe pass: each request's probe rows (its last query tokens) run through
+        every layer over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]``
+        is the attention they pay each position at layer ``l``, summed over rows and heads.
+        Every layer's reused KV is left placed in the request's buffers for the main pass."""
+        t0, concat0 = time.perf_counter(), [s.timings["concat_ms"] for s in states]
+        rows = [s.plan.probe_rows.to(self.device) for s in states]
+        hidden = [s.hidden[r] for s, r in zip(states, rows)]
+        rotary = [(s.cos[r], s.sin[r]) for s, r in zip(states, rows)]
+        group = self.num_heads // self.num_kv_heads
+        visible = []
+        for state, r in zip(states, rows):
+            # The probe sees the reused KV and its own rows (exact position-causal mask); other
+            # tokens without cached KV (the prefix, the start of a long query) have no KV yet.
+            known = ~state.forced
+            known[r] = True
+            visible.append((state.positions[None, :] <= r[:, None]) & known[None, :])  # [P, N]
+            unknown = (~known).nonzero().flatten()
+            state.kbuf[:, :, unknown] = 0  # masked out, but 0 * NaN would still reach the output
+            state.vbuf[:, :, unknown] = 0
+            state.probe_mass = torch.zeros(self.num_layers, state.plan.num_tokens, device=self.device,
+                                           dtype=torch.float32)
+        for l, layer in enumerate(self.layers):
+            outs = []
+            for state, source, r, vis, (q, k, v) in zip(states, sources, rows, visible,
+                                                         self._rows_qkv(layer, hidden, rotary)):
+                self._place_reused(state, l, source.layer(l))
+                k_tok, v_tok = state.layer_kv(l)
+                k_tok[r], v_tok[r] = k, v
+                qg = q.float().view(r.numel(), self.num_kv_heads, group, self.head_dim)
+                scores = torch.einsum("phgd,nhd->phgn", qg, k_tok.float()) * self.scaling
+                probs = scores.masked_fill(~vis[:, None, None, :], float("-inf")).softmax(-1)
+                state.probe_mass[l] = probs.sum((0, 1, 2))
+                outs.append(torch.einsum("phgn,nhd->phgd", probs, v_tok.float()).to(q.dtype))
+            hidden = self._o_proj_mlp(layer, hidden, outs)
+        elapsed = (time.perf_counter() - t0) * 1e3
+        for state, c0 in zip(states, concat0):
+            # the probe's own time: placing the reused KV is the main pass's work done early
+            state.timings["probe_ms"] = elapsed - (state.timings["concat_ms"] - c0)
+
+    def _rows_qkv(self, layer, hidden: list, rotary: list) -> list:
+        """Q/K/V of several requests' rows in one call per projection; per-request splits."""
+        if len(hidden) == 1:
+            return [self._layer_qkv(layer, hidden[0], *rotary[0])]
+        sizes = [h.shape[0] for h in hidden]
+        q, k, v = self._layer_qkv(layer, torch.cat(hidden), torch.cat([c for c, _ in rotary]),
+                                  torch.cat([s for _, s in rotary]))
+        return [list(t) for t in zip(q.split(sizes), k.split(sizes), v.split(sizes))]
+
+    def _o_proj_mlp(self, layer, hidden: list, outs: list) -> list:
+        """Output projection, residual and MLP of several requests' rows in one call each."""
+        sizes = [h.shape[0] for h in hidden]
+        h = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
+        o = torch.cat(outs) if len(outs) > 1 else outs[0]
+        h = h + layer.self_attn.o_proj(o.reshape(o.shape[0], -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return list(h.split(sizes)) if len(hidden) > 1 else [h]
 
     def _layer_qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         attn = layer.self_attn
@@ -919,24 +995,38 @@ class BlendEngine:
             chosen = rest[_per_chunk_top(score[rest], cand_pos[rest], plan.spans, need)]
         return torch.cat([first, chosen])
 
-    def _attend_and_mlp(self, state: "_BlendState", l: int, layer, q, k, v) -> None:
-        """Write the computed rows' fresh K/V into the request, attend (causal prefill on the
-        full path, exact position-causal sparse-query attention on the selective path),
-        then the output projection and MLP for those rows."""
-        k_tok, v_tok = state.layer_kv(l)
-        if state.sel is None:
-            k_tok.copy_(k)
-            v_tok.copy_(v)
-            o = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], state.kbuf[l][None], state.vbuf[l][None], is_causal=True,
-                scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads)[0].transpose(0, 1)
-        else:
-            k_tok[state.sel] = k
-            v_tok[state.sel] = v
-            o = _kernels.sparse_query_attention(q, k_tok, v_tok, state.sel, self.scaling)
-        state.selected.append(state.sel)
-        h = state.hidden + layer.self_attn.o_proj(o.reshape(o.shape[0], -1))
-        state.hidden = h + layer.mlp(layer.post_attention_layernorm(h))
+    def _attend(self, states: list, l: int, qkv: list) -> list:
+        """Write each request's computed rows' fresh K/V into its KV, then attend: causal
+        prefill on the full path, exact position-causal sparse-query attention on the
+        selective path (one ragged call when every request of a batch is selective).
+        Returns each request's attention output ``[rows, Hq, D]``."""
+        outs = [None] * len(states)
+        for i, (state, (q, k, v)) in enumerate(zip(states, qkv)):
+            k_tok, v_tok = state.layer_kv(l)
+            if state.sel is None:
+                k_tok.copy_(k)
+                v_tok.copy_(v)
+                outs[i] = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], state.kbuf[l][None], state.vbuf[l][None], is_causal=True,
+                    scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads)[0].transpose(0, 1)
+            else:
+                k_tok[state.sel] = k
+                v_tok[state.sel] = v
+            state.selected.append(state.sel)
+        sparse = [i for i, s in enumerate(states) if s.sel is not None]
+        if len(sparse) > 1 and len(sparse) == len(states):  # one ragged call over the batch buffer
+            kbig, vbig = states[0].batch_kv
+            counts = torch.tensor([0] + [s.sel.numel() for s in states])
+            q_indptr = counts.cumsum(0).to(self.device)
+            kv_indptr = torch.tensor([s.batch_offset for s in states] + [kbig.shape[2]], device=self.device)
+            o = _kernels.sparse_query_attention(
+                torch.cat([q for q, _, _ in qkv]), kbig[l].transpose(0, 1), vbig[l].transpose(0, 1),
+                torch.cat([s.sel for s in states]), self.scaling, q_indptr=q_indptr, kv_indptr=kv_indptr)
+            return list(o.split(counts[1:].tolist()))
+        for i in sparse:
+            k_tok, v_tok = states[i].layer_kv(l)
+            outs[i] = _kernels.sparse_query_attention(qkv[i][0], k_tok, v_tok, states[i].sel, self.scaling)
+        return outs
 
     def _finish(self, state: "_BlendState") -> BlendResult:
         """First-token logits from the last token; the blended KV as a ``DynamicCache`` (views)."""

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from cacheblend_ext import reference
+from cacheblend_ext import _kernels, reference
 from cacheblend_ext.engine import BlendConfig, BlendEngine, Schedule, published_cost, selection_schedule
 
 from conftest import request_parts
@@ -334,3 +334,43 @@ def test_bad_scheme_options_raise(llama):
                          ("boundary_tokens", -1), ("chunk_prefix", "system")):
         with pytest.raises(ValueError, match=field):
             BlendEngine(llama, config=BlendConfig(**{field: value}))
+
+
+# ---------------------------------------------------------------------------- batched blend
+
+
+@pytest.mark.parametrize("name", ["default", "published", "gradual", "fresh"])
+def test_blend_batch_equals_single_blends(llama, name, monkeypatch):
+    """A ragged batch (different lengths, chunk counts, a query-only request) gives every
+    request the selection and the logits of blending it alone, and a cache that decodes
+    the same continuation."""
+    cfg = BlendConfig(recompute_ratio=0.2) if name == "default" else scheme_config(name, 0.2)
+    engine = BlendEngine(llama, config=cfg)
+    requests = []
+    for seed, sizes in ((50, (19, 26, 13)), (51, (40,)), (52, (7, 65, 30, 11)), (53, ())):
+        prefix, chunk_ids, query = request_parts(seed=seed, sizes=sizes)
+        context = engine.chunk_context(prefix)
+        requests.append([prefix, *[engine.encode_chunk(c, context) for c in chunk_ids], query])
+    calls = []
+    attend = _kernels.sparse_query_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("q_indptr") is not None)
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(_kernels, "sparse_query_attention", spy)
+    batch = engine.blend_batch(requests)
+    assert len(batch) == len(requests) and not any(calls)  # the query-only request stays on the full path
+    batch = batch[3:] + engine.blend_batch(requests[:3])
+    assert any(calls)  # three selective requests: one ragged call per layer
+    monkeypatch.undo()
+    for segments, got in zip(requests[3:] + requests[:3], batch):
+        alone = engine.blend(segments)
+        assert torch.equal(got.input_ids, alone.input_ids)
+        for a, b in zip(got.selected, alone.selected):
+            assert (a is None and b is None) or torch.equal(a, b)
+        assert (got.logits - alone.logits).abs().max() <= 1e-5 * alone.logits.abs().max()
+        assert got.compute_fraction() == alone.compute_fraction()
+        assert engine.generate(got, 6) == engine.generate(alone, 6)
+    with pytest.raises(ValueError, match="at least one request"):
+        engine.blend_batch([])
