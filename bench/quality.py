@@ -88,15 +88,13 @@ def _default_scheme() -> Scheme:
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="bundled model name or local HF model dir")
     parser.add_argument("--seeds", default="0,1", help="data seeds (comma separated)")
-    parser.add_argument("--samples", type=int, default=32, help="requests per seed")
+    parser.add_argument("--samples", type=int, default=30, help="requests per seed")
     parser.add_argument("--chunks", default="3,8", help="min,max chunks per request")
     parser.add_argument("--chunk-words", default="52,320", help="min,max filler words per chunk (~64-400 tokens)")
     parser.add_argument("--budgets", default="5,10,15,20,30", help="recompute budgets in percent (the curves)")
-    parser.add_argument("--curve-schemes", default="published,default,hindsight",
+    parser.add_argument("--curve-schemes", default="published,default",
                         help=f"schemes run at every budget; known: {DEFAULT_SCHEME}, {', '.join(SCHEMES)}")
-    parser.add_argument("--point-schemes",
-                        default="v,kv,impact,boundary4,per-chunk,check3,gradual,fresh,ctx-prefix,ctx-none,probe,"
-                                "probe-c0,probe-c0-16,default-deviation",
+    parser.add_argument("--point-schemes", default="hindsight,probe-c0,default-deviation",
                         help="schemes run at --point-budget only")
     parser.add_argument("--point-budget", type=float, default=15.0, help="budget (percent) of --point-schemes")
     parser.add_argument("--kl-tokens", type=int, default=16)
