@@ -101,6 +101,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--answer-tokens", type=int, default=10)
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
     parser.add_argument("--out", default="bench_out/quality", help="directory for quality.json and quality.png")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip the published scheme and full KV reuse (a run to be merged with one that has them)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="run nothing: merge the quality.json files of runs over the same requests (same "
+                             "seeds, samples and shape settings) into one table, plot and JSON in --out")
+    parser.add_argument("--rename", default="", help="with --merge: old=new[,old=new] scheme names")
 
 
 # ---------------------------------------------------------------- scoring helpers
@@ -219,8 +225,40 @@ def _mean(xs):
 
 
 def run(args) -> dict:
+    if args.merge:
+        return _merge(args)
     with torch.inference_mode():
         return _run(args)
+
+
+def _merge(args) -> dict:
+    """One report over several runs' records (paired by request: seed and index)."""
+    t_start = time.perf_counter()
+    rename = dict(pair.split("=", 1) for pair in args.rename.split(",") if pair.strip())
+    records, runs, seen = {}, [], set()
+    for path in args.merge:
+        with open(path) as f:
+            data = json.load(f)
+        schemes = {rename.get(name, name): Scheme(s["description"], tuple(s["changes"].items()), s["context"])
+                   for name, s in data["schemes"].items()}
+        for rec in data["requests"]:
+            key = (rec["seed"], rec["index"])
+            runs_of = {f"{rename.get(k.split('@')[0], k.split('@')[0])}@{k.split('@')[1]}": v
+                       for k, v in rec["runs"].items()}
+            if key not in records:
+                records[key] = {**rec, "runs": {}}
+            elif records[key]["full_answer"] != rec["full_answer"] or records[key]["tokens"] != rec["tokens"]:
+                raise SystemExit(f"{path}: request {key} differs from the other runs' (not the same request set)")
+            records[key]["runs"].update(runs_of)
+        for row in data["rows"]:
+            name = rename.get(row["scheme"], row["scheme"])
+            if (name, row["budget"]) not in seen:
+                seen.add((name, row["budget"]))
+                runs.append((name, schemes.get(name, Scheme(row["description"])), row["budget"]))
+    complete = [r for r in records.values() if all(f"{n}@{b:g}" in r["runs"] for n, _, b in runs)]
+    if len(complete) != len(records):
+        raise SystemExit(f"only {len(complete)} of {len(records)} requests have every scheme's run")
+    return _report(args, list(records.values()), runs, t_start, merged_from=args.merge)
 
 
 def _parse_pair(text: str, name: str) -> tuple[int, int]:
@@ -256,8 +294,9 @@ def _run(args) -> dict:
     point = args.point_budget / 100
     runs = [(name, s, r) for name, s in _schemes(args.curve_schemes).items() for r in budgets]
     runs += [(name, s, point) for name, s in _schemes(args.point_schemes).items()]
-    runs += [("full KV reuse", SCHEMES["published"], 0.0)]
-    if "published" not in {name for name, _, _ in runs if _ != 0.0} or point not in budgets:
+    if not args.no_baselines:
+        runs += [("full KV reuse", SCHEMES["published"], 0.0)]
+    if not args.no_baselines and ("published" not in {name for name, _, _ in runs if _ != 0.0} or point not in budgets):
         runs += [("published", SCHEMES["published"], r) for r in sorted(set(budgets + [point]))
                  if ("published", r) not in {(n, rr) for n, _, rr in runs}]
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -315,13 +354,19 @@ def _run(args) -> dict:
         common.progress(f"request {count + 1}/{len(samples)} (seed {seed}, {len(texts)} chunks, {n} tokens, "
                         f"{time.perf_counter() - t_start:.0f} s): gold {sample.answer!r}, full {full_answer!r}")
 
+    return _report(args, records, runs, t_start, kernels=_kernels.backends())
+
+
+def _report(args, records, runs, t_start, **extra) -> dict:
+    from cacheblend_ext.engine import BlendConfig
+
     rows = _summarise(records, runs, args.bootstrap)
     table = _table(rows, len(records))
     print(table.render())
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "quality.png")
     _plot(rows, records, png, table.title)
-    result = {"command": COMMAND, "environment": common.environment(args.device), "kernels": _kernels.backends(),
+    result = {"command": COMMAND, "environment": common.environment(args.device), **extra,
               "settings": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
               "schemes": {name: {"description": s.description, "changes": dict(s.changes), "context": s.context}
                           for name, s, _ in runs},
@@ -346,7 +391,10 @@ def _summarise(records, runs, resamples) -> list[dict]:
     for name, scheme, r in runs:
         key = f"{name}@{r:g}"
         xs = [rec["runs"][key] for rec in records]
-        pub = [rec["runs"][f"published@{r:g}"] for rec in records] if r > 0 else xs
+        pub_key = f"published@{r:g}" if r > 0 else key
+        pub = [rec["runs"].get(pub_key) for rec in records]
+        if any(p is None for p in pub):  # a --no-baselines run: no comparison with the published scheme
+            pub = [{m: float("nan") for m in ("f1", "agree", "kl1", "kl16")} for _ in records]
         full_f1 = [rec["full_f1"] for rec in records]
         row = {"scheme": name, "budget": r, "compute": _mean([x["compute"] for x in xs]),
                "last_layer": _mean([x["last_layer"] for x in xs])}
@@ -395,7 +443,7 @@ def _plot(rows, records, path, title):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
-    reuse = next(r for r in rows if r["scheme"] == "full KV reuse")
+    reuse = next((r for r in rows if r["scheme"] == "full KV reuse"), None)
     panels = (("agree", "greedy-answer agreement with full prefill"), ("kl1", "KL(full || scheme), first token"),
               ("kl16", "mean KL, first 16 tokens"), ("f1", "F1 vs gold"))
     schemes = []
@@ -404,11 +452,11 @@ def _plot(rows, records, path, title):
             schemes.append(r["scheme"])
     for name in schemes:
         pts = sorted((r["compute"], r) for r in rows if r["scheme"] == name)
-        single = len(pts) == 1
+        single = len(pts) == 1 or reuse is None
         for ax, (key, _) in zip(axes, panels):
             xs = [reuse["compute"]] + [p[0] for p in pts] if not single else [p[0] for p in pts]
             ys = [reuse[key]] + [p[1][key] for p in pts] if not single else [p[1][key] for p in pts]
-            ax.plot([100 * x for x in xs], ys, "o" if single else "o-", label=name, ms=4 if not single else 6)
+            ax.plot([100 * x for x in xs], ys, "o" if len(pts) == 1 else "o-", label=name, ms=4 if not single else 6)
     full_f1 = _mean([r["full_f1"] for r in records])
     for ax, (key, name) in zip(axes, panels):
         ax.axhline({"agree": 1.0, "kl1": 0.0, "kl16": 0.0, "f1": full_f1}[key], color="gray", ls=":",
