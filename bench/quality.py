@@ -70,11 +70,13 @@ SCHEMES = {
     "ctx-none": Scheme("chunks encoded alone (no BOS)", context="none"),
     "probe": Scheme("probe selection (the query's attention over reused KV) at check layer 1",
                     (("selection", "probe"),)),
-    "probe-c0": Scheme("probe selection at check layer 0", (("selection", "probe"), ("check_layers", (0,)))),
     "probe-c0-16": Scheme("probe selection at check layer 0, 16 probe tokens",
                           (("selection", "probe"), ("check_layers", (0,)), ("probe_tokens", 16))),
-    "default-deviation": Scheme("the default with K deviation in place of the probe",
-                                (("check_layers", (0,)),), context="prefix"),
+    "probe-c0-prefix": Scheme("probe selection at check layer 0, chunks encoded after the request's prefix",
+                              (("selection", "probe"), ("check_layers", (0,)), ("chunk_prefix", "prefix")),
+                              context="prefix"),
+    "deviation-c0-prefix": Scheme("K deviation at check layer 0, chunks encoded after the request's prefix",
+                                  (("check_layers", (0,)), ("chunk_prefix", "prefix")), context="prefix"),
     "hindsight": Scheme("yardstick: true KV error over all layers (needs full prefill)", hindsight=True),
 }
 DEFAULT_SCHEME = "default"
@@ -82,7 +84,7 @@ DEFAULT_SCHEME = "default"
 
 def _default_scheme() -> Scheme:
     """The engine's default ``BlendConfig`` (what users get), chunks encoded as it prescribes."""
-    return Scheme("BlendConfig() defaults", context="prefix")
+    return Scheme("BlendConfig() defaults: probe selection at check layer 0, chunks encoded after BOS")
 
 
 def add_arguments(parser) -> None:
@@ -92,9 +94,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--chunks", default="3,8", help="min,max chunks per request")
     parser.add_argument("--chunk-words", default="52,320", help="min,max filler words per chunk (~64-400 tokens)")
     parser.add_argument("--budgets", default="5,10,15,20,30", help="recompute budgets in percent (the curves)")
-    parser.add_argument("--curve-schemes", default="published,default",
+    parser.add_argument("--curve-schemes", default="published,default,probe-c0-prefix",
                         help=f"schemes run at every budget; known: {DEFAULT_SCHEME}, {', '.join(SCHEMES)}")
-    parser.add_argument("--point-schemes", default="hindsight,probe-c0,default-deviation",
+    parser.add_argument("--point-schemes", default="hindsight,deviation-c0-prefix",
                         help="schemes run at --point-budget only")
     parser.add_argument("--point-budget", type=float, default=15.0, help="budget (percent) of --point-schemes")
     parser.add_argument("--kl-tokens", type=int, default=16)
@@ -239,8 +241,10 @@ def _merge(args) -> dict:
     for path in args.merge:
         with open(path) as f:
             data = json.load(f)
+        # a name (after --rename) that this harness knows is described by its current definition
         schemes = {rename.get(name, name): Scheme(s["description"], tuple(s["changes"].items()), s["context"])
                    for name, s in data["schemes"].items()}
+        schemes.update({name: _schemes(name)[name] for name in schemes if name in SCHEMES or name == DEFAULT_SCHEME})
         for rec in data["requests"]:
             key = (rec["seed"], rec["index"])
             runs_of = {f"{rename.get(k.split('@')[0], k.split('@')[0])}@{k.split('@')[1]}": v

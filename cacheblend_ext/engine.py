@@ -112,8 +112,8 @@ class BlendConfig:
       ``ceil(r_l * N)`` non-forced tokens, whatever the schedule costs.
 
     The defaults: ``"probe"`` selection at check layer 0 (no full layer is spent before
-    it), chunks encoded after the request's own prefix, everything inside the published
-    scheme's compute at the same ratio.
+    it), chunks encoded after BOS, everything inside the published scheme's compute at the
+    same ratio.
 
     Selection
     - ``check_layers``: layers where selection happens (ascending). ``(1,)`` is the
@@ -167,7 +167,7 @@ class BlendConfig:
     probe_tokens: int = 8
     boundary_tokens: int = 0
     budget: str = "compute"
-    chunk_prefix: str = "prefix"
+    chunk_prefix: str = "bos"
     fresh_check_kv: bool = False
 
     @classmethod
