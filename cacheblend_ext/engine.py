@@ -11,21 +11,26 @@ A request is a list of *segments*: a :class:`~cacheblend_ext.chunk.ChunkKV` is r
 (its KV is re-positioned into the request), anything else (text, token ids) has no cached
 KV and its tokens are *forced* (always recomputed). The last segment is normally the query.
 
-Algorithm (per request, positions ``0..N-1``):
+Algorithm (per request, positions ``0..N-1``; :meth:`BlendEngine.blend`, or several
+requests at once with :meth:`BlendEngine.blend_batch`):
 
-1. For each layer, the reused chunks' K/V are gathered into the request's KV buffer with
+1. Plan: forced tokens, where each chunk goes, and how many tokens each check layer keeps
+   so that the request fits the compute budget (:func:`selection_schedule`).
+2. For each layer, the reused chunks' K/V are gathered into the request's KV buffer with
    their K re-rotated to the new positions (``fused_kv_concat``).
-2. Layers before the first check layer run for all ``N`` tokens exactly like a prefill
-   (their fresh K/V overwrite the reused ones).
-3. At a check layer, fresh Q/K/V are computed for the current candidates (all tokens at
-   the first check layer, the previous selection at later ones); the per-token deviation
-   between fresh and reused K (or V, or both) picks the top ``ceil(r_l * N)`` non-forced
-   candidates; forced tokens are always kept (``kv_deviation`` + ``select_hkvd``).
-4. From the first check layer on, only the selected tokens' hidden states are carried:
+3. Probe (``selection="probe"``, the default): the last query tokens run through every
+   layer over the reused KV alone; the attention they pay each token ranks the tokens.
+4. Layers before the first check layer run for all ``N`` tokens exactly like a prefill
+   (their fresh K/V overwrite the reused ones); the default check layer is 0.
+5. At a check layer, fresh Q/K/V are computed for the current candidates (all tokens at
+   the first check layer, the previous selection at later ones); the top non-forced
+   candidates by the ranking (the probe's attention, or the deviation between fresh and
+   reused K / V: ``kv_deviation``) are kept with every forced token (``select_hkvd``).
+6. From the first check layer on, only the selected tokens' hidden states are carried:
    each layer computes their Q/K/V, writes their fresh K/V into the request's KV at their
    positions, runs exact position-causal sparse-query attention against all ``N`` keys,
    then the output projection and MLP for those tokens only.
-5. The last token is always forced; its final hidden state gives the first-token logits.
+7. The last token is always forced; its final hidden state gives the first-token logits.
    The blended KV (fresh where recomputed, reused elsewhere) becomes a ``DynamicCache``.
 
 With ratio 1.0 every token is selected (a full prefill); with ratio 0 only forced tokens
