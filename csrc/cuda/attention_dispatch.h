@@ -18,36 +18,46 @@
 
 namespace cacheblend {
 
-// q_ind / kv_ind: the request offsets as int64, or undefined tensors for one request.
-inline attention::AttentionArgs make_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                    const at::Tensor& q_ind, const at::Tensor& kv_ind, double scale,
-                                                    const at::Tensor& out, const std::optional<at::Tensor>& lse) {
+// The query side of the arguments, shared by the contiguous and the paged op: queries,
+// outputs, heads (num_kv_heads from the keys), scale and the request offsets q_ind (int64,
+// or undefined for one request). The caller fills in where the keys live.
+inline attention::AttentionArgs query_args(const at::Tensor& q, const at::Tensor& out,
+                                           const std::optional<at::Tensor>& lse, const at::Tensor& q_ind,
+                                           int64_t num_kv_heads, double scale) {
   attention::AttentionArgs args{};
   args.q = q.data_ptr();
-  args.k = k.data_ptr();
-  args.v = v.data_ptr();
   args.out = out.data_ptr();
   args.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
   args.q_indptr = q_ind.defined() ? q_ind.data_ptr<int64_t>() : nullptr;
-  args.kv_indptr = q_ind.defined() ? kv_ind.data_ptr<int64_t>() : nullptr;
   args.q_s0 = q.stride(0);
   args.q_s1 = q.stride(1);
-  args.k_s0 = k.stride(0);
-  args.k_s1 = k.stride(1);
-  args.v_s0 = v.stride(0);
-  args.v_s1 = v.stride(1);
   args.o_s0 = out.stride(0);
   args.o_s1 = out.stride(1);
   args.lse_s0 = lse.has_value() ? lse->stride(0) : 0;
   args.lse_s1 = lse.has_value() ? lse->stride(1) : 0;
   args.num_q = q.size(0);
-  args.num_k = k.size(0);
   args.num_requests = q_ind.defined() ? static_cast<int>(q_ind.size(0) - 1) : 1;
   args.hq = static_cast<int>(q.size(1));
-  args.hkv = static_cast<int>(k.size(1));
+  args.hkv = static_cast<int>(num_kv_heads);
   args.group = args.hq / args.hkv;
   args.head_dim = static_cast<int>(q.size(2));
   args.scale_log2 = static_cast<float>(scale) * attention::kLog2e;
+  return args;
+}
+
+// q_ind / kv_ind: the request offsets as int64, or undefined tensors for one request.
+inline attention::AttentionArgs make_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& q_ind, const at::Tensor& kv_ind, double scale,
+                                                    const at::Tensor& out, const std::optional<at::Tensor>& lse) {
+  attention::AttentionArgs args = query_args(q, out, lse, q_ind, k.size(1), scale);
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  args.kv_indptr = q_ind.defined() ? kv_ind.data_ptr<int64_t>() : nullptr;
+  args.k_s0 = k.stride(0);
+  args.k_s1 = k.stride(1);
+  args.v_s0 = v.stride(0);
+  args.v_s1 = v.stride(1);
+  args.num_k = k.size(0);
   return args;
 }
 
@@ -133,29 +143,12 @@ void dispatch_sparse_query_attention_paged(const at::Tensor& q, const at::Tensor
   if (q.size(0) == 0) return;
   const at::Tensor q_ind = q_indptr.to(at::kLong), page_ind = kv_indptr.to(at::kLong);
   const at::Tensor indices = kv_indices.to(at::kLong), last = kv_last_page_len.to(at::kLong);
-  attention::AttentionArgs args{};
-  args.q = q.data_ptr();
+  attention::AttentionArgs args = query_args(q, out, lse, q_ind, k_cache.size(2), scale);
   args.k = k_cache.data_ptr();
   args.v = v_cache.data_ptr();
-  args.out = out.data_ptr();
-  args.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
-  args.q_indptr = q_ind.data_ptr<int64_t>();
   args.kv_indptr = nullptr;  // the page table below
-  args.q_s0 = q.stride(0);
-  args.q_s1 = q.stride(1);
   args.k_s1 = k_cache.stride(2);
   args.v_s1 = v_cache.stride(2);
-  args.o_s0 = out.stride(0);
-  args.o_s1 = out.stride(1);
-  args.lse_s0 = lse.has_value() ? lse->stride(0) : 0;
-  args.lse_s1 = lse.has_value() ? lse->stride(1) : 0;
-  args.num_q = q.size(0);
-  args.num_requests = static_cast<int>(q_ind.size(0) - 1);
-  args.hq = static_cast<int>(q.size(1));
-  args.hkv = static_cast<int>(k_cache.size(2));
-  args.group = args.hq / args.hkv;
-  args.head_dim = static_cast<int>(q.size(2));
-  args.scale_log2 = static_cast<float>(scale) * attention::kLog2e;
   const attention::PagedKV paged{page_ind.data_ptr<int64_t>(), indices.data_ptr<int64_t>(),
                                  last.data_ptr<int64_t>(),     indices.size(0),
                                  k_cache.size(0),              k_cache.size(1),
