@@ -31,9 +31,9 @@ def run(args) -> dict:
 
 
 def _run(args) -> dict:
-    from cacheblend_ext import _kernels
-    from cacheblend_ext.engine import BlendConfig, BlendEngine
-    from cacheblend_ext.models import load_model
+    from cacheblend_ext.blend import _kernels
+    from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
+    from cacheblend_ext.blend.models import load_model
 
     dtype = common.resolve_dtype(args)
     warmup, iters = common.iterations(args)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from bench import common
-from cacheblend_ext.controller import LoadingController, Measurements, _drop_page_cache
-from cacheblend_ext.pipeline import MemoryLayerSource, open_layer_source
+from cacheblend_ext.store.controller import LoadingController, Measurements, _drop_page_cache
+from cacheblend_ext.store.pipeline import MemoryLayerSource, open_layer_source
 from cacheblend_ext.store import ChunkStore
 
 COMMAND = "load"
@@ -279,7 +279,7 @@ class RedisForBench:
     def __init__(self, url: str | None):
         self.server = None
         if url is None:
-            from cacheblend_ext.redis_server import RedisServer
+            from cacheblend_ext.testing.redis_server import RedisServer
 
             self.server = RedisServer().start()
             url = self.server.url

@@ -1,7 +1,7 @@
 """Answer quality per recomputed token: blending schemes against full prefill and against
 the published CacheBlend scheme, on a generated multi-document QA set of varied shape.
 
-Requests (``cacheblend_ext.rag_data.make_varied_samples``): 3 to 8 chunks of about 64 to
+Requests (``cacheblend_ext.testing.rag_data.make_varied_samples``): 3 to 8 chunks of about 64 to
 400 tokens of essay text with planted facts, one-hop ("Who leads Project X?") and two-hop
 questions (the leader and the birthplace sit in different chunks), answer stems that keep
 the small model's answers extractive, several seeds.
@@ -50,7 +50,7 @@ class Scheme:
     hindsight: bool = False
 
     def config(self, ratio: float):
-        from cacheblend_ext.engine import BlendConfig
+        from cacheblend_ext.blend.engine import BlendConfig
 
         return BlendConfig.published(ratio).replace(budget="compute", **dict(self.changes))
 
@@ -136,7 +136,7 @@ def _answer_prefix(tok, tokens, eos, max_tokens):
 
 def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens):
     """Greedy decoding with the answer's stop rule (see :func:`_answer_prefix`)."""
-    from cacheblend_ext.engine import _out_cache
+    from cacheblend_ext.blend.engine import _out_cache
 
     out = []
     for i in range(max_tokens):
@@ -156,7 +156,7 @@ def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens):
 
 def _cache_copy(model, result):
     """A cache over the result's KV that decoding can extend without touching the result."""
-    from cacheblend_ext.engine import make_dynamic_cache
+    from cacheblend_ext.blend.engine import make_dynamic_cache
 
     layers = result.cache.layers
     return make_dynamic_cache(model, [layer.keys for layer in layers], [layer.values for layer in layers])
@@ -285,10 +285,10 @@ def _schemes(names: str) -> dict[str, Scheme]:
 
 
 def _run(args) -> dict:
-    from cacheblend_ext import _kernels
-    from cacheblend_ext.engine import BlendConfig, BlendEngine
-    from cacheblend_ext.models import load_model
-    from cacheblend_ext.rag_data import chat_segments, exact_match, f1_score, first_clause, make_varied_samples
+    from cacheblend_ext.blend import _kernels
+    from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
+    from cacheblend_ext.blend.models import load_model
+    from cacheblend_ext.testing.rag_data import chat_segments, exact_match, f1_score, first_clause, make_varied_samples
 
     dtype = common.resolve_dtype(args)
     model, tok = load_model(args.model, dtype=dtype, device=args.device)
@@ -362,7 +362,7 @@ def _run(args) -> dict:
 
 
 def _report(args, records, runs, t_start, **extra) -> dict:
-    from cacheblend_ext.engine import BlendConfig
+    from cacheblend_ext.blend.engine import BlendConfig
 
     rows = _summarise(records, runs, args.bootstrap)
     table = _table(rows, len(records))

@@ -63,11 +63,11 @@ def tiny_llama():
 
 
 def load_engine(name: str):
-    from cacheblend_ext.engine import BlendConfig, BlendEngine
+    from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 
     if name == "tiny":
         return BlendEngine(tiny_llama(), config=BlendConfig(recompute_ratio=0.15))
-    from cacheblend_ext.models import load_model
+    from cacheblend_ext.blend.models import load_model
 
     model, tok = load_model(name)
     return BlendEngine(model, tok, BlendConfig(recompute_ratio=0.15))
@@ -243,7 +243,7 @@ def run(args) -> dict:
     engine = load_engine(args.model)
     server = None
     if args.redis:
-        from cacheblend_ext.redis_server import RedisServer
+        from cacheblend_ext.testing.redis_server import RedisServer
 
         server = RedisServer().start()
     try:

@@ -1,27 +1,32 @@
 """cacheblend: KV-cache reuse with selective recompute (CacheBlend) for PyTorch.
 
 ``torch.ops.cacheblend.*`` hold the kernels (CPU always, CUDA when built);
-``cacheblend_ext.ops`` has their typed wrappers; ``cacheblend_ext.rope`` builds RoPE
-tables from Hugging Face configs; ``cacheblend_ext.engine`` blends cached chunk KV into a
-Hugging Face model's prefill; ``cacheblend_ext.models`` loads the bundled SmolLM2 model.
+``cacheblend_ext.ops`` has their typed wrappers (``ops.reference``: float64 references);
+``cacheblend_ext.rope`` builds RoPE tables from Hugging Face configs;
+``cacheblend_ext.blend`` blends cached chunk KV into a Hugging Face model's prefill
+(``blend.engine``) and loads the bundled SmolLM2 model (``blend.models``).
 ``cacheblend_ext.identity`` says which chunk KV is interchangeable (model, RoPE and
 chunk keys), ``cacheblend_ext.store`` keeps chunk KV in GPU / CPU / disk / remote (Redis)
-tiers,
-``cacheblend_ext.pipeline`` loads it layer by layer behind the recompute,
-``cacheblend_ext.controller`` picks the recompute ratio or storage tier that hides loading
+tiers, ``store.pipeline`` loads it layer by layer behind the recompute,
+``store.controller`` picks the recompute ratio or storage tier that hides loading
 and ``cacheblend_ext.cached`` runs the engine on top of the store.
+``cacheblend_ext.testing`` holds helpers of the tests and benchmarks.
 """
 
-from ._library import has_cuda_kernels
-from . import ops, reference, rope
+from .ops.library import has_cuda_kernels
+from . import ops
+from .ops import reference
+from . import rope
 from .rope import RopeSpec, cos_sin_cache_from_config, rope_spec_from_config
 from .chunk import ChunkKV
-from .engine import BlendConfig, BlendEngine, BlendResult, InMemorySource
-from .models import load_model
-from . import cached, controller, pipeline, store
+from .blend.engine import BlendConfig, BlendEngine, BlendResult, InMemorySource
+from .blend.models import load_model
+from . import store
+from .store import controller, pipeline
+from . import cached
 from .cached import CachedBlender
-from .controller import LoadingController, LoadingDecision, Measurements
-from .pipeline import LoadReport, MemoryLayerSource, StoreLayerSource, open_layer_source
+from .store.controller import LoadingController, LoadingDecision, Measurements
+from .store.pipeline import LoadReport, MemoryLayerSource, StoreLayerSource, open_layer_source
 from .identity import ModelIdentity, chunk_key, model_identity, rope_identity
 from .store import (ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkStore, ChunkUnavailableError,
                     StoredChunk)

@@ -11,9 +11,9 @@ import torch
 
 
 def _demo(args) -> int:
-    from .engine import BlendConfig, BlendEngine
-    from .models import load_model
-    from .rag_data import chat_segments, first_clause, make_samples
+    from .blend.engine import BlendConfig, BlendEngine
+    from .blend.models import load_model
+    from .testing.rag_data import chat_segments, first_clause, make_samples
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     print(f"loading {args.model} ({args.dtype}, {args.device}) ...", flush=True)

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from .pipeline import LoadReport, StoreLayerSource
-from .store import ChunkHandle, ChunkLoadError, ChunkStore, StoredChunk
+from .store.pipeline import LoadReport, StoreLayerSource
+from .store.chunk_store import ChunkHandle, ChunkLoadError, ChunkStore, StoredChunk
 
 
 def _stub_chunk(handle, dtype, device):
@@ -38,7 +38,7 @@ def _check_not_empty(engine, chunks) -> None:
 
 
 class CachedBlender:
-    """A :class:`cacheblend_ext.engine.BlendEngine` whose chunks live in a :class:`ChunkStore`.
+    """A :class:`cacheblend_ext.blend.engine.BlendEngine` whose chunks live in a :class:`ChunkStore`.
 
     Args:
         engine: the blend engine.
@@ -48,7 +48,7 @@ class CachedBlender:
         pipelined: load layer ``l + 1`` while layer ``l`` is recomputed (default) or load
             each layer on demand.
         depth: layers loaded ahead.
-        controller: a :class:`cacheblend_ext.controller.LoadingController` that learns
+        controller: a :class:`cacheblend_ext.store.controller.LoadingController` that learns
             each tier's load throughput from every request (``observe``).
     """
 

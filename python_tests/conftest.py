@@ -88,7 +88,7 @@ def _redis_required() -> bool:
 
 
 def _need_redis(server: bool = True):
-    from cacheblend_ext.redis_server import INSTALL_HINT, unavailable_reason
+    from cacheblend_ext.testing.redis_server import INSTALL_HINT, unavailable_reason
 
     try:
         import redis  # noqa: F401
@@ -111,7 +111,7 @@ def redis_client_module():
 def redis_server(tmp_path_factory):
     """One private redis-server for the session (flushed before each test by ``redis_url``)."""
     _need_redis()
-    from cacheblend_ext.redis_server import RedisServer
+    from cacheblend_ext.testing.redis_server import RedisServer
 
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
@@ -127,7 +127,7 @@ def redis_url(redis_server):
 def private_redis(tmp_path):
     """A server of the test's own (to kill, pause or fill), stopped afterwards."""
     _need_redis()
-    from cacheblend_ext.redis_server import RedisServer
+    from cacheblend_ext.testing.redis_server import RedisServer
 
     servers = []
 
@@ -144,7 +144,7 @@ def private_redis(tmp_path):
 def redis_cluster(tmp_path_factory):
     """A 3-node Redis Cluster on 127.0.0.1 for the session."""
     _need_redis()
-    from cacheblend_ext.redis_server import RedisTestCluster
+    from cacheblend_ext.testing.redis_server import RedisTestCluster
 
     with RedisTestCluster(tmp_path_factory.mktemp("rcluster")) as cluster:
         yield cluster

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import cacheblend_ext.engine as engine_mod
+import cacheblend_ext.blend.engine as engine_mod
 from cacheblend_ext.cached import CachedBlender
 from cacheblend_ext.store import FILE_SUFFIX
 from conftest import DEVICES, request_parts

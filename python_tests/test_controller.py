@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from cacheblend_ext.controller import (LoadingController, Measurements, fit_prefill, measure_prefill,
+from cacheblend_ext.store.controller import (LoadingController, Measurements, fit_prefill, measure_prefill,
                                        measure_tier_throughput)
 
 # A Mistral-7B-like layer: 8 KV heads x 128 dims, bf16 -> 4 KiB of K+V per token and layer.

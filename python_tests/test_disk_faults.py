@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from cacheblend_ext import disk
+from cacheblend_ext.store import disk
 from cacheblend_ext.store import ChunkStore
 
 L, T, H, D = 4, 512, 2, 16  # 128 KiB of fp32 KV per chunk

@@ -8,8 +8,8 @@ import torch
 
 from cacheblend_ext import reference
 from cacheblend_ext.chunk import ChunkKV
-from cacheblend_ext.engine import BlendConfig, BlendEngine, make_dynamic_cache
-from cacheblend_ext.models import bundled_model_available
+from cacheblend_ext.blend.engine import BlendConfig, BlendEngine, make_dynamic_cache
+from cacheblend_ext.blend.models import bundled_model_available
 
 from conftest import DEVICES, request_parts
 
@@ -302,7 +302,7 @@ PASSAGES = [
 
 @pytest.fixture(scope="module")
 def smol():
-    from cacheblend_ext.models import load_model
+    from cacheblend_ext.blend.models import load_model
 
     return load_model()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cacheblend_ext.cached import CachedBlender
-from cacheblend_ext.engine import BlendConfig, BlendEngine
+from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 
 from conftest import request_parts
 from test_engine import assert_logits_close, full_reuse_reference, hf_logits_and_greedy, tiny_model

@@ -1,5 +1,5 @@
 """Property-based tests of every op (hypothesis): random shapes, strides, dtypes, index
-patterns and ragged batches against the float64 references in cacheblend_ext.reference,
+patterns and ragged batches against the float64 references in cacheblend_ext.ops.reference,
 and random bad arguments, each of which must raise RuntimeError / ValueError naming the
 argument (never crash the process).
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cacheblend_ext.cached import CachedBlender
-from cacheblend_ext.engine import BlendConfig, BlendEngine
+from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 from cacheblend_ext.identity import ModelIdentity, chunk_key
 from cacheblend_ext.store import ChunkStore
 from conftest import request_parts

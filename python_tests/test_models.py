@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cacheblend_ext import models, rag_data
+from cacheblend_ext.blend import models
+from cacheblend_ext.testing import rag_data
 
 
 def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pathlib
 
 import pytest
 
-from cacheblend_ext import models
+from cacheblend_ext.blend import models
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "paged_blend.py"
 

@@ -15,12 +15,12 @@ import time
 import pytest
 import torch
 
-from cacheblend_ext import remote as remote_mod
+from cacheblend_ext.store import remote as remote_mod
 from cacheblend_ext.cached import CachedBlender
-from cacheblend_ext.controller import LoadingController, Measurements, measure_tier_throughput
-from cacheblend_ext.engine import BlendConfig, BlendEngine
-from cacheblend_ext.pipeline import StoreLayerSource, open_layer_source
-from cacheblend_ext.redis_server import free_port
+from cacheblend_ext.store.controller import LoadingController, Measurements, measure_tier_throughput
+from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
+from cacheblend_ext.store.pipeline import StoreLayerSource, open_layer_source
+from cacheblend_ext.testing.redis_server import free_port
 from cacheblend_ext.store import ChunkCorruptError, ChunkLoadError, ChunkStore, ChunkUnavailableError
 from conftest import DTYPES, request_parts
 from test_identity import tiny_llama
@@ -421,7 +421,7 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 from test_identity import tiny_llama
 from cacheblend_ext.cached import CachedBlender
-from cacheblend_ext.engine import BlendConfig, BlendEngine
+from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 request = torch.load(sys.argv[3])
 engine = BlendEngine(tiny_llama())
 blender = CachedBlender(engine, remote=sys.argv[2], cpu_bytes=0)  # its own store, nothing local

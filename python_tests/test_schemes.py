@@ -10,8 +10,9 @@ import math
 import pytest
 import torch
 
-from cacheblend_ext import _kernels, reference
-from cacheblend_ext.engine import BlendConfig, BlendEngine, Schedule, published_cost, selection_schedule
+from cacheblend_ext import reference
+from cacheblend_ext.blend import _kernels
+from cacheblend_ext.blend.engine import BlendConfig, BlendEngine, Schedule, published_cost, selection_schedule
 
 from conftest import request_parts
 from test_engine import assert_logits_close, full_reuse_reference, hf_logits_and_greedy, tiny_model

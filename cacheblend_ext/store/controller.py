@@ -186,7 +186,7 @@ class LoadingController:
     # -- learning from requests --------------------------------------------------
     def observe(self, report, weight: float = 0.3) -> dict:
         """Update each tier's throughput from a request's load report
-        (:class:`cacheblend_ext.pipeline.LoadReport`: bytes and read time per tier) as an
+        (:class:`cacheblend_ext.store.pipeline.LoadReport`: bytes and read time per tier) as an
         exponential moving average with ``weight`` for the new sample; a tier seen for the
         first time takes the sample. Returns the samples used, GB/s per tier."""
         if not 0.0 < weight <= 1.0:
@@ -215,7 +215,7 @@ class LoadingController:
         device name and the dtype; ``refresh=True`` measures again. Add ``"remote"`` to
         ``tiers`` (with ``remote``, a Redis URL or client) to measure the remote tier.
         """
-        from .identity import model_identity
+        from ..identity import model_identity
 
         if "remote" in tiers and remote is None:
             raise ValueError("calibrating the remote tier needs remote= (a Redis URL or client)")
@@ -257,7 +257,7 @@ class LoadingController:
 
 
 def _cache_path(cache_dir, model_id: str, device, dtype, disk_dir, remote=None) -> Path:
-    from .identity import hash_hex
+    from ..identity import hash_hex
 
     root = Path(cache_dir or os.environ.get("CACHEBLEND_CACHE") or Path.home() / ".cache" / "cacheblend")
     dev = torch.device(device)
@@ -328,7 +328,7 @@ def measure_tier_throughput(tier: str, device, dtype=torch.bfloat16, *, disk_dir
     way requests read it, with its layer requests pipelined; its calibration value is
     written under its own namespace and deleted afterwards."""
     from .pipeline import StoreLayerSource
-    from .store import ChunkStore
+    from .chunk_store import ChunkStore
 
     device = torch.device(device)
     if tier == "gpu" or (tier == "cpu" and device.type == "cpu"):

@@ -68,9 +68,9 @@ import torch
 import torch.nn.functional as F
 
 from . import _kernels
-from .chunk import ChunkKV
-from .identity import ModelIdentity
-from .rope import rope_spec_from_config
+from ..chunk import ChunkKV
+from ..identity import ModelIdentity
+from ..rope import rope_spec_from_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 

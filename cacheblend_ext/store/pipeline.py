@@ -19,7 +19,7 @@ valid until ``layer(l + 1)`` is called (they may live in a reused staging buffer
   into a host buffer, as far ahead as the disk allows, then copied as above on a GPU or
   returned directly on the CPU;
 * remote (Redis) chunks likewise, fetched by the loader thread with
-  :class:`cacheblend_ext.remote.RemoteLayerStream`: the requests of the next
+  :class:`cacheblend_ext.store.remote.RemoteLayerStream`: the requests of the next
   ``remote_in_flight`` layers (a store setting) are pipelined on one connection per
   server, and each layer is handed over as soon as its replies arrived and passed their
   checksums. A fully loaded disk or remote chunk is promoted to the CPU tier.
@@ -45,7 +45,7 @@ from typing import Sequence
 
 import torch
 
-from .store import ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkStore
+from .chunk_store import ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkStore
 
 
 @dataclass

@@ -6,7 +6,7 @@ there is no other path; :func:`backends` says so for benchmark records.
 
 from __future__ import annotations
 
-from .ops import fused_kv_concat, kv_deviation, select_hkvd, sparse_query_attention
+from ..ops import fused_kv_concat, kv_deviation, select_hkvd, sparse_query_attention
 
 __all__ = ["backends", "fused_kv_concat", "kv_deviation", "select_hkvd", "sparse_query_attention"]
 

@@ -4,7 +4,7 @@
 import torch
 
 try:
-    from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+    from .. import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
     raise ImportError(
         "cacheblend_ext._C is not built. Install with "

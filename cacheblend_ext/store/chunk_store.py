@@ -13,9 +13,9 @@ Tiers
 * **cpu**: host tensors, page-locked (pinned) when CUDA is available so host-to-device
   copies run asynchronously (budget ``cpu_bytes``);
 * **disk**: one file per chunk under ``disk_dir`` (budget ``disk_bytes``; ``None`` means
-  unbounded), shared by every process on the host (:mod:`cacheblend_ext.disk`);
+  unbounded), shared by every process on the host (:mod:`cacheblend_ext.store.disk`);
 * **remote**: one value per chunk on a Redis server or Redis Cluster shared by every
-  process and machine (``remote=``; :mod:`cacheblend_ext.remote`).
+  process and machine (``remote=``; :mod:`cacheblend_ext.store.remote`).
 
 :meth:`ChunkStore.put` writes every configured persistent tier: the disk file always
 (write-through), the remote value write-through by default or from a background thread
@@ -25,7 +25,7 @@ evicted value is a plain miss). A hit in a lower tier promotes the chunk into th
 tier (and the GPU tier when asked for on its device); a chunk evicted from the GPU tier
 moves down to the CPU tier.
 
-Disk files and remote values share one format (:mod:`cacheblend_ext.chunk_format`): a
+Disk files and remote values share one format (:mod:`cacheblend_ext.store.chunk_format`): a
 header with the key, the model and RoPE identity and a crc32 per layer, then the layers,
 so a loader can fetch and verify one layer at a time.
 
@@ -59,7 +59,7 @@ import torch
 from . import chunk_format
 from .chunk_format import FORMAT_VERSION, MAGIC, FormatError, byte_view, decode_tail, dtype_name
 from .disk import FILE_SUFFIX, DiskTier
-from .identity import ModelIdentity, hash_hex
+from ..identity import ModelIdentity, hash_hex
 
 TIERS = ("gpu", "cpu", "disk", "remote")
 LOCAL_TIERS = ("gpu", "cpu", "disk")
@@ -180,7 +180,7 @@ class _MemTier:
 
 
 class ChunkHandle:
-    """One chunk opened for layer-by-layer loading (see :mod:`cacheblend_ext.pipeline`).
+    """One chunk opened for layer-by-layer loading (see :mod:`cacheblend_ext.store.pipeline`).
 
     ``tier`` is where it was found. Memory tiers expose ``kv`` directly; a disk or remote
     handle reads layer ``l`` into ``host_kv[l]`` (pinned when CUDA is available) with
@@ -369,7 +369,7 @@ class ChunkStore:
 
     @property
     def remote(self):
-        """The remote tier (:class:`cacheblend_ext.remote.RedisTier`) or ``None``."""
+        """The remote tier (:class:`cacheblend_ext.store.remote.RedisTier`) or ``None``."""
         return self._remote
 
     def chunk_path(self, key: str) -> Path | None:

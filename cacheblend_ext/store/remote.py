@@ -3,7 +3,7 @@ Redis (or Valkey), single server or Redis Cluster.
 
 Values
 ------
-One chunk is one Redis string holding the bytes of :mod:`cacheblend_ext.chunk_format`
+One chunk is one Redis string holding the bytes of :mod:`cacheblend_ext.store.chunk_format`
 (the disk file format: header with a crc32 per layer, then the layers, then positions and
 token ids) under ``<namespace>:v<format version>:<model id>:<rope id>:<chunk key>``. A
 model, RoPE configuration or format version never reads another one's values; a value

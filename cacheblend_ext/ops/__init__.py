@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from . import _library  # noqa: F401  (registers torch.ops.cacheblend)
+from . import library  # noqa: F401  (registers torch.ops.cacheblend)
 
 _ops = torch.ops.cacheblend
 
@@ -303,7 +303,7 @@ def sparse_query_attention(
 
     Returns ``out`` ``[M, Hq, D]`` in ``q``'s dtype (written into ``out`` when given) and,
     with ``return_lse``, also the natural-log log-sum-exp of the scaled scores
-    ``[M, Hq]`` float32. Matches :func:`cacheblend_ext.reference.sparse_query_attention`.
+    ``[M, Hq]`` float32. Matches :func:`cacheblend_ext.ops.reference.sparse_query_attention`.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5

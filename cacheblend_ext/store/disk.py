@@ -1,7 +1,7 @@
 """The chunk store's disk tier: one checksummed file per chunk, shared by processes.
 
 Files live at ``<root>/<key[:2]>/<key>.cbkv`` in the format of
-:mod:`cacheblend_ext.chunk_format`. Several processes (and threads) may use one
+:mod:`cacheblend_ext.store.chunk_format`. Several processes (and threads) may use one
 directory at once:
 
 * **Atomic publication.** A chunk is written to a temporary file in the same folder and
