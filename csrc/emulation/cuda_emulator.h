@@ -32,6 +32,9 @@
 //    missing barrier), reads NaNs and fails its test.
 //  * A failed device-side check or a trap stops the launch; launch() then throws
 //    std::runtime_error with the message.
+//  * Mutation testing: disable_sync_at(file, line) turns the __syncthreads, __syncwarp
+//    or cp.async.wait_group at that source line into a no-op, so a test can show that
+//    the kernels' tests fail without it (python_tests/test_attention_emulated.py).
 #pragma once
 
 // This build supplies the CUDA device API on the host (kernels/common.h).
@@ -44,6 +47,9 @@
 #define CB_DYNAMIC_SHARED(type, name) type* const name = ::cacheblend::emulation::dynamic_shared<type>()
 
 #include <ucontext.h>
+
+#include <source_location>
+#include <string_view>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -72,6 +78,9 @@
 struct alignas(16) uint4 {
   unsigned int x, y, z, w;
 };
+struct alignas(8) uint2 {
+  unsigned int x, y;
+};
 struct alignas(8) float2 {
   float x, y;
 };
@@ -79,6 +88,7 @@ struct alignas(16) float4 {
   float x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
@@ -295,7 +305,31 @@ inline void cp_async_wait(int max_pending) {
   }
 }
 
+// The synchronisation point (barrier or cp.async wait) that mutation tests disable:
+// a source line, and a suffix of its file's path.
+struct DisabledSync {
+  std::string file_suffix;
+  unsigned line = 0;
+};
+
+inline DisabledSync& disabled_sync() {
+  static DisabledSync d;
+  return d;
+}
+
+// Disables the synchronisation at `file_suffix`:`line` (line 0: none).
+inline void disable_sync_at(const std::string& file_suffix, unsigned line) { disabled_sync() = {file_suffix, line}; }
+
+inline bool is_disabled(const std::source_location& where) {
+  const DisabledSync& d = disabled_sync();
+  if (d.line == 0 || where.line() != d.line) return false;
+  const std::string_view file = where.file_name();
+  return file.size() >= d.file_suffix.size() && file.substr(file.size() - d.file_suffix.size()) == d.file_suffix;
+}
+
 inline void syncthreads() { arrive_and_wait(state().block_barrier); }
+
+inline void syncwarp() { arrive_and_wait(state().warp_barriers[state().current / kWarpSize]); }
 
 inline void device_check_failed(const char* message, const char* file, int line) {
   fail(std::string("device-side check failed: ") + message + " (" + file + ":" + std::to_string(line) + ")");
@@ -406,7 +440,13 @@ inline const Dim3& block_dim() { return state().block; }
 #define gridDim (::cacheblend::emulation::grid_dim())
 #define blockDim (::cacheblend::emulation::block_dim())
 
-inline void __syncthreads() { ::cacheblend::emulation::syncthreads(); }
+inline void __syncthreads(std::source_location where = std::source_location::current()) {
+  if (!::cacheblend::emulation::is_disabled(where)) ::cacheblend::emulation::syncthreads();
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu, std::source_location where = std::source_location::current()) {
+  if (mask != 0xffffffffu) ::cacheblend::emulation::fail("emulator: only full-warp __syncwarp is supported");
+  if (!::cacheblend::emulation::is_disabled(where)) ::cacheblend::emulation::syncwarp();
+}
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask) {
   return ::cacheblend::emulation::shuffle(mask, value, [&](int lane) { return (lane ^ lane_mask) % 32; });
@@ -444,8 +484,10 @@ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* p) {
 inline void cp_async16(uint16_t* dst, const uint16_t* src) { emulation::cp_async16(dst, src); }
 inline void cp_async_commit() { emulation::cp_async_commit(); }
 template <int N>
-void cp_async_wait() {
-  emulation::cp_async_wait(N);
+void cp_async_wait(std::source_location where = std::source_location::current()) {
+  if (!emulation::is_disabled(where)) emulation::cp_async_wait(N);
 }
+// ex2.approx.ftz.f32: 2^x (the hardware's approximation is within 2 ulp; exact here).
+inline float exp2_approx(float x) { return std::exp2(x); }
 }  // namespace ptx
 }  // namespace cacheblend
