@@ -83,6 +83,29 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
+def _generate_attention_sources():
+    """The tensor-core attention translation units: one per head dim x dtype x key layout
+    of build_config.json's "attention_tensor_core_instances", from one template (CMake
+    generates the same). Written only when changed, so rebuilds stay incremental."""
+    spec = BUILD_CONFIG["attention_tensor_core_instances"]
+    with open(os.path.join(ROOT, "csrc", "cuda", "attention", "tensor_core_instance.cu.in")) as f:
+        template = f.read()
+    out_dir = os.path.join(ROOT, "build", "generated")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for head_dim in spec["head_dims"]:
+        for dtype_name, dtype in spec["dtypes"].items():
+            for keys_name, keys in spec["keys"].items():
+                text = (template.replace("@HEAD_DIM@", str(head_dim)).replace("@DTYPE@", dtype)
+                        .replace("@KEYS@", keys))
+                path = os.path.join(out_dir, f"attention_hdim{head_dim}_{dtype_name}_{keys_name}.cu")
+                if not os.path.exists(path) or open(path).read() != text:
+                    with open(path, "w") as f:
+                        f.write(text)
+                paths.append(os.path.relpath(path, ROOT))
+    return paths
+
+
 def make_extension():
     with_cuda = _want_cuda()
     std = f"-std=c++{BUILD_CONFIG['cxx_standard']}"
@@ -106,11 +129,12 @@ def make_extension():
     cxx_flags += ["-DCACHEBLEND_WITH_CUDA"] + system_includes
     nvcc_flags = BUILD_CONFIG["nvcc_flags"] + [std, "-DCACHEBLEND_WITH_CUDA"] + system_includes
     # The CUDA entry points are host code (cuda/*.cpp); the kernels and their launch code
-    # are one ATen-free translation unit per op, and per head dim and dtype for the
-    # tensor-core attention kernels (cuda/**/*.cu), which ninja compiles in parallel.
+    # are one ATen-free translation unit per op (cuda/**/*.cu), and per head dim, dtype and
+    # key layout for the tensor-core attention kernels (generated), which ninja compiles
+    # in parallel.
     return CUDAExtension(
         "cacheblend_ext._C",
-        sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/**/*.cu"),
+        sources + _sources("csrc/cuda/*.cpp") + _sources("csrc/cuda/**/*.cu") + _generate_attention_sources(),
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],

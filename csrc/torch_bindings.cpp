@@ -185,6 +185,14 @@ TORCH_LIBRARY(cacheblend, m) {
       "sparse_query_attention_paged(Tensor q, Tensor k_cache, Tensor v_cache, Tensor q_pos, Tensor q_indptr, "
       "Tensor kv_indptr, Tensor kv_indices, Tensor kv_last_page_len, float scale, Tensor(a!) out, "
       "Tensor(b!)? lse) -> ()");
+#ifdef CACHEBLEND_WITH_CUDA
+  // The CUDA kernel both attention ops run for fp16 / bf16 ("flash", the default;
+  // "mma_v1"; "simt") and the flash kernel's key split (tiles_per_split > 0 fixes it;
+  // 0: planned from the shapes and the SM count), for the whole process. Initial values:
+  // CACHEBLEND_ATTENTION_IMPL and CACHEBLEND_ATTENTION_TILES_PER_SPLIT.
+  m.def("set_attention_kernel(str impl, int tiles_per_split=0) -> ()", &set_attention_kernel_cuda);
+  m.def("attention_kernel() -> (str, int)", &attention_kernel_cuda);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(cacheblend, CPU, m) {

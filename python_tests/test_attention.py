@@ -16,15 +16,15 @@ from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, poison_
 _cuda_skip = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (or CUDA kernels not built)")
 
 # (device, CUDA kernel choice): CUDA runs every case through the default dispatch (the
-# first tensor-core kernel, mma_v1, for fp16/bf16 with head_dim 64/128), the split-key
-# tensor-core kernel with and without cp.async (split, split_sync) and the simple SIMT
-# kernel.
+# flash kernel for fp16/bf16 with head_dim 64/128), the flash kernel's other shape
+# (flash_m32) with a small fixed key split (so the combine kernel runs on every shape),
+# the first tensor-core kernel (mma_v1) and the simple SIMT kernel.
 TARGETS = [
     pytest.param(("cpu", None), id="cpu"),
     pytest.param(("cuda", None), id="cuda", marks=_cuda_skip),
-    pytest.param(("cuda", "split"), id="cuda-split", marks=_cuda_skip),
-    pytest.param(("cuda", "split_sync"), id="cuda-split-sync", marks=_cuda_skip),
-    pytest.param(("cuda", "simt"), id="cuda-simt", marks=_cuda_skip),
+    pytest.param(("cuda", ("flash_m32", 2)), id="cuda-flash-m32-split2", marks=_cuda_skip),
+    pytest.param(("cuda", ("mma_v1", 0)), id="cuda-mma-v1", marks=_cuda_skip),
+    pytest.param(("cuda", ("simt", 0)), id="cuda-simt", marks=_cuda_skip),
 ]
 
 # (M, N, Hq, Hkv, D): the sizes, GQA ratios 1, 3, 4, 8 and both head dims.
@@ -41,11 +41,13 @@ CASES = [
 
 
 @pytest.fixture
-def target(request, monkeypatch):
-    device, impl = request.param
-    if impl is not None:
-        monkeypatch.setenv("CACHEBLEND_ATTENTION_IMPL", impl)
-    return device
+def target(request):
+    device, kernel = request.param
+    if kernel is None:
+        yield device
+    else:
+        with ops.attention_kernel(*kernel):
+            yield device
 
 
 def _positions(m: int, n: int, sort: bool, device) -> torch.Tensor:

@@ -386,13 +386,13 @@ def test_sparse_query_attention(device, data):
 
 
 @EMULATED
-@given(case=attention_cases(head_dims=(8, 32, 64, 128)), impl=st.sampled_from(["mma_v1", "split", "split_sync"]),
-       splits=st.integers(0, 3))
-def test_sparse_query_attention_emulated(emulated_kernels, case, impl, splits):
+@given(case=attention_cases(head_dims=(8, 32, 64, 128)), impl=st.sampled_from(["flash", "flash_m32", "mma_v1"]),
+       tiles_per_split=st.integers(0, 3), num_sms=st.sampled_from([1, 132]))
+def test_sparse_query_attention_emulated(emulated_kernels, case, impl, tiles_per_split, num_sms):
     def run(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse):
         emulated_kernels.sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr,
                                                 q.shape[-1] ** -0.5 if scale is None else scale, out, lse, impl,
-                                                splits if impl != "mma_v1" else 0)
+                                                tiles_per_split, num_sms)
 
     _check_attention(run, case)
 

@@ -137,35 +137,40 @@ def test_gqa_and_int32_against_reference(hq, index_dtype):
     assert_close_to_ref(lse, want_lse, torch.float32, scale=1.0, factor=50.0)
 
 
-def _emulated_paged(emulated):
+def _emulated_paged(emulated, impl="flash", tiles_per_split=0):
     def run(cache, q, q_pos, q_indptr, kv_indptr, kv_indices, last):
         k, v = ops._kv_pair(engine_kv_arg(cache, 0), cache.layout)
         out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:2]))
         emulated.sparse_query_attention_paged(q, k, v, q_pos, q_indptr, kv_indptr, kv_indices, last,
-                                              q.shape[-1] ** -0.5, out, lse)
+                                              q.shape[-1] ** -0.5, out, lse, impl, tiles_per_split)
         return out, lse
     return run
 
 
-def _emulated_contiguous(emulated):
+def _emulated_contiguous(emulated, impl="simt", tiles_per_split=0):
     def run(q, k, v, q_pos, q_indptr, kv_indptr):
         out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:2]))
-        emulated.sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, q.shape[-1] ** -0.5, out, lse, "simt", 0)
+        emulated.sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, q.shape[-1] ** -0.5, out, lse, impl,
+                                        tiles_per_split)
         return out, lse
     return run
 
 
+@pytest.mark.parametrize("impl", ["flash", "flash_m32", "simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("page_size", [16, 5, 1])
 @pytest.mark.parametrize("kind", list(ENGINE_LAYOUTS))
-def test_layouts_emulated(emulated_kernels, kind, page_size, dtype):
-    """The CUDA kernel in the host emulator: equal to the contiguous SIMT kernel on the
-    gathered K/V, and close to the CPU op."""
+def test_layouts_emulated(emulated_kernels, kind, page_size, dtype, impl):
+    """The CUDA kernels in the host emulator (fp16 / bf16: the flash kernel in both shapes,
+    or the SIMT kernel; fp32: the SIMT kernel): bit-equal to the same kernel on the gathered
+    K/V (one key tile per split, so both plan the same splits), and close to the CPU op."""
     if kind == "sglang" and page_size != 1:
         pytest.skip("SGLang pools are page size 1")
-    args = _setup(kind, page_size, dtype, [1, 7, 40, 0], [1, 3, 4, 0], hq=4)
-    out, lse = _emulated_paged(emulated_kernels)(*args)
-    want_out, want_lse = _contiguous(*args, _emulated_contiguous(emulated_kernels))
+    args = _setup(kind, page_size, dtype, [1, 7, 40, 0, 150], [1, 3, 4, 0, 9], hq=4)
+    out, lse = _emulated_paged(emulated_kernels, impl, 1)(*args)
+    # A cache whose rows are not 16-byte aligned takes the paged SIMT kernel.
+    want_impl = "simt" if kind == "misaligned" else impl
+    want_out, want_lse = _contiguous(*args, _emulated_contiguous(emulated_kernels, want_impl, 1))
     assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
     cpu_out, _ = _paged_op(*args)
     assert_close_to_ref(out, cpu_out.double(), dtype, factor=2.0)

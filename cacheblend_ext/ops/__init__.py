@@ -319,6 +319,52 @@ def _sparse_query_attention_fake(q, k, v, q_pos, q_indptr, kv_indptr, scale, out
     return None
 
 
+ATTENTION_KERNELS = ("flash", "flash_m32", "mma_v1", "simt")
+
+
+class attention_kernel:
+    """Chooses the CUDA kernel of both attention ops for fp16 / bf16, for the whole
+    process; as a context manager, only inside the ``with`` block.
+
+    ``impl``: ``"flash"`` (the default: FlashAttention-2 style, 16 rows per warp),
+    ``"flash_m32"`` (its 32-rows-per-warp shape), ``"mma_v1"`` (the first tensor-core
+    kernel; contiguous keys only) or ``"simt"``. ``tiles_per_split`` > 0 fixes the flash
+    kernel's key split (key tiles per split) instead of the plan made from the shapes and
+    the SM count. fp32, head dims other than 64 / 128, unaligned tensors and GPUs before
+    sm_80 always take the SIMT kernel. The initial choice comes from the environment
+    variables ``CACHEBLEND_ATTENTION_IMPL`` and ``CACHEBLEND_ATTENTION_TILES_PER_SPLIT``,
+    read once. No effect on the CPU kernels; needs a build with the CUDA kernels.
+
+    >>> with ops.attention_kernel("simt"):
+    ...     ops.sparse_query_attention(q, k, v, q_pos)
+    """
+
+    def __init__(self, impl: str = "flash", tiles_per_split: int = 0):
+        if impl not in ATTENTION_KERNELS:
+            raise ValueError(f"impl must be one of {', '.join(ATTENTION_KERNELS)}, got {impl!r}")
+        if not isinstance(tiles_per_split, int) or tiles_per_split < 0:
+            raise ValueError(f"tiles_per_split must be a non-negative int, got {tiles_per_split!r}")
+        if not library.has_cuda_kernels():
+            raise RuntimeError("attention_kernel: this build of cacheblend has no CUDA kernels")
+        self._previous = current_attention_kernel()
+        _ops.set_attention_kernel(impl, tiles_per_split)
+
+    def __enter__(self) -> "attention_kernel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ops.set_attention_kernel(*self._previous)
+
+
+def current_attention_kernel() -> tuple[str, int]:
+    """The CUDA attention kernel in use for fp16 / bf16 and its fixed key split (0:
+    planned), see :class:`attention_kernel`."""
+    if not library.has_cuda_kernels():
+        raise RuntimeError("current_attention_kernel: this build of cacheblend has no CUDA kernels")
+    impl, tiles = _ops.attention_kernel()
+    return str(impl), int(tiles)
+
+
 def _kv_pair(kv_cache, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, V) as the op's ``[num_pages, page_size, Hkv, D]`` views of an engine's cache."""
     _check_layout(layout)

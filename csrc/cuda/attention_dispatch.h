@@ -1,5 +1,5 @@
 // ATen side of sparse_query_attention's CUDA launch: tensors to kernel arguments, the
-// kernel choice (CACHEBLEND_ATTENTION_IMPL, dtype, head dim, alignment), the key-split
+// kernel choice (the requested kernel, dtype, head dim, alignment, device), the key-split
 // plan and its workspace, for any launcher (cuda/ops_cuda.cpp, the tests' host emulator;
 // `uninitialized(launcher, ...)` allocates what the kernels fill). No CUDA runtime calls,
 // no device reads. Arguments are validated by the caller (ops/attention.h).
@@ -61,45 +61,93 @@ inline attention::AttentionArgs make_attention_args(const at::Tensor& q, const a
   return args;
 }
 
-// Kernel choice for fp16 / bf16 (CACHEBLEND_ATTENTION_IMPL, see cuda/ops_cuda.cpp).
-enum class AttentionImpl { kMmaV1, kSplit, kSplitSync, kSimt };
+// Kernel choice for fp16 / bf16: the flash kernel (default: 16 rows per warp), its
+// 32-rows-per-warp shape (flash_m32), the first tensor-core kernel (mma_v1, contiguous keys
+// only; paged calls take the flash kernel) or the SIMT kernel; tiles_per_split > 0 fixes
+// the flash kernel's key split instead of plan_flash's choice.
+enum class AttentionImpl { kFlash, kFlashM32, kMmaV1, kSimt };
 
-// nullptr or "" -> the default (mma_v1).
+struct AttentionKernelChoice {
+  AttentionImpl impl = AttentionImpl::kFlash;
+  int tiles_per_split = 0;
+};
+
+// nullptr or "" -> the default (flash).
 inline AttentionImpl parse_attention_impl(const char* name) {
-  if (name == nullptr || name[0] == '\0' || std::strcmp(name, "mma_v1") == 0) return AttentionImpl::kMmaV1;
-  if (std::strcmp(name, "split") == 0) return AttentionImpl::kSplit;
-  if (std::strcmp(name, "split_sync") == 0) return AttentionImpl::kSplitSync;
+  if (name == nullptr || name[0] == '\0' || std::strcmp(name, "flash") == 0) return AttentionImpl::kFlash;
+  if (std::strcmp(name, "flash_m32") == 0) return AttentionImpl::kFlashM32;
+  if (std::strcmp(name, "mma_v1") == 0) return AttentionImpl::kMmaV1;
   if (std::strcmp(name, "simt") == 0) return AttentionImpl::kSimt;
-  TORCH_CHECK(false, "CACHEBLEND_ATTENTION_IMPL must be unset, mma_v1, split, split_sync or simt, got '", name, "'");
+  TORCH_CHECK(false, "attention kernel must be flash, flash_m32, mma_v1 or simt (or unset: flash), got '", name, "'");
 }
 
-// Split kernel (+ combine kernel when the keys are split).
-template <typename scalar_t, typename pos_t, int D, bool kPipelined, typename Launcher>
-void dispatch_attention_split(const attention::AttentionArgs& args, const pos_t* q_pos,
-                              const at::TensorOptions& options, int force_splits, const Launcher& launcher) {
-  const SplitPlan plan = plan_split(args, force_splits);
-  attention::SplitWorkspace ws{nullptr, nullptr, plan.tiles_per_split};
+inline const char* attention_impl_name(AttentionImpl impl) {
+  switch (impl) {
+    case AttentionImpl::kFlash: return "flash";
+    case AttentionImpl::kFlashM32: return "flash_m32";
+    case AttentionImpl::kMmaV1: return "mma_v1";
+    case AttentionImpl::kSimt: return "simt";
+  }
+  return "?";
+}
+
+// What the launch code needs to know of the device (read once per device by the caller).
+struct AttentionDevice {
+  bool tensor_cores;  // sm_80+: mma.sync, ldmatrix, cp.async
+  int num_sms;
+};
+
+template <typename scalar_t, typename pos_t, int D, int kRowsPerWarp, typename Keys, typename Launcher>
+void run_attention_flash_shape(const attention::AttentionArgs& args, const attention::PagedKV& paged,
+                               const pos_t* q_pos, int64_t max_keys, const at::TensorOptions& options,
+                               const AttentionKernelChoice& choice, const AttentionDevice& device,
+                               const Launcher& launcher) {
+  const FlashPlan plan = plan_flash<attention::FlashTraits<D, kRowsPerWarp>>(args, max_keys, device.num_sms,
+                                                                           choice.tiles_per_split);
+  TORCH_CHECK(plan.row_tiles * args.hkv * plan.splits < (int64_t{1} << 31),
+              "sparse_query_attention: too many (query, head) rows for one launch");
+  attention::FlashSplit split{nullptr, nullptr, plan.splits, plan.tiles_per_split};
   at::Tensor part_o, part_lse;
   if (plan.splits > 1) {
     const auto f32 = options.dtype(at::kFloat);
     part_o = uninitialized(launcher, {plan.splits, args.num_q, args.hq, args.head_dim}, f32);
     part_lse = uninitialized(launcher, {plan.splits, args.num_q, args.hq}, f32);
-    ws.part_o = part_o.data_ptr<float>();
-    ws.part_lse = part_lse.data_ptr<float>();
+    split.part_o = part_o.data_ptr<float>();
+    split.part_lse = part_lse.data_ptr<float>();
   }
-  launch_attention_split<scalar_t, pos_t, D, kPipelined>(args, q_pos, plan, ws, launcher);
-  if (plan.splits > 1) launch_attention_combine<scalar_t>(args, ws, plan.splits, launcher);
+  launch_attention_flash<scalar_t, pos_t, D, kRowsPerWarp, Keys>(args, paged, q_pos, plan, split, launcher);
+}
+
+// The flash kernel of the chosen shape with its key split; max_keys bounds any request's
+// keys.
+template <typename scalar_t, typename pos_t, int D, typename Keys, typename Launcher>
+void run_attention_flash(const attention::AttentionArgs& args, const attention::PagedKV& paged, const pos_t* q_pos,
+                         int64_t max_keys, const at::TensorOptions& options, const AttentionKernelChoice& choice,
+                         const AttentionDevice& device, const Launcher& launcher) {
+  if (choice.impl == AttentionImpl::kFlashM32)
+    run_attention_flash_shape<scalar_t, pos_t, D, 32, Keys>(args, paged, q_pos, max_keys, options, choice, device,
+                                                           launcher);
+  else
+    run_attention_flash_shape<scalar_t, pos_t, D, 16, Keys>(args, paged, q_pos, max_keys, options, choice, device,
+                                                           launcher);
+}
+
+// Calls fn(std::integral_constant<int, D>) for head_dim 64 or 128.
+template <typename Fn>
+void with_tensor_core_head_dim(int head_dim, Fn&& fn) {
+  if (head_dim == 64)
+    fn(std::integral_constant<int, 64>{});
+  else
+    fn(std::integral_constant<int, 128>{});
 }
 
 // q_indptr / kv_indptr: the request offsets (int32 / int64) or nullopt for one request.
-// tensor_cores: the device runs mma.sync (sm_80+). force_splits > 0 overrides the split
-// kernel's split count (tests).
 template <typename Launcher>
 void dispatch_sparse_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const at::Tensor& q_pos, const std::optional<at::Tensor>& q_indptr,
                                      const std::optional<at::Tensor>& kv_indptr, double scale, const at::Tensor& out,
-                                     const std::optional<at::Tensor>& lse, AttentionImpl impl, bool tensor_cores,
-                                     int force_splits, const Launcher& launcher) {
+                                     const std::optional<at::Tensor>& lse, const AttentionKernelChoice& choice,
+                                     const AttentionDevice& device, const Launcher& launcher) {
   if (q.size(0) == 0) return;
   // Offsets as int64 (an on-device conversion when they are int32; no host sync).
   const at::Tensor q_ind = q_indptr.has_value() ? q_indptr->to(at::kLong) : at::Tensor();
@@ -109,21 +157,15 @@ void dispatch_sparse_query_attention(const at::Tensor& q, const at::Tensor& k, c
     AT_DISPATCH_INDEX_TYPES(q_pos.scalar_type(), "sparse_query_attention", [&] {
       const index_t* pos = q_pos.data_ptr<index_t>();
       if constexpr (kIsHalfOrBFloat16<scalar_t>) {
-        if (impl != AttentionImpl::kSimt && tensor_cores && attention_tensor_core_ok<scalar_t>(args)) {
-          auto with_head_dim = [&](auto d_tag) {
+        if (choice.impl != AttentionImpl::kSimt && device.tensor_cores && attention_tensor_core_ok<scalar_t>(args)) {
+          with_tensor_core_head_dim(args.head_dim, [&](auto d_tag) {
             constexpr int D = decltype(d_tag)::value;
-            if (impl == AttentionImpl::kSplit) {
-              dispatch_attention_split<scalar_t, index_t, D, true>(args, pos, q.options(), force_splits, launcher);
-            } else if (impl == AttentionImpl::kSplitSync) {
-              dispatch_attention_split<scalar_t, index_t, D, false>(args, pos, q.options(), force_splits, launcher);
-            } else {
+            if (choice.impl == AttentionImpl::kMmaV1)
               launch_attention_mma<scalar_t, index_t, D>(args, pos, launcher);
-            }
-          };
-          if (args.head_dim == 64)
-            with_head_dim(std::integral_constant<int, 64>{});
-          else
-            with_head_dim(std::integral_constant<int, 128>{});
+            else
+              run_attention_flash<scalar_t, index_t, D, attention::ContiguousKeys>(
+                  args, attention::PagedKV{}, pos, args.num_k, q.options(), choice, device, launcher);
+          });
           return;
         }
       }
@@ -132,14 +174,17 @@ void dispatch_sparse_query_attention(const at::Tensor& q, const at::Tensor& k, c
   });
 }
 
-// sparse_query_attention_paged: the paged SIMT kernel. The page table and the request
-// offsets travel as int64 (an on-device conversion when they are int32; no host sync).
+// sparse_query_attention_paged: the flash kernel reading K / V through the page table for
+// fp16 / bf16 (mma_v1 has no paged form: it takes the flash kernel too), else the paged
+// SIMT kernel. The page table and the request offsets travel as int64 (an on-device
+// conversion when they are int32; no host sync).
 template <typename Launcher>
 void dispatch_sparse_query_attention_paged(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                            const at::Tensor& q_pos, const at::Tensor& q_indptr,
                                            const at::Tensor& kv_indptr, const at::Tensor& kv_indices,
                                            const at::Tensor& kv_last_page_len, double scale, const at::Tensor& out,
-                                           const std::optional<at::Tensor>& lse, const Launcher& launcher) {
+                                           const std::optional<at::Tensor>& lse, const AttentionKernelChoice& choice,
+                                           const AttentionDevice& device, const Launcher& launcher) {
   if (q.size(0) == 0) return;
   const at::Tensor q_ind = q_indptr.to(at::kLong), page_ind = kv_indptr.to(at::kLong);
   const at::Tensor indices = kv_indices.to(at::kLong), last = kv_last_page_len.to(at::kLong);
@@ -154,9 +199,21 @@ void dispatch_sparse_query_attention_paged(const at::Tensor& q, const at::Tensor
                                  k_cache.size(0),              k_cache.size(1),
                                  k_cache.stride(0),            k_cache.stride(1),
                                  v_cache.stride(0),            v_cache.stride(1)};
+  const int64_t max_keys = indices.size(0) * k_cache.size(1);  // a request holds at most every page
   CB_DISPATCH_FLOAT_TYPES(q.scalar_type(), "sparse_query_attention_paged", [&] {
     AT_DISPATCH_INDEX_TYPES(q_pos.scalar_type(), "sparse_query_attention_paged", [&] {
-      launch_attention_paged_simt<scalar_t, index_t>(args, paged, q_pos.data_ptr<index_t>(), launcher);
+      const index_t* pos = q_pos.data_ptr<index_t>();
+      if constexpr (kIsHalfOrBFloat16<scalar_t>) {
+        if (choice.impl != AttentionImpl::kSimt && device.tensor_cores &&
+            paged_attention_tensor_core_ok<scalar_t>(args, paged)) {
+          with_tensor_core_head_dim(args.head_dim, [&](auto d_tag) {
+            run_attention_flash<scalar_t, index_t, decltype(d_tag)::value, attention::PagedKeys>(
+                args, paged, pos, max_keys, q.options(), choice, device, launcher);
+          });
+          return;
+        }
+      }
+      launch_attention_paged_simt<scalar_t, index_t>(args, paged, pos, launcher);
     });
   });
 }

@@ -1,13 +1,15 @@
 // Host launch code of sparse_query_attention (kernels/attention/), declared in
-// cuda/launch.h: one function per kernel family, so each family / head dim / dtype is
-// instantiated in its own translation unit (cuda/attention/*.cu).
+// cuda/launch.h: one function per kernel family. The tensor-core kernels are instantiated
+// per head dim, dtype and key layout in their own translation unit, generated at build
+// time from cuda/attention/tensor_core_instance.cu.in (setup.py, CMakeLists.txt), so nvcc
+// builds them in parallel.
 #pragma once
 
 #include "cuda/launch.h"
+#include "kernels/attention/flash.cuh"
 #include "kernels/attention/mma.cuh"
 #include "kernels/attention/paged.cuh"
 #include "kernels/attention/simt.cuh"
-#include "kernels/attention/split.cuh"
 
 namespace cacheblend {
 
@@ -34,23 +36,38 @@ void launch_attention_mma(const attention::AttentionArgs& args, const pos_t* q_p
            q_pos);
 }
 
-template <typename T, typename pos_t, int D, bool kPipelined, typename Launcher>
-void launch_attention_split(const attention::AttentionArgs& args, const pos_t* q_pos, const SplitPlan& plan,
-                            const attention::SplitWorkspace& ws, const Launcher& launcher) {
-  launcher(attention::sparse_query_attention_split_kernel<T, pos_t, D, kPipelined>,
-           Dim3{static_cast<unsigned>(plan.row_tiles), static_cast<unsigned>(args.hkv),
-                static_cast<unsigned>(plan.splits)},
-           Dim3{attention::kMmaThreads}, attention::split_kernel_smem_bytes<D, kPipelined>(), args, q_pos, ws);
+template <typename T, typename pos_t, int D, int kRowsPerWarp, typename Keys, typename Launcher>
+void launch_attention_flash(const attention::AttentionArgs& args, const attention::PagedKV& paged, const pos_t* q_pos,
+                            const FlashPlan& plan, const attention::FlashSplit& split, const Launcher& launcher) {
+  using Traits = attention::FlashTraits<D, kRowsPerWarp>;
+  const int64_t blocks = plan.row_tiles * args.hkv * plan.splits;
+  launcher(attention::sparse_query_attention_flash_kernel<T, pos_t, D, kRowsPerWarp, Keys>,
+           Dim3{static_cast<unsigned>(blocks)}, Dim3{Traits::kThreads}, Traits::kSmemBytes, args, paged, q_pos, split);
+  if (plan.splits > 1) {
+    const int64_t rows = args.num_q * args.hq;
+    launcher(attention::sparse_query_attention_flash_combine_kernel<T, pos_t, D, Traits::kKeys>,
+             Dim3{static_cast<unsigned>(ceil_div(rows, int64_t{attention::kCombineWarps}))},
+             Dim3{attention::kCombineWarps * 32}, 0, args, q_pos, split);
+  }
 }
 
-template <typename T, typename Launcher>
-void launch_attention_combine(const attention::AttentionArgs& args, const attention::SplitWorkspace& ws, int splits,
-                              const Launcher& launcher) {
-  const int64_t rows = args.num_q * args.hq;
-  launcher(attention::sparse_query_attention_combine_kernel<T>,
-           Dim3{static_cast<unsigned>(ceil_div(rows, int64_t{attention::kCombineWarps}))},
-           Dim3{attention::kCombineWarps * 32}, 0, args, static_cast<const float*>(ws.part_o),
-           static_cast<const float*>(ws.part_lse), splits);
-}
+// The tensor-core kernels of one dtype, head dim and key layout (Keys: ContiguousKeys, which
+// also instantiates mma_v1, or PagedKeys), for both position types and both flash shapes.
+#define CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, M, KEYS, LAUNCHER)                                              \
+  template void launch_attention_flash<T, P, D, M, attention::KEYS, LAUNCHER>(                                  \
+      const attention::AttentionArgs&, const attention::PagedKV&, const P*, const FlashPlan&,                   \
+      const attention::FlashSplit&, const LAUNCHER&);
+#define CB_INSTANTIATE_ATTENTION_TENSOR_CORES(T, D, KEYS, LAUNCHER)                                              \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, int32_t, D, 16, KEYS, LAUNCHER)                                             \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, int64_t, D, 16, KEYS, LAUNCHER)                                             \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, int32_t, D, 32, KEYS, LAUNCHER)                                             \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, int64_t, D, 32, KEYS, LAUNCHER)                                             \
+  CB_INSTANTIATE_ATTENTION_MMA_##KEYS(T, D, LAUNCHER)
+#define CB_INSTANTIATE_ATTENTION_MMA_PagedKeys(T, D, LAUNCHER)
+#define CB_INSTANTIATE_ATTENTION_MMA_ContiguousKeys(T, D, LAUNCHER)                                              \
+  template void launch_attention_mma<T, int32_t, D, LAUNCHER>(const attention::AttentionArgs&, const int32_t*, \
+                                                              const LAUNCHER&);                                 \
+  template void launch_attention_mma<T, int64_t, D, LAUNCHER>(const attention::AttentionArgs&, const int64_t*, \
+                                                              const LAUNCHER&);
 
 }  // namespace cacheblend

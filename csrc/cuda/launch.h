@@ -90,35 +90,61 @@ void launch_select_hkvd_batched(const select::SelectArgs& args, int64_t num_requ
                                 const k_t* k, const Launcher& launcher);
 
 // ---- sparse_query_attention (cuda/attention_launch.cuh) ----
-// Grid of the split kernel: row tiles x kv heads x key splits.
-struct SplitPlan {
+// The flash kernel's grid: row tiles x kv heads x key splits (one dimension), and the key
+// split (see attention::FlashSplit).
+struct FlashPlan {
   int64_t row_tiles;
   int splits;
-  int tiles_per_split;  // key tiles per split (the last split takes the rest)
+  int tiles_per_split;
 };
 
-// Key splits from the shapes only (no device reads): enough blocks for about four waves
-// of two blocks on a 132-SM GPU, at least kSplitMinTiles key tiles per split.
-// force_splits > 0 overrides the choice (tests).
-inline SplitPlan plan_split(const attention::AttentionArgs& args, int force_splits = 0) {
-  const int64_t row_tiles = ceil_div(args.num_q, int64_t{attention::kMmaRows / args.group});
-  const int64_t key_tiles = std::max<int64_t>(ceil_div(args.num_k, int64_t{attention::kMmaKeys}), 1);
-  int64_t splits = ceil_div(int64_t{attention::kSplitTargetBlocks}, row_tiles * args.hkv);
-  splits = std::min(splits, key_tiles / attention::kSplitMinTiles);
-  splits = std::min<int64_t>(splits, attention::kSplitMaxSplits);
-  splits = std::max<int64_t>(splits, 1);
-  if (force_splits > 0) splits = force_splits;
-  return {row_tiles, static_cast<int>(splits), static_cast<int>(ceil_div(key_tiles, splits))};
+// Key splits from the shapes and the SM count only (no device reads): the host cannot see
+// the positions, so it assumes the engine's case, sorted positions spread over the keys,
+// where row tile i walks about (i + 1) / row_tiles of the key tiles. The blocks then hold
+// about blocks * key_tiles / 2 tile steps; with S splits about blocks * S / 2 of them have
+// work, so S = 2 * slots / blocks fills the device's block slots (SMs x blocks per SM)
+// about once, with pieces of equal length. Rows that see a single split are written
+// directly; the others go through the combine kernel, whose traffic bounds S from above.
+// max_keys: an upper bound on any request's keys. force_tiles_per_split > 0 overrides the
+// choice (tests, benchmarks).
+template <typename Traits>
+inline FlashPlan plan_flash(const attention::AttentionArgs& a, int64_t max_keys, int num_sms,
+                            int force_tiles_per_split = 0) {
+  const int64_t row_tiles = ceil_div(a.num_q, int64_t{Traits::kRows / a.group});
+  const int64_t key_tiles = std::max<int64_t>(ceil_div(max_keys, int64_t{Traits::kKeys}), 1);
+  const int64_t blocks = row_tiles * a.hkv;
+  const int64_t slots = int64_t{std::max(num_sms, 1)} * Traits::kBlocksPerSm;
+  int64_t splits = (2 * slots + blocks / 2) / blocks;  // round(2 * slots / blocks)
+  splits = std::min<int64_t>(splits, key_tiles / attention::kFlashMinTilesPerSplit);
+  splits = std::clamp<int64_t>(splits, 1, attention::kFlashMaxSplits);
+  int64_t tiles_per_split = ceil_div(key_tiles, splits);
+  if (force_tiles_per_split > 0)
+    tiles_per_split = std::max<int64_t>(force_tiles_per_split, ceil_div(key_tiles, 4 * attention::kFlashMaxSplits));
+  splits = ceil_div(key_tiles, tiles_per_split);
+  return {row_tiles, static_cast<int>(splits), static_cast<int>(tiles_per_split)};
 }
 
 // Whether the tensor-core kernels take these arguments: fp16 / bf16 (checked by the
-// caller), head_dim 64 or 128, the GQA group within one row tile, q / k / v rows 16-byte
-// aligned (data pointers and token / head strides).
+// caller), head_dim 64 or 128, the GQA group within one row tile, q and out rows 16-byte
+// aligned (data pointers and token / head strides). The keys' alignment is checked by the
+// caller (contiguous or paged strides).
+template <typename T>
+inline bool attention_tensor_core_query_ok(const attention::AttentionArgs& a) {
+  return (a.head_dim == 64 || a.head_dim == 128) && a.group <= attention::kMmaRows &&
+         is_aligned16<T>(a.q, {a.q_s0, a.q_s1}) && is_aligned16<T>(a.out, {a.o_s0, a.o_s1});
+}
+
 template <typename T>
 inline bool attention_tensor_core_ok(const attention::AttentionArgs& a) {
-  return (a.head_dim == 64 || a.head_dim == 128) && a.group <= attention::kMmaRows &&
-         is_aligned16<T>(a.q, {a.q_s0, a.q_s1}) && is_aligned16<T>(a.k, {a.k_s0, a.k_s1}) &&
+  return attention_tensor_core_query_ok<T>(a) && is_aligned16<T>(a.k, {a.k_s0, a.k_s1}) &&
          is_aligned16<T>(a.v, {a.v_s0, a.v_s1});
+}
+
+template <typename T>
+inline bool paged_attention_tensor_core_ok(const attention::AttentionArgs& a, const attention::PagedKV& p) {
+  return attention_tensor_core_query_ok<T>(a) &&
+         is_aligned16<T>(a.k, {p.k_page_stride, p.k_offset_stride, a.k_s1}) &&
+         is_aligned16<T>(a.v, {p.v_page_stride, p.v_offset_stride, a.v_s1});
 }
 
 // The SIMT kernel (any storage type, head_dim up to 256).
@@ -131,19 +157,16 @@ template <typename T, typename pos_t, typename Launcher>
 void launch_attention_paged_simt(const attention::AttentionArgs& args, const attention::PagedKV& paged,
                                  const pos_t* q_pos, const Launcher& launcher);
 
-// The mma_v1 tensor-core kernel (T = half_t / bfloat16_t, D = 64 / 128).
+// The mma_v1 tensor-core kernel (T = half_t / bfloat16_t, D = 64 / 128; contiguous keys).
 template <typename T, typename pos_t, int D, typename Launcher>
 void launch_attention_mma(const attention::AttentionArgs& args, const pos_t* q_pos, const Launcher& launcher);
 
-// The split-key tensor-core kernel, with (kPipelined) or without cp.async. With
-// plan.splits > 1 it writes ws.part_o / ws.part_lse, and launch_attention_combine
-// must follow.
-template <typename T, typename pos_t, int D, bool kPipelined, typename Launcher>
-void launch_attention_split(const attention::AttentionArgs& args, const pos_t* q_pos, const SplitPlan& plan,
-                            const attention::SplitWorkspace& ws, const Launcher& launcher);
-
-template <typename T, typename Launcher>
-void launch_attention_combine(const attention::AttentionArgs& args, const attention::SplitWorkspace& ws, int splits,
-                              const Launcher& launcher);
+// The flash tensor-core kernel (T = half_t / bfloat16_t, D = 64 / 128, 16 or 32 rows per
+// warp; Keys = attention::ContiguousKeys or attention::PagedKeys, `paged` used only by the
+// latter), and its combine kernel when plan.splits > 1 (split.part_o / part_lse then hold
+// [splits, num_q, hq, D] / [splits, num_q, hq] fp32).
+template <typename T, typename pos_t, int D, int kRowsPerWarp, typename Keys, typename Launcher>
+void launch_attention_flash(const attention::AttentionArgs& args, const attention::PagedKV& paged, const pos_t* q_pos,
+                            const FlashPlan& plan, const attention::FlashSplit& split, const Launcher& launcher);
 
 }  // namespace cacheblend

@@ -9,9 +9,14 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <atomic>
 #include <cstdlib>
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "cuda/attention_dispatch.h"
 #include "cuda/cuda_launcher.h"
@@ -35,21 +40,49 @@ namespace {
 
 CudaLauncher current_stream_launcher() { return CudaLauncher(c10::cuda::getCurrentCUDAStream()); }
 
-// CACHEBLEND_ATTENTION_IMPL selects the kernel for fp16 / bf16 (read per call, so tests
-// and benchmarks can switch it):
-//   unset / "mma_v1": the tensor-core kernel verified on an H100 (one block per row tile
-//                     and kv head, no key split) -- the default;
-//   "split":          the split-key tensor-core kernel with cp.async double-buffering
-//                     and a combine kernel (passes the tests in the host CUDA emulator;
-//                     not yet run on a GPU, hence not the default);
-//   "split_sync":     the split-key kernel without cp.async;
-//   "simt":           the SIMT kernel.
-AttentionImpl requested_impl() { return parse_attention_impl(std::getenv("CACHEBLEND_ATTENTION_IMPL")); }
+// The kernel sparse_query_attention(_paged) runs for fp16 / bf16: CACHEBLEND_ATTENTION_IMPL
+// (flash, the default; flash_m32; mma_v1; simt) and CACHEBLEND_ATTENTION_TILES_PER_SPLIT (0: the
+// planned key split), read once, at the first call; set_attention_kernel changes both.
+struct AttentionKernelState {
+  std::atomic<int> impl;
+  std::atomic<int> tiles_per_split;
+  AttentionKernelState()
+      : impl(static_cast<int>(parse_attention_impl(std::getenv("CACHEBLEND_ATTENTION_IMPL")))),
+        tiles_per_split(parse_tiles_per_split(std::getenv("CACHEBLEND_ATTENTION_TILES_PER_SPLIT"))) {}
+  static int parse_tiles_per_split(const char* text) {
+    if (text == nullptr || text[0] == '\0') return 0;
+    char* end = nullptr;
+    const long value = std::strtol(text, &end, 10);
+    TORCH_CHECK(*end == '\0' && value >= 0 && value <= (1 << 20),
+                "CACHEBLEND_ATTENTION_TILES_PER_SPLIT must be a non-negative integer, got '", text, "'");
+    return static_cast<int>(value);
+  }
+};
 
-bool device_has_mma(int device) {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 8;
+AttentionKernelState& attention_kernel_state() {
+  static AttentionKernelState state;
+  return state;
+}
+
+AttentionKernelChoice attention_kernel_choice() {
+  const AttentionKernelState& s = attention_kernel_state();
+  return {static_cast<AttentionImpl>(s.impl.load(std::memory_order_relaxed)),
+          s.tiles_per_split.load(std::memory_order_relaxed)};
+}
+
+// Compute capability and SM count, read once per device.
+const AttentionDevice& attention_device(int device) {
+  static std::mutex mutex;
+  static std::vector<std::unique_ptr<AttentionDevice>> devices;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<size_t>(device) >= devices.size()) devices.resize(device + 1);
+  if (!devices[device]) {
+    int major = 0, sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    devices[device] = std::make_unique<AttentionDevice>(AttentionDevice{major >= 8, sms});
+  }
+  return *devices[device];
 }
 
 }  // namespace
@@ -98,8 +131,8 @@ void sparse_query_attention_cuda(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& lse) {
   const c10::cuda::CUDAGuard guard(q.device());
   const CudaLauncher launcher = current_stream_launcher();
-  dispatch_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse, requested_impl(),
-                                  device_has_mma(q.get_device()), /*force_splits=*/0, launcher);
+  dispatch_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse, attention_kernel_choice(),
+                                  attention_device(q.get_device()), launcher);
   C10_CUDA_CHECK(launcher.status());
 }
 
@@ -111,8 +144,23 @@ void sparse_query_attention_paged_cuda(const at::Tensor& q, const at::Tensor& k_
   const c10::cuda::CUDAGuard guard(q.device());
   const CudaLauncher launcher = current_stream_launcher();
   dispatch_sparse_query_attention_paged(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices,
-                                        kv_last_page_len, scale, out, lse, launcher);
+                                        kv_last_page_len, scale, out, lse, attention_kernel_choice(),
+                                        attention_device(q.get_device()), launcher);
   C10_CUDA_CHECK(launcher.status());
+}
+
+void set_attention_kernel_cuda(const std::string& impl, int64_t tiles_per_split) {
+  TORCH_CHECK(tiles_per_split >= 0 && tiles_per_split <= (1 << 20),
+              "tiles_per_split must be 0 (planned) or a positive number of key tiles, got ", tiles_per_split);
+  const AttentionImpl parsed = parse_attention_impl(impl.c_str());
+  AttentionKernelState& s = attention_kernel_state();
+  s.impl.store(static_cast<int>(parsed), std::memory_order_relaxed);
+  s.tiles_per_split.store(static_cast<int>(tiles_per_split), std::memory_order_relaxed);
+}
+
+std::tuple<std::string, int64_t> attention_kernel_cuda() {
+  const AttentionKernelChoice c = attention_kernel_choice();
+  return {attention_impl_name(c.impl), c.tiles_per_split};
 }
 
 }  // namespace cacheblend

@@ -60,25 +60,34 @@ std::tuple<at::Tensor, at::Tensor> select_hkvd_batched(const at::Tensor& deviati
   return dispatch_select_hkvd_batched(deviation, indptr, k, forced, candidates, max_selected, EmulatedLauncher{});
 }
 
-// impl: "mma_v1" (the default), "split", "split_sync" or "simt", as
-// CACHEBLEND_ATTENTION_IMPL; force_splits > 0 overrides the split kernel's split count.
+// impl: "flash" (the default), "mma_v1" or "simt", as set_attention_kernel;
+// tiles_per_split > 0 fixes the flash kernel's key split; num_sms: the device the split
+// plan assumes.
+AttentionKernelChoice kernel_choice(const std::string& impl, int64_t tiles_per_split) {
+  return {parse_attention_impl(impl.c_str()), static_cast<int>(tiles_per_split)};
+}
+
 void sparse_query_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_pos,
                             const std::optional<at::Tensor>& q_indptr, const std::optional<at::Tensor>& kv_indptr,
                             double scale, const at::Tensor& out, const std::optional<at::Tensor>& lse,
-                            const std::string& impl, int64_t force_splits) {
+                            const std::string& impl, int64_t tiles_per_split, int64_t num_sms) {
   validate_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse);
-  dispatch_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse, parse_attention_impl(impl.c_str()),
-                                /*tensor_cores=*/true, static_cast<int>(force_splits), EmulatedLauncher{});
+  dispatch_sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse,
+                                  kernel_choice(impl, tiles_per_split),
+                                  AttentionDevice{/*tensor_cores=*/true, static_cast<int>(num_sms)}, EmulatedLauncher{});
 }
 
 void sparse_query_attention_paged(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& q_pos, const at::Tensor& q_indptr, const at::Tensor& kv_indptr,
                                   const at::Tensor& kv_indices, const at::Tensor& kv_last_page_len, double scale,
-                                  const at::Tensor& out, const std::optional<at::Tensor>& lse) {
+                                  const at::Tensor& out, const std::optional<at::Tensor>& lse, const std::string& impl,
+                                  int64_t tiles_per_split, int64_t num_sms) {
   validate_sparse_query_attention_paged(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices,
                                         kv_last_page_len, scale, out, lse);
   dispatch_sparse_query_attention_paged(q, k_cache, v_cache, q_pos, q_indptr, kv_indptr, kv_indices,
-                                        kv_last_page_len, scale, out, lse, EmulatedLauncher{});
+                                        kv_last_page_len, scale, out, lse, kernel_choice(impl, tiles_per_split),
+                                        AttentionDevice{/*tensor_cores=*/true, static_cast<int>(num_sms)},
+                                        EmulatedLauncher{});
 }
 
 }  // namespace
@@ -97,8 +106,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("forced"), py::arg("candidates"), py::arg("max_selected"));
   m.def("sparse_query_attention", &cacheblend::sparse_query_attention, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("q_pos"), py::arg("q_indptr"), py::arg("kv_indptr"), py::arg("scale"), py::arg("out"),
-        py::arg("lse"), py::arg("impl") = "mma_v1", py::arg("force_splits") = 0);
+        py::arg("lse"), py::arg("impl") = "flash", py::arg("tiles_per_split") = 0, py::arg("num_sms") = 132);
   m.def("sparse_query_attention_paged", &cacheblend::sparse_query_attention_paged, py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("q_pos"), py::arg("q_indptr"), py::arg("kv_indptr"), py::arg("kv_indices"),
-        py::arg("kv_last_page_len"), py::arg("scale"), py::arg("out"), py::arg("lse"));
+        py::arg("kv_last_page_len"), py::arg("scale"), py::arg("out"), py::arg("lse"), py::arg("impl") = "flash",
+        py::arg("tiles_per_split") = 0, py::arg("num_sms") = 132);
+  // Mutation tests: the barrier or cp.async wait at that source line becomes a no-op
+  // (line 0: none).
+  m.def("disable_sync_at", &cacheblend::emulation::disable_sync_at, py::arg("file_suffix"), py::arg("line"));
 }

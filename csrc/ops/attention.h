@@ -11,6 +11,8 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
+#include <tuple>
 
 #include "checks.h"
 
@@ -78,6 +80,7 @@ inline void validate_sparse_query_attention(const at::Tensor& q, const at::Tenso
   for (auto [t, name] : {std::pair{&q, "q"}, std::pair{&k, "k"}, std::pair{&v, "v"}})
     check_last_dim_contiguous(*t, name);
   check_attention_heads(q, k.size(1), k.size(2), "k", scale);
+  TORCH_CHECK(k.size(0) < (int64_t{1} << 31), "k: at most 2^31 - 1 keys, got ", k.size(0));
   check_query_positions(q, q_pos);
 
   TORCH_CHECK(q_indptr.has_value() == kv_indptr.has_value(),
@@ -142,6 +145,9 @@ inline void validate_sparse_query_attention_paged(const at::Tensor& q, const at:
               q_indptr.size(0), "), got ", kv_indptr.size(0));
   TORCH_CHECK(kv_last_page_len.size(0) == q_indptr.size(0) - 1, "kv_last_page_len must have one entry per request (",
               q_indptr.size(0) - 1, "), got ", kv_last_page_len.size(0));
+  TORCH_CHECK(kv_indices.size(0) * k_cache.size(1) < (int64_t{1} << 31),
+              "kv_indices: the page table may address at most 2^31 - 1 keys (kv_indices.size(0) x page_size), got ",
+              kv_indices.size(0), " x ", k_cache.size(1));
   check_attention_outputs(q, out, lse);
 }
 
@@ -161,6 +167,10 @@ void sparse_query_attention_paged_cpu(const at::Tensor& q, const at::Tensor& k_c
                                       const at::Tensor& kv_indices, const at::Tensor& kv_last_page_len, double scale,
                                       const at::Tensor& out, const std::optional<at::Tensor>& lse);
 #ifdef CACHEBLEND_WITH_CUDA
+// The CUDA kernel for fp16 / bf16 ("flash", "mma_v1" or "simt") and the flash kernel's key
+// split (tiles_per_split > 0 fixes it; 0: planned), for every later call in the process.
+void set_attention_kernel_cuda(const std::string& impl, int64_t tiles_per_split);
+std::tuple<std::string, int64_t> attention_kernel_cuda();
 void sparse_query_attention_paged_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                        const at::Tensor& q_pos, const at::Tensor& q_indptr,
                                        const at::Tensor& kv_indptr, const at::Tensor& kv_indices,

@@ -1,5 +1,5 @@
-// sparse_query_attention: the SIMT kernel (every storage type) and the split kernel's
-// combine kernel, instantiated for CudaLauncher (ATen-free translation unit).
+// sparse_query_attention: the SIMT kernel (every storage type), instantiated for
+// CudaLauncher (ATen-free translation unit).
 #include "cuda/attention_launch.cuh"
 #include "cuda/cuda_launcher.cuh"
 
@@ -15,12 +15,5 @@ CB_INSTANTIATE_SIMT(half_t, int64_t)
 CB_INSTANTIATE_SIMT(bfloat16_t, int32_t)
 CB_INSTANTIATE_SIMT(bfloat16_t, int64_t)
 #undef CB_INSTANTIATE_SIMT
-
-template void launch_attention_combine<half_t, CudaLauncher>(const attention::AttentionArgs&,
-                                                             const attention::SplitWorkspace&, int,
-                                                             const CudaLauncher&);
-template void launch_attention_combine<bfloat16_t, CudaLauncher>(const attention::AttentionArgs&,
-                                                                 const attention::SplitWorkspace&, int,
-                                                                 const CudaLauncher&);
 
 }  // namespace cacheblend

@@ -3,28 +3,22 @@
 // (this header is host-compilable: no device code).
 //
 // One header per kernel family, on top of ragged.cuh (request lookup) and, for the
-// tensor-core kernels, primitives.cuh (mma.sync, ldmatrix, cp.async, online softmax):
+// tensor-core kernels, primitives.cuh (mma.sync, ldmatrix, cp.async):
+//  * flash.cuh, sparse_query_attention_flash_kernel (+ its combine kernel): the
+//    default for fp16 / bf16 with head_dim 64 / 128 on sm_80+, for contiguous and paged
+//    K / V alike. FlashAttention-2 style: 128-row tiles of (query, query head) pairs of
+//    one kv head, so a K / V tile serves the whole GQA group; K and V through a cp.async
+//    pipeline into swizzled shared memory, ldmatrix fragments, mma.sync m16n8k16 with
+//    fp32 accumulation, base-2 online softmax, the mask only on tiles that straddle a
+//    row's position, key splits sized from the SM count, heaviest row tiles first.
 //  * simt.cuh, sparse_query_attention_simt_kernel: one warp per (query, query head),
 //    keys visited one by one with an online softmax in fp32. Simple and obviously
-//    correct; used for fp32 inputs, head dims other than 64 / 128, unaligned inputs,
-//    GPUs before sm_80, and on request (CACHEBLEND_ATTENTION_IMPL=simt) so both kernels
-//    can be compared. paged.cuh runs the same per-row loop through a page table
-//    (sparse_query_attention_paged).
-//  * mma.cuh, sparse_query_attention_mma_kernel: flash-attention-2 style for fp16 /
-//    bf16 with tensor cores (mma.sync m16n8k16, fp32 accumulation). A block owns one kv
-//    head and 64 "rows", each row one (query token, query head of that kv head's group)
-//    pair, so every K/V tile loaded into shared memory serves the whole group. Key tiles
-//    past the block's largest query position are never visited; tiles wholly at or
-//    before its smallest position skip the mask. The default for fp16 / bf16 with
-//    head_dim 64 / 128 (verified on an H100; CACHEBLEND_ATTENTION_IMPL=mma_v1 names it
-//    explicitly).
-//  * split.cuh, sparse_query_attention_split_kernel (+
-//    sparse_query_attention_combine_kernel): the same row tiles and fragments, with the
-//    key range split across blocks, coalesced K / V loads read through ldmatrix, and
-//    cp.async double-buffering of the K / V tiles (CACHEBLEND_ATTENTION_IMPL=split, or
-//    split_sync without cp.async). Passes the attention tests in the host CUDA emulator
-//    (python_tests/test_attention_emulated.py) and compiles for sm_80..90; not yet run on
-//    a GPU, so not the default.
+//    correct; used for fp32 inputs, head dims other than 64 / 128, unaligned inputs and
+//    GPUs before sm_80. paged.cuh runs the same per-row loop through a page table.
+//  * mma.cuh, sparse_query_attention_mma_kernel (mma_v1): the first tensor-core kernel
+//    (64-row tiles, no pipelining, no key split), kept for comparison on a GPU.
+// CACHEBLEND_ATTENTION_IMPL (flash, mma_v1, simt) or cacheblend_ext.ops.attention_kernel
+// picks one for fp16 / bf16 (cuda/attention_dispatch.h).
 //
 // All the kernels also compile for the host in a build that supplies the CUDA built-ins
 // and the PTX operations (kernels/common.h), which is how the tests run them without a
@@ -76,29 +70,79 @@ struct PagedKV {
   int64_t k_page_stride, k_offset_stride, v_page_stride, v_offset_stride;  // elements
 };
 
-// Tile shape of the tensor-core kernels (mma.cuh, split.cuh): a block is kMmaThreads
-// threads = 4 warps; each warp owns 16 of the block's kMmaRows (query, head) rows, and
-// K / V are visited in tiles of kMmaKeys keys.
+// Tile shape of the mma_v1 kernel (mma.cuh): a block is kMmaThreads threads = 4 warps;
+// each warp owns 16 of the block's kMmaRows (query, head) rows, and K / V are visited in
+// tiles of kMmaKeys keys.
 constexpr int kMmaRows = 64;  // rows per block: 4 warps x 16
 constexpr int kMmaKeys = 64;  // keys per K/V tile
 constexpr int kMmaThreads = 128;
 
-// Key splits of the split kernel (split.cuh), chosen on the host from the shapes only.
-constexpr int kSplitTargetBlocks = 1056;  // host: aim at ~4 waves of 2 blocks on 132 SMs
-constexpr int kSplitMinTiles = 4;         // host: at least 4 key tiles (256 keys) per split
-constexpr int kSplitMaxSplits = 64;
+// Tile shapes of the flash kernel (flash.cuh), per head dim and rows per warp. Two
+// shapes, because only a GPU run can choose between them (mma.sync m16n8k16 on sm_80 /
+// sm_90; "B / kFLOP": shared-memory bytes read per kFLOP of MMA work):
+//  * 16 rows per warp ("flash"): 4 warps x 16 = 64 (query, head) rows per block, the Q
+//    tile's A fragments held in registers for the whole key loop (32 registers at
+//    D = 128). O and S take 64 + 32 more, so a thread needs ~170 registers and three
+//    blocks (12 warps) fit per SM; 64-row tiles also give small problems twice the
+//    blocks. Each K / V fragment read from shared memory feeds one m16 tile: 61 B / kFLOP,
+//    which at 128 B / clock / SM caps the MMAs at ~2.1 kFLOP / clock / SM (~55% of an
+//    H100's dense bf16 peak; mma.sync itself reaches ~65%).
+//  * 32 rows per warp ("flash_m32", FlashAttention-2's shape): 128 rows per block, two m16
+//    tiles per warp, so every K / V fragment feeds two MMAs: 38 B / kFLOP with Q re-read
+//    from shared memory per k-step, above mma.sync's own rate. Q cannot stay in
+//    registers (O alone is 128 registers at D = 128), and at D = 128 a 64-key S tile
+//    (64 more) leaves too few registers for the rest: the key tile is 32 keys there,
+//    64 at D = 64. Two blocks (8 warps) per SM.
+// Shared memory per block: Q [kRows][D] + one K and one V tile [kKeys][D], 16-bit: 48 KB
+// (16 rows per warp, D = 128) or 64 KB (32 rows per warp, D = 128, 32-key tiles: 48 KB),
+// within every sm_80+ part at the blocks per SM above except sm_86 / sm_89 (100 KB per
+// SM), which then run fewer blocks. K and V are separate stages: V_j streams in while
+// S = Q K_j^T is computed, K_{j+1} while the softmax and O += P V_j are.
+template <int D, int kRowsPerWarp_>
+struct FlashTraits {
+  static_assert(D == 64 || D == 128, "the flash kernel is built for head_dim 64 and 128");
+  static_assert(kRowsPerWarp_ == 16 || kRowsPerWarp_ == 32, "16 or 32 rows per warp");
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kRowsPerWarp = kRowsPerWarp_;
+  static constexpr int kMTiles = kRowsPerWarp / 16;
+  static constexpr int kRows = kWarps * kRowsPerWarp;
+  static constexpr bool kQInRegisters = kMTiles == 1;
+  static constexpr int kKeys = kMTiles == 2 && D == 128 ? 32 : 64;
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per row of Q, K or V
+  // __launch_bounds__ minimum (a register cap of 65536 / (kThreads x kBlocksPerSm)); the
+  // split plan counts on it.
+  static constexpr int kBlocksPerSm = kMTiles == 1 && D == 64 ? 3 : 2;
+  static constexpr int kSmemBytes = (kRows + 2 * kKeys) * D * 2;
+};
 
-// Warps per block of the split kernel's combine kernel (split.cuh).
-constexpr int kCombineWarps = 4;
+// Key splits of the flash kernel (chosen on the host from the shapes and the SM count,
+// see cuda/launch.h: plan_flash): at most kFlashMaxSplits, each at least
+// kFlashMinTilesPerSplit key tiles.
+constexpr int kFlashMaxSplits = 16;
+constexpr int kFlashMinTilesPerSplit = 2;
 
-// Workspace of the split kernel (unused with one split): part_o [splits, num_q, hq, D]
-// fp32 (normalised partial outputs), part_lse [splits, num_q, hq] fp32 (base-2 lse of
-// the split's visible scores, -inf when the row sees none of its keys).
-struct SplitWorkspace {
-  float* part_o;
+// The flash kernel's key split (cuda/launch.h: plan_flash). Split s of a row tile covers
+// key tiles [s * tiles_per_split, (s + 1) * tiles_per_split) of its request; the last
+// split also takes any tiles beyond. A row at position p sees keys in splits
+// 0 .. p / (tiles_per_split * kKeys) only (see flash_splits_of_row): a row with one such
+// split gets its output written directly; the others write a normalised fp32 partial
+// output and its base-2 log-sum-exp per split to part_o [splits, num_q, hq, D] /
+// part_lse [splits, num_q, hq], merged by the combine kernel.
+struct FlashSplit {
+  float* part_o;    // nullptr when splits == 1
   float* part_lse;
+  int splits;
   int tiles_per_split;
 };
+
+// Where the flash kernel finds a request's keys (flash.cuh): a contiguous [N, Hkv, D]
+// tensor with request offsets, or a paged cache through its page table.
+struct ContiguousKeys;
+struct PagedKeys;
+
+// Warps per block of the combine kernel (flash.cuh).
+constexpr int kCombineWarps = 4;
 
 }  // namespace attention
 }  // namespace cacheblend

@@ -99,6 +99,13 @@ CB_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
+
+// 2^x with the special-function unit (ex2.approx.ftz.f32: 2 ulp; 2^-inf = +0).
+CB_DEVICE float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 #endif  // !defined(CB_HOST_CUDA)
 }  // namespace ptx
 
