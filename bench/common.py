@@ -100,6 +100,16 @@ def measure_copy_bandwidth(device, nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9
 
 
+def measure_bf16_matmul_tflops(device, size: int = 8192) -> float:
+    """A bf16 matrix product of random ``size``-square matrices through PyTorch, in TFLOP/s:
+    the tensor-core rate this card actually reaches, beside its datasheet peak."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16, generator=gen)
+    t = time_fn(lambda: a @ b, device, warmup=3, iters=10, flush_l2=False)
+    return 2 * size ** 3 / (t["median_ms"] * 1e-3) / 1e12
+
+
 def device_name(device) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
