@@ -13,11 +13,11 @@
 # CUDA tests, -x), attention (every kernel, SDPA both ways, FlexAttention), e2e (the
 # Mistral-7B-shaped model: full prefill, prefix caching, ratios 0 / 15 / 100 with KV in GPU
 # memory and pipelined from CPU memory, with and without CUDA-graph capture when the bench
-# offers it), sanitizer (memcheck and racecheck of bench/kernel_smoke.py), rest (the other
+# offers it), sanitizer (memcheck and racecheck of python -m bench.kernel_smoke), rest (the other
 # CUDA tests). Files under $OUT (at most 8): gpu_check.log (everything), build.log,
 # pytest.log, sanitizer.log, results.json (every bench's JSON), summary.txt.
 #
-# --dry-run runs each stage's CPU equivalent (a CPU-only in-place build, CPU tests, the
+# --dry-run runs each stage's CPU equivalent (an incremental in-place build, CPU tests, the
 # benches on the CPU with the bundled model and small sizes, the smoke script without the
 # sanitizer), so the script itself is tested where there is no GPU.
 set -uo pipefail
@@ -31,7 +31,7 @@ DEADLINE=${GPU_CHECK_DEADLINE:-450}
 LOG="$OUT/gpu_check.log"
 SUMMARY="$OUT/summary.txt"
 exec > >(tee -a "$LOG") 2>&1
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 OUT PY DRY
 START=$SECONDS
 : >"$SUMMARY"
 
@@ -51,7 +51,8 @@ stage() {
   fi
   echo "== $name (budget $limit s, $(left) s left) $(date -u +%T)"
   local t0=$SECONDS status
-  timeout --kill-after=10 "$limit" "$@"
+  # In a child bash, so that CMD may be one of this script's (exported) functions.
+  timeout --kill-after=10 "$limit" bash -c '"$@"' stage "$@"
   status=$?
   local took=$((SECONDS - t0)) word=ok
   ((status == 124 || status == 137)) && word=TIMEOUT
@@ -62,10 +63,10 @@ stage() {
 }
 
 if ((DRY)); then
-  DEVICE=cpu
+  export DEVICE=cpu
   echo "== dry run on the CPU: $(nproc) cores, $("$PY" -c 'import torch; print("torch", torch.__version__)')"
 else
-  DEVICE=cuda
+  export DEVICE=cuda
   echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader)"
   "$PY" -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.version.cuda, "python", sys.version.split()[0])'
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
@@ -74,8 +75,8 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 # ---- build
 build() {
-  if ((DRY)); then
-    CACHEBLEND_BUILD_CUDA=0 "$PY" setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1
+  if ((DRY)); then  # incremental, in place, for whatever torch $PY has
+    "$PY" setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1
   else
     rm -rf build
     CACHEBLEND_BUILD_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1
@@ -84,6 +85,7 @@ build() {
   ((status)) && tail -n 60 "$OUT/build.log"
   return $status
 }
+export -f build
 echo "== build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-cpu}, MAX_JOBS=$MAX_JOBS"
 if ! stage build 240 build; then
   echo "BUILD FAILED"
@@ -111,6 +113,7 @@ bench() {  # bench NAME ARGS...: python -m bench, JSON to $OUT/json/NAME.json
   shift
   "$PY" -m bench "$@" --device "$DEVICE" --json "$OUT/json/$name.json"
 }
+export -f bench
 if ((DRY)); then
   stage attention 120 bench attention attention --num-tokens 256 --iters 2 --warmup 1 --no-compile --no-eager
   stage e2e 300 bench e2e e2e --chunks 2 --chunk-tokens 64 --query-tokens 8 --ratios 0,15,100 --source memory,ram \
@@ -127,16 +130,18 @@ fi
 
 # ---- compute-sanitizer on every kernel once
 if ((DRY)); then
-  stage sanitizer 120 "$PY" bench/kernel_smoke.py --device cpu 2>&1 | tee "$OUT/sanitizer.log" | tail -n 3
+  stage sanitizer 120 "$PY" -m bench.kernel_smoke --device cpu 2>&1 | tee "$OUT/sanitizer.log" | tail -n 3
 else
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
   sanitize() {
     local tool
     for tool in memcheck racecheck; do
       echo "-- compute-sanitizer --tool $tool"
-      "$SAN" --tool "$tool" --error-exitcode 3 "$PY" bench/kernel_smoke.py || return $?
+      "$SAN" --tool "$tool" --error-exitcode 3 "$PY" -m bench.kernel_smoke || return $?
     done
   }
+  export -f sanitize
+  export SAN
   if [[ -n "$SAN" ]]; then
     stage sanitizer 90 sanitize 2>&1 | tee "$OUT/sanitizer.log" | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|BAD|all kernels|error" | tail -n 12
   else
@@ -153,7 +158,7 @@ fi
 stage rest 600 "${PYTEST[@]}" "${REST[@]}" 2>&1 | tee -a "$OUT/pytest.log" | tail -n 15
 
 # ---- results and summary
-"$PY" - "$OUT" "$DEVICE" <<'PY' | tee -a "$SUMMARY"
+"$PY" - "$OUT" "$DEVICE" <<'PY' >>"$SUMMARY"
 import glob, json, os, sys
 out, device = sys.argv[1], sys.argv[2]
 merged = {os.path.basename(p)[:-5]: json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "json", "*.json")))}

@@ -2,7 +2,7 @@
 reference: the program ``bench/gpu_check.sh`` runs under compute-sanitizer (memcheck and
 racecheck), small enough for the sanitizer's slowdown.
 
-    python bench/kernel_smoke.py [--device cuda]
+    python -m bench.kernel_smoke [--device cuda]
 
 Prints one line per kernel and exits non-zero when a result is wrong. On the CPU it runs
 the CPU kernels (the dry run of gpu_check.sh).

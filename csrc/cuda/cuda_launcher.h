@@ -31,4 +31,8 @@ class CudaLauncher {
   mutable cudaError_t status_ = cudaSuccess;
 };
 
+// Raises `kernel`'s dynamic shared memory limit on the current device to `bytes` (the
+// first time a kernel asks for that much on that device; later calls are a lookup).
+cudaError_t allow_dynamic_shared_memory(const void* kernel, size_t bytes);
+
 }  // namespace cacheblend

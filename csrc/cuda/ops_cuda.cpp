@@ -11,11 +11,13 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "cuda/attention_dispatch.h"
@@ -34,6 +36,20 @@ namespace cacheblend {
 // free of host syncs and safe under CUDA-graph capture.
 at::Tensor uninitialized(const CudaLauncher&, at::IntArrayRef sizes, const at::TensorOptions& options) {
   return at::empty(sizes, options);
+}
+
+cudaError_t allow_dynamic_shared_memory(const void* kernel, size_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> allowed;  // (kernel, device) -> bytes
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) return status;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& limit = allowed[{kernel, device}];
+  if (limit >= bytes) return cudaSuccess;
+  status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (status == cudaSuccess) limit = bytes;
+  return status;
 }
 
 namespace {
