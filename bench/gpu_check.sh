@@ -119,7 +119,7 @@ if ((DRY)); then
   stage e2e 300 bench e2e e2e --chunks 2 --chunk-tokens 64 --query-tokens 8 --ratios 0,15,100 --source memory,ram \
     --iters 1 --warmup 1
 else
-  stage attention 110 bench attention attention
+  stage attention 110 bench attention attention --no-eager
   E2E=(e2e --model random-7b --ratios 0,15,100 --source memory,ram)
   if "$PY" -m bench e2e --help 2>/dev/null | grep -q -- "--cuda-graph"; then
     stage e2e 120 bench e2e "${E2E[@]}" --cuda-graph both
