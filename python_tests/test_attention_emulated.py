@@ -20,7 +20,7 @@ import torch
 from conftest import DTYPES, poison_
 from test_attention import CASES, _check, _inputs, _positions
 
-IMPLS = ["flash", "flash_m32", "mma_v1"]
+IMPLS = ["flash", "flash_s3", "flash_m32", "mma_v1"]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 # test_attention.py's shapes, less the largest (600 x 4099: minutes per run here).
 EMULATED_CASES = [c for c in CASES if c[0] * c[1] <= 600 * 512]
@@ -47,7 +47,7 @@ def test_matches_reference(emulated_kernels, impl, dtype, case):
     _check(out, lse, q, k, v, pos)
 
 
-@pytest.mark.parametrize("impl", ["flash", "flash_m32"])
+@pytest.mark.parametrize("impl", ["flash", "flash_s3", "flash_m32"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("tiles_per_split", [1, 2, 3, 7])
 def test_key_splits(emulated_kernels, tiles_per_split, d, impl):
@@ -146,7 +146,7 @@ def _mutation_cases():
     """Small cases that together exercise every synchronisation of the flash kernel, in
     both shapes: several key tiles per block, key splits, both head dims, a ragged batch
     whose row tiles span requests."""
-    for impl in ("flash", "flash_m32"):
+    for impl in ("flash", "flash_s3", "flash_m32"):
         yield f"{impl}, one request, D=64", lambda e, i=impl: _run_checked(e, i, *_single(60, 300, 64))
         yield f"{impl}, D=128, splits", lambda e, i=impl: _run_checked(e, i, *_single(40, 450, 128), tiles_per_split=2)
         q, k, v, pos, q_indptr, kv_indptr = _ragged(d=64)

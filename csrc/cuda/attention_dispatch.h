@@ -61,11 +61,12 @@ inline attention::AttentionArgs make_attention_args(const at::Tensor& q, const a
   return args;
 }
 
-// Kernel choice for fp16 / bf16: the flash kernel (default: 16 rows per warp), its
-// 32-rows-per-warp shape (flash_m32), the first tensor-core kernel (mma_v1, contiguous keys
-// only; paged calls take the flash kernel) or the SIMT kernel; tiles_per_split > 0 fixes
-// the flash kernel's key split instead of plan_flash's choice.
-enum class AttentionImpl { kFlash, kFlashM32, kMmaV1, kSimt };
+// Kernel choice for fp16 / bf16: the flash kernel (default: 16 rows per warp, a 2-stage K /
+// V pipeline), its 3-stage pipeline (flash_s3), its 32-rows-per-warp shape (flash_m32), the
+// first tensor-core kernel (mma_v1, contiguous keys only; paged calls take the flash
+// kernel) or the SIMT kernel; tiles_per_split > 0 fixes the flash kernel's key split
+// instead of plan_flash's choice.
+enum class AttentionImpl { kFlash, kFlashS3, kFlashM32, kMmaV1, kSimt };
 
 struct AttentionKernelChoice {
   AttentionImpl impl = AttentionImpl::kFlash;
@@ -75,15 +76,18 @@ struct AttentionKernelChoice {
 // nullptr or "" -> the default (flash).
 inline AttentionImpl parse_attention_impl(const char* name) {
   if (name == nullptr || name[0] == '\0' || std::strcmp(name, "flash") == 0) return AttentionImpl::kFlash;
+  if (std::strcmp(name, "flash_s3") == 0) return AttentionImpl::kFlashS3;
   if (std::strcmp(name, "flash_m32") == 0) return AttentionImpl::kFlashM32;
   if (std::strcmp(name, "mma_v1") == 0) return AttentionImpl::kMmaV1;
   if (std::strcmp(name, "simt") == 0) return AttentionImpl::kSimt;
-  TORCH_CHECK(false, "attention kernel must be flash, flash_m32, mma_v1 or simt (or unset: flash), got '", name, "'");
+  TORCH_CHECK(false, "attention kernel must be flash, flash_s3, flash_m32, mma_v1 or simt (or unset: flash), got '",
+              name, "'");
 }
 
 inline const char* attention_impl_name(AttentionImpl impl) {
   switch (impl) {
     case AttentionImpl::kFlash: return "flash";
+    case AttentionImpl::kFlashS3: return "flash_s3";
     case AttentionImpl::kFlashM32: return "flash_m32";
     case AttentionImpl::kMmaV1: return "mma_v1";
     case AttentionImpl::kSimt: return "simt";
@@ -97,13 +101,13 @@ struct AttentionDevice {
   int num_sms;
 };
 
-template <typename scalar_t, typename pos_t, int D, int kRowsPerWarp, typename Keys, typename Launcher>
+template <typename scalar_t, typename pos_t, int D, int kRowsPerWarp, int kStages, typename Keys, typename Launcher>
 void run_attention_flash_shape(const attention::AttentionArgs& args, const attention::PagedKV& paged,
                                const pos_t* q_pos, int64_t max_keys, const at::TensorOptions& options,
                                const AttentionKernelChoice& choice, const AttentionDevice& device,
                                const Launcher& launcher) {
-  const FlashPlan plan = plan_flash<attention::FlashTraits<D, kRowsPerWarp>>(args, max_keys, device.num_sms,
-                                                                           choice.tiles_per_split);
+  const FlashPlan plan = plan_flash<attention::FlashTraits<D, kRowsPerWarp, kStages>>(
+      args, max_keys, device.num_sms, choice.tiles_per_split);
   TORCH_CHECK(plan.row_tiles * args.hkv * plan.splits < (int64_t{1} << 31),
               "sparse_query_attention: too many (query, head) rows for one launch");
   attention::FlashSplit split{nullptr, nullptr, plan.splits, plan.tiles_per_split};
@@ -115,7 +119,7 @@ void run_attention_flash_shape(const attention::AttentionArgs& args, const atten
     split.part_o = part_o.data_ptr<float>();
     split.part_lse = part_lse.data_ptr<float>();
   }
-  launch_attention_flash<scalar_t, pos_t, D, kRowsPerWarp, Keys>(args, paged, q_pos, plan, split, launcher);
+  launch_attention_flash<scalar_t, pos_t, D, kRowsPerWarp, kStages, Keys>(args, paged, q_pos, plan, split, launcher);
 }
 
 // The flash kernel of the chosen shape with its key split; max_keys bounds any request's
@@ -125,11 +129,14 @@ void run_attention_flash(const attention::AttentionArgs& args, const attention::
                          int64_t max_keys, const at::TensorOptions& options, const AttentionKernelChoice& choice,
                          const AttentionDevice& device, const Launcher& launcher) {
   if (choice.impl == AttentionImpl::kFlashM32)
-    run_attention_flash_shape<scalar_t, pos_t, D, 32, Keys>(args, paged, q_pos, max_keys, options, choice, device,
-                                                           launcher);
+    run_attention_flash_shape<scalar_t, pos_t, D, 32, 2, Keys>(args, paged, q_pos, max_keys, options, choice, device,
+                                                              launcher);
+  else if (choice.impl == AttentionImpl::kFlashS3)
+    run_attention_flash_shape<scalar_t, pos_t, D, 16, 3, Keys>(args, paged, q_pos, max_keys, options, choice, device,
+                                                              launcher);
   else
-    run_attention_flash_shape<scalar_t, pos_t, D, 16, Keys>(args, paged, q_pos, max_keys, options, choice, device,
-                                                           launcher);
+    run_attention_flash_shape<scalar_t, pos_t, D, 16, 2, Keys>(args, paged, q_pos, max_keys, options, choice, device,
+                                                              launcher);
 }
 
 // Calls fn(std::integral_constant<int, D>) for head_dim 64 or 128.

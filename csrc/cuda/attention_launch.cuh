@@ -36,12 +36,12 @@ void launch_attention_mma(const attention::AttentionArgs& args, const pos_t* q_p
            q_pos);
 }
 
-template <typename T, typename pos_t, int D, int kRowsPerWarp, typename Keys, typename Launcher>
+template <typename T, typename pos_t, int D, int kRowsPerWarp, int kStages, typename Keys, typename Launcher>
 void launch_attention_flash(const attention::AttentionArgs& args, const attention::PagedKV& paged, const pos_t* q_pos,
                             const FlashPlan& plan, const attention::FlashSplit& split, const Launcher& launcher) {
-  using Traits = attention::FlashTraits<D, kRowsPerWarp>;
+  using Traits = attention::FlashTraits<D, kRowsPerWarp, kStages>;
   const int64_t blocks = plan.row_tiles * args.hkv * plan.splits;
-  launcher(attention::sparse_query_attention_flash_kernel<T, pos_t, D, kRowsPerWarp, Keys>,
+  launcher(attention::sparse_query_attention_flash_kernel<T, pos_t, D, kRowsPerWarp, kStages, Keys>,
            Dim3{static_cast<unsigned>(blocks)}, Dim3{Traits::kThreads}, Traits::kSmemBytes, args, paged, q_pos, split);
   if (plan.splits > 1) {
     const int64_t rows = args.num_q * args.hq;
@@ -52,16 +52,19 @@ void launch_attention_flash(const attention::AttentionArgs& args, const attentio
 }
 
 // The tensor-core kernels of one dtype, head dim and key layout (Keys: ContiguousKeys, which
-// also instantiates mma_v1, or PagedKeys), for both position types and both flash shapes.
-#define CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, M, KEYS, LAUNCHER)                                              \
-  template void launch_attention_flash<T, P, D, M, attention::KEYS, LAUNCHER>(                                  \
+// also instantiates mma_v1, or PagedKeys), for both position types and every flash shape
+// (rows per warp, pipeline stages) that cuda/attention_dispatch.h offers.
+#define CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, M, S, KEYS, LAUNCHER)                                           \
+  template void launch_attention_flash<T, P, D, M, S, attention::KEYS, LAUNCHER>(                               \
       const attention::AttentionArgs&, const attention::PagedKV&, const P*, const FlashPlan&,                   \
       const attention::FlashSplit&, const LAUNCHER&);
-#define CB_INSTANTIATE_ATTENTION_TENSOR_CORES(T, D, KEYS, LAUNCHER)                                              \
-  CB_INSTANTIATE_ATTENTION_FLASH(T, int32_t, D, 16, KEYS, LAUNCHER)                                             \
-  CB_INSTANTIATE_ATTENTION_FLASH(T, int64_t, D, 16, KEYS, LAUNCHER)                                             \
-  CB_INSTANTIATE_ATTENTION_FLASH(T, int32_t, D, 32, KEYS, LAUNCHER)                                             \
-  CB_INSTANTIATE_ATTENTION_FLASH(T, int64_t, D, 32, KEYS, LAUNCHER)                                             \
+#define CB_INSTANTIATE_ATTENTION_FLASH_SHAPES(T, P, D, KEYS, LAUNCHER) \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 2, KEYS, LAUNCHER)       \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 3, KEYS, LAUNCHER)       \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 32, 2, KEYS, LAUNCHER)
+#define CB_INSTANTIATE_ATTENTION_TENSOR_CORES(T, D, KEYS, LAUNCHER)     \
+  CB_INSTANTIATE_ATTENTION_FLASH_SHAPES(T, int32_t, D, KEYS, LAUNCHER) \
+  CB_INSTANTIATE_ATTENTION_FLASH_SHAPES(T, int64_t, D, KEYS, LAUNCHER) \
   CB_INSTANTIATE_ATTENTION_MMA_##KEYS(T, D, LAUNCHER)
 #define CB_INSTANTIATE_ATTENTION_MMA_PagedKeys(T, D, LAUNCHER)
 #define CB_INSTANTIATE_ATTENTION_MMA_ContiguousKeys(T, D, LAUNCHER)                                              \

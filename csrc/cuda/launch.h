@@ -162,10 +162,10 @@ template <typename T, typename pos_t, int D, typename Launcher>
 void launch_attention_mma(const attention::AttentionArgs& args, const pos_t* q_pos, const Launcher& launcher);
 
 // The flash tensor-core kernel (T = half_t / bfloat16_t, D = 64 / 128, 16 or 32 rows per
-// warp; Keys = attention::ContiguousKeys or attention::PagedKeys, `paged` used only by the
+// warp, kStages pipeline stages; Keys = attention::ContiguousKeys or attention::PagedKeys, `paged` used only by the
 // latter), and its combine kernel when plan.splits > 1 (split.part_o / part_lse then hold
 // [splits, num_q, hq, D] / [splits, num_q, hq] fp32).
-template <typename T, typename pos_t, int D, int kRowsPerWarp, typename Keys, typename Launcher>
+template <typename T, typename pos_t, int D, int kRowsPerWarp, int kStages, typename Keys, typename Launcher>
 void launch_attention_flash(const attention::AttentionArgs& args, const attention::PagedKV& paged, const pos_t* q_pos,
                             const FlashPlan& plan, const attention::FlashSplit& split, const Launcher& launcher);
 

@@ -3,19 +3,18 @@
 // kernel of its key splits. Tile shapes and the reasons for them: params.h
 // (FlashTraits); fragment layouts of mma.sync / ldmatrix: primitives.cuh.
 //
-// A block owns one kv head and kRows = 128 "rows", each row one (query token, query head
-// of that kv head's group) pair, so every K / V tile it loads serves the whole GQA group.
-// Warp w owns rows 32 w .. 32 w + 31 as two m16 tiles. Per key tile of kKeys = 64 keys:
+// A block owns one kv head and kRows "rows" (64 or 128, FlashTraits), each row one (query
+// token, query head of that kv head's group) pair, so every K / V tile it loads serves the
+// whole GQA group. Warp w owns rows w * kRowsPerWarp .. as one or two m16 tiles. Per key
+// tile j of kKeys keys, with the K / V tiles of j + 1 .. j + kStages - 1 already loading:
 //
-//   wait K_j; barrier | issue V_j (cp.async) | S = Q K_j^T        (ldmatrix Q, K; mma)
-//   wait V_j; barrier | issue K_{j+1}         | mask (straddling tiles only), online
-//                                               softmax in base 2, O += P V_j (ldmatrix.trans V)
+//   wait for tile j; barrier | issue tile j + kStages - 1 (cp.async, into the stage that
+//   tile j - 1 used) | S = Q K_j^T (ldmatrix K; Q from registers or ldmatrix) | mask
+//   (straddling tiles only) and online softmax in base 2 | O += P V_j (ldmatrix.trans V)
 //
-// so V_j's load overlaps the first GEMM and K_{j+1}'s the softmax and the second. The
-// first barrier also tells every warp that nobody reads V_{j-1} any more (V_j may land
-// there), the second that nobody reads K_j (K_{j+1} may).
+// The barrier also tells every warp that nobody reads tile j - 1's stage any more.
 //
-// Shared memory holds Q [128][D], K [64][D] and V [64][D] as rows of 16-byte chunks, chunk
+// Shared memory holds Q [kRows][D] and kStages x (K, V) [kKeys][D] as rows of 16-byte chunks, chunk
 // c of row r stored at chunk c ^ (r & 7) (swizzle): the 8 rows an ldmatrix phase reads
 // at one logical chunk land on 8 distinct 16-byte bank groups, and the loads stay 16-byte
 // cp.async copies, consecutive threads on consecutive chunks of a row (coalesced).
@@ -240,11 +239,12 @@ struct FlashAccumulator {
 // q, k, v and out rows 16-byte aligned; sm_80+; kSmemBytes of dynamic shared memory.
 // Keys: ContiguousKeys (sparse_query_attention; `paged` unused) or PagedKeys
 // (sparse_query_attention_paged: a.kv_indptr unused, the page table in `paged`).
-template <typename scalar_t, typename pos_t, int D, int kRowsPerWarp, typename Keys>
-__global__ void __launch_bounds__(FlashTraits<D, kRowsPerWarp>::kThreads, FlashTraits<D, kRowsPerWarp>::kBlocksPerSm)
+template <typename scalar_t, typename pos_t, int D, int kRowsPerWarp, int kStages, typename Keys>
+__global__ void __launch_bounds__(FlashTraits<D, kRowsPerWarp, kStages>::kThreads,
+                                  FlashTraits<D, kRowsPerWarp, kStages>::kBlocksPerSm)
     sparse_query_attention_flash_kernel(const AttentionArgs a, const PagedKV paged, const pos_t* __restrict__ q_pos,
                                         const FlashSplit split) {
-  using Traits = FlashTraits<D, kRowsPerWarp>;
+  using Traits = FlashTraits<D, kRowsPerWarp, kStages>;
   constexpr int kRows = Traits::kRows, kKeys = Traits::kKeys, kChunks = Traits::kChunks;
   constexpr int kMTiles = Traits::kMTiles, kThreads = Traits::kThreads;
   constexpr int kRowsPerPass = kThreads / kChunks;  // tile rows one pass of the block loads
@@ -252,9 +252,10 @@ __global__ void __launch_bounds__(FlashTraits<D, kRowsPerWarp>::kThreads, FlashT
   using Ops = MmaOps<scalar_t>;
 
   CB_DYNAMIC_SHARED(uint16_t, smem);
+  // Q [kRows][D], then kStages stages of (K [kKeys][D], V [kKeys][D]).
   uint16_t* const sQ = smem;
-  uint16_t* const sK = sQ + kRows * D;
-  uint16_t* const sV = sK + kKeys * D;
+  uint16_t* const sStages = sQ + kRows * D;
+  constexpr int kStageElems = 2 * kKeys * D;
   __shared__ int sPos[kRows];  // row position; -1: inactive row
   __shared__ int sWarpMin[Traits::kWarps], sWarpMax[Traits::kWarps];
 
@@ -340,33 +341,44 @@ __global__ void __launch_bounds__(FlashTraits<D, kRowsPerWarp>::kThreads, FlashT
       }
     }
     ptx::cp_async_commit();
-    // A K or V tile: keys past the request (and unreadable ones, reported after the loop)
-    // are zero-filled (plain stores): they are masked, and zeros keep 0 * V finite. Not unrolled: unrolled, the compiler keeps one
+    // The K and V tiles of key tile `tile` into stage `stage`, one cp.async group (committed
+    // even when empty, so that group counts stay uniform). Keys past the request (and
+    // unreadable ones, reported after the loop) are zero-filled (plain stores): they are
+    // masked, and zeros keep 0 * V finite. Not unrolled: unrolled, the compiler keeps one
     // 64-bit address per row live across the tile loop, and those registers are what the
     // accumulators need (spills); the address math is a few integer instructions per
     // 16-byte copy.
-    auto load_tile = [&](uint16_t* tile, int n0, bool values) {
+    auto load_tiles = [&](int tile, int stage) {
+      if (tile < tile_end) {
+        uint16_t* const dK = sStages + stage * kStageElems + copy_offset;
+        uint16_t* const dV = dK + kKeys * D;
 #pragma unroll 1
-      for (int i = 0; i < kKeys / kRowsPerPass; ++i) {
-        uint16_t* const dst = tile + copy_offset + i * kRowsPerPass * D;
-        const int key = n0 + copy_row + i * kRowsPerPass;
-        const int64_t row = key >= req.kv_len ? -1
-                            : values          ? req.keys.v_row(a, paged, kv_head, key)
-                                              : req.keys.k_row(a, paged, kv_head, key);
-        if (row >= 0)
-          ptx::cp_async16(dst, static_cast<const uint16_t*>(values ? a.v : a.k) + row + copy_chunk * 8);
-        else
-          *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+        for (int i = 0; i < kKeys / kRowsPerPass; ++i) {
+          const int key = tile * kKeys + copy_row + i * kRowsPerPass;
+          const int64_t k_row = key < req.kv_len ? req.keys.k_row(a, paged, kv_head, key) : -1;
+          const int64_t v_row = key < req.kv_len ? req.keys.v_row(a, paged, kv_head, key) : -1;
+          const int off = i * kRowsPerPass * D;
+          if (k_row >= 0)
+            ptx::cp_async16(dK + off, static_cast<const uint16_t*>(a.k) + k_row + copy_chunk * 8);
+          else
+            *reinterpret_cast<uint4*>(dK + off) = make_uint4(0u, 0u, 0u, 0u);
+          if (v_row >= 0)
+            ptx::cp_async16(dV + off, static_cast<const uint16_t*>(a.v) + v_row + copy_chunk * 8);
+          else
+            *reinterpret_cast<uint4*>(dV + off) = make_uint4(0u, 0u, 0u, 0u);
+        }
       }
       ptx::cp_async_commit();
     };
-    load_tile(sK, tile_begin * kKeys, false);
+    // Pipeline prologue: tiles tile_begin .. tile_begin + kStages - 2 in flight.
+#pragma unroll
+    for (int st = 0; st < kStages - 1; ++st) load_tiles(tile_begin + st, st);
 
     // 16 rows per warp: the Q tile's A fragments stay in registers for the whole loop.
     uint32_t qf[Traits::kQInRegisters ? D / 16 : 1][4];
     if constexpr (Traits::kQInRegisters) {
-      ptx::cp_async_wait<1>();  // Q landed (K may be in flight) ...
-      __syncthreads();          // ... for every thread
+      ptx::cp_async_wait<kStages - 1>();  // Q landed (the tiles may be in flight) ...
+      __syncthreads();                    // ... for every thread
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) ptx::ldmatrix_x4<false>(qf[kk], sQ + (q_lane ^ (16 * kk)));
     }
@@ -374,9 +386,12 @@ __global__ void __launch_bounds__(FlashTraits<D, kRowsPerWarp>::kThreads, FlashT
     FlashAccumulator<D, kMTiles, kKeys> acc;
     for (int tile = tile_begin; tile < tile_end; ++tile) {
       const int n0 = tile * kKeys;
-      ptx::cp_async_wait<0>();  // K_j (and Q) landed ...
-      __syncthreads();          // ... for every thread; nobody reads V_{j-1} any more
-      load_tile(sV, n0, true);
+      const int stage = (tile - tile_begin) % kStages;
+      ptx::cp_async_wait<kStages - 2>();  // this tile (and Q) landed, later ones may be in flight ...
+      __syncthreads();                    // ... for every thread; nobody reads the previous tile's stage
+      load_tiles(tile + kStages - 1, (stage + kStages - 1) % kStages);
+      const uint16_t* const sK = sStages + stage * kStageElems;
+      const uint16_t* const sV = sK + kKeys * D;
 
       // S = Q K^T: per warp kRowsPerWarp rows x kKeys keys; one Q fragment per m-tile and
       // k-step, one ldmatrix.x4 of K per pair of n-tiles and k-step.
@@ -408,10 +423,6 @@ __global__ void __launch_bounds__(FlashTraits<D, kRowsPerWarp>::kThreads, FlashT
           }
         }
       }
-
-      ptx::cp_async_wait<0>();  // V_j landed ...
-      __syncthreads();          // ... for every thread; nobody reads K_j any more
-      if (tile + 1 < tile_end) load_tile(sK, n0 + kKeys, false);
 
       acc.absorb(sc, n0, /*masked=*/n0 + kKeys - 1 > min_pos, sPos + warp_row0, g, t, a.scale_log2);
 

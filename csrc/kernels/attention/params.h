@@ -82,9 +82,8 @@ constexpr int kMmaThreads = 128;
 // sm_90; "B / kFLOP": shared-memory bytes read per kFLOP of MMA work):
 //  * 16 rows per warp ("flash"): 4 warps x 16 = 64 (query, head) rows per block, the Q
 //    tile's A fragments held in registers for the whole key loop (32 registers at
-//    D = 128). O and S take 64 + 32 more, so a thread needs ~170 registers and three
-//    blocks (12 warps) fit per SM; 64-row tiles also give small problems twice the
-//    blocks. Each K / V fragment read from shared memory feeds one m16 tile: 61 B / kFLOP,
+//    D = 128). O and S take 64 + 32 more; two blocks (8 warps) per SM. 64-row tiles also
+//    give small problems twice the blocks. Each K / V fragment read from shared memory feeds one m16 tile: 61 B / kFLOP,
 //    which at 128 B / clock / SM caps the MMAs at ~2.1 kFLOP / clock / SM (~55% of an
 //    H100's dense bf16 peak; mma.sync itself reaches ~65%).
 //  * 32 rows per warp ("flash_m32", FlashAttention-2's shape): 128 rows per block, two m16
@@ -93,12 +92,13 @@ constexpr int kMmaThreads = 128;
 //    registers (O alone is 128 registers at D = 128), and at D = 128 a 64-key S tile
 //    (64 more) leaves too few registers for the rest: the key tile is 32 keys there,
 //    64 at D = 64. Two blocks (8 warps) per SM.
-// Shared memory per block: Q [kRows][D] + one K and one V tile [kKeys][D], 16-bit: 48 KB
-// (16 rows per warp, D = 128) or 64 KB (32 rows per warp, D = 128, 32-key tiles: 48 KB),
-// within every sm_80+ part at the blocks per SM above except sm_86 / sm_89 (100 KB per
-// SM), which then run fewer blocks. K and V are separate stages: V_j streams in while
-// S = Q K_j^T is computed, K_{j+1} while the softmax and O += P V_j are.
-template <int D, int kRowsPerWarp_>
+// K and V go through a pipeline of kStages shared-memory stages: while tile j is
+// computed, tiles j + 1 .. j + kStages - 1 load, so a load has kStages - 1 tiles of MMA
+// work to hide behind. Shared memory per block: Q [kRows][D] + kStages x (K + V)
+// [kKeys][D], 16-bit. At D = 128 with 16 rows per warp: 80 KB with 2 stages, 112 KB with 3
+// (two blocks per SM fit on sm_90's 228 KB; on sm_80's 164 KB only with 2 stages; one
+// block per SM on sm_86 / sm_89's 100 KB).
+template <int D, int kRowsPerWarp_, int kStages_ = 2>
 struct FlashTraits {
   static_assert(D == 64 || D == 128, "the flash kernel is built for head_dim 64 and 128");
   static_assert(kRowsPerWarp_ == 16 || kRowsPerWarp_ == 32, "16 or 32 rows per warp");
@@ -110,10 +110,13 @@ struct FlashTraits {
   static constexpr bool kQInRegisters = kMTiles == 1;
   static constexpr int kKeys = kMTiles == 2 && D == 128 ? 32 : 64;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row of Q, K or V
-  // __launch_bounds__ minimum (a register cap of 65536 / (kThreads x kBlocksPerSm)); the
-  // split plan counts on it.
-  static constexpr int kBlocksPerSm = kMTiles == 1 && D == 64 ? 3 : 2;
-  static constexpr int kSmemBytes = (kRows + 2 * kKeys) * D * 2;
+  // __launch_bounds__ minimum (a register cap of 65536 / (kThreads x kBlocksPerSm) = 255);
+  // the split plan counts on it. Three blocks (a cap of 168) spill in the paged kernel.
+  static constexpr int kBlocksPerSm = 2;
+  // K / V pipeline depth: while tile j is computed, tiles j + 1 .. j + kStages - 1 load.
+  static constexpr int kStages = kStages_;
+  static_assert(kStages >= 2, "at least double buffering");
+  static constexpr int kSmemBytes = (kRows + 2 * kKeys * kStages) * D * 2;
 };
 
 // Key splits of the flash kernel (chosen on the host from the shapes and the SM count,
