@@ -285,7 +285,6 @@ def _schemes(names: str) -> dict[str, Scheme]:
 
 
 def _run(args) -> dict:
-    from cacheblend_ext.blend import _kernels
     from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
     from cacheblend_ext.blend.models import load_model
     from cacheblend_ext.testing.rag_data import chat_segments, exact_match, f1_score, first_clause, make_varied_samples
@@ -293,7 +292,7 @@ def _run(args) -> dict:
     dtype = common.resolve_dtype(args)
     model, tok = load_model(args.model, dtype=dtype, device=args.device)
     engine = BlendEngine(model, tok)
-    common.progress(f"kernels: {_kernels.backends()}")
+    common.progress(f"kernels: {common.engine_op_backends()}")
     budgets = [float(b) / 100 for b in args.budgets.split(",") if b.strip()]
     point = args.point_budget / 100
     runs = [(name, s, r) for name, s in _schemes(args.curve_schemes).items() for r in budgets]
@@ -358,7 +357,7 @@ def _run(args) -> dict:
         common.progress(f"request {count + 1}/{len(samples)} (seed {seed}, {len(texts)} chunks, {n} tokens, "
                         f"{time.perf_counter() - t_start:.0f} s): gold {sample.answer!r}, full {full_answer!r}")
 
-    return _report(args, records, runs, t_start, kernels=_kernels.backends())
+    return _report(args, records, runs, t_start, kernels=common.engine_op_backends())
 
 
 def _report(args, records, runs, t_start, **extra) -> dict:

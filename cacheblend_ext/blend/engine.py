@@ -67,7 +67,7 @@ from typing import Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _kernels
+from .. import ops
 from ..chunk import ChunkKV
 from ..identity import ModelIdentity
 from ..rope import rope_spec_from_config
@@ -428,7 +428,7 @@ def _per_chunk_top(score: torch.Tensor, pos: torch.Tensor, spans, k: int) -> tor
     for i in range(len(spans)):
         members = (chunk == i).nonzero().flatten()
         if quota[i] > 0:
-            picks.append(members[_kernels.select_hkvd(score[members], int(quota[i]))])
+            picks.append(members[ops.select_hkvd(score[members], int(quota[i]))])
     return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64, device=score.device)
 
 
@@ -828,7 +828,7 @@ class BlendEngine:
         """Gather the reused chunks' layer-``l`` KV into the request at their new positions (K re-rotated)."""
         t0 = time.perf_counter()
         k_tok, v_tok = state.layer_kv(l)
-        _kernels.fused_kv_concat([c[None] for c in reused], state.src_pos, state.dst_pos, state.dst_pos,
+        ops.fused_kv_concat([c[None] for c in reused], state.src_pos, state.dst_pos, state.dst_pos,
                                  state.rope.cos_sin_cache, state.rope.is_neox, [k_tok], [v_tok])
         state.timings["concat_ms"] += (time.perf_counter() - t0) * 1e3
 
@@ -958,11 +958,11 @@ class BlendEngine:
     @staticmethod
     def _deviation(cfg: BlendConfig, k_fresh, v_fresh, k_reused, v_reused, index: torch.Tensor) -> torch.Tensor:
         if cfg.deviation == "k":
-            return _kernels.kv_deviation(k_fresh, k_reused, index)
+            return ops.kv_deviation(k_fresh, k_reused, index)
         if cfg.deviation == "v":
-            return _kernels.kv_deviation(v_fresh, v_reused, index)
-        dev = _kernels.kv_deviation(k_fresh, k_reused, index)
-        return _kernels.kv_deviation(v_fresh, v_reused, index, out=dev, accumulate=True)
+            return ops.kv_deviation(v_fresh, v_reused, index)
+        dev = ops.kv_deviation(k_fresh, k_reused, index)
+        return ops.kv_deviation(v_fresh, v_reused, index, out=dev, accumulate=True)
 
     def _query_attention_mass(self, state: "_BlendState", l: int, q, k, rows) -> torch.Tensor:
         """``[N]`` float32: the attention the query rows (forced rows after the last reused
@@ -991,11 +991,11 @@ class BlendEngine:
             prio = cand_pos - starts[chunk] < cfg.boundary_tokens
         first = prio.nonzero().flatten()
         if first.numel() >= budget:
-            return first[_kernels.select_hkvd(score[first], budget)]
+            return first[ops.select_hkvd(score[first], budget)]
         rest = (~prio).nonzero().flatten()
         need = budget - first.numel()
         if cfg.quota == "global":
-            chosen = rest[_kernels.select_hkvd(score[rest], need)]
+            chosen = rest[ops.select_hkvd(score[rest], need)]
         else:
             chosen = rest[_per_chunk_top(score[rest], cand_pos[rest], plan.spans, need)]
         return torch.cat([first, chosen])
@@ -1024,13 +1024,13 @@ class BlendEngine:
             counts = torch.tensor([0] + [s.sel.numel() for s in states])
             q_indptr = counts.cumsum(0).to(self.device)
             kv_indptr = torch.tensor([s.batch_offset for s in states] + [kbig.shape[2]], device=self.device)
-            o = _kernels.sparse_query_attention(
+            o = ops.sparse_query_attention(
                 torch.cat([q for q, _, _ in qkv]), kbig[l].transpose(0, 1), vbig[l].transpose(0, 1),
                 torch.cat([s.sel for s in states]), self.scaling, q_indptr=q_indptr, kv_indptr=kv_indptr)
             return list(o.split(counts[1:].tolist()))
         for i in sparse:
             k_tok, v_tok = states[i].layer_kv(l)
-            outs[i] = _kernels.sparse_query_attention(qkv[i][0], k_tok, v_tok, states[i].sel, self.scaling)
+            outs[i] = ops.sparse_query_attention(qkv[i][0], k_tok, v_tok, states[i].sel, self.scaling)
         return outs
 
     def _finish(self, state: "_BlendState") -> BlendResult:
