@@ -22,7 +22,7 @@ COMMAND = "e2e"
 HELP = "TTFT of full prefill, prefix caching, full KV reuse and CacheBlend on a 6 x 512-token RAG request"
 
 # Layer sources the blend can read reused KV from: name -> factory(engine, chunks, args)
-# returning a layer source (see cacheblend_ext.blend.engine) or None for the in-memory default.
+# returning a layer source (see cacheblend_ext.layer_source) or None for the in-memory default.
 # A factory may return a callable instead, called once per timed blend to make a fresh
 # source (for sources that are consumed by one blend). Other modules add entries here.
 SOURCES = {"memory": lambda engine, chunks, args: None}

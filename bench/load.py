@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from bench import common
 from cacheblend_ext.store.controller import LoadingController, Measurements, _drop_page_cache
-from cacheblend_ext.store.pipeline import MemoryLayerSource, open_layer_source
+from cacheblend_ext.layer_source import MemoryLayerSource
+from cacheblend_ext.store.pipeline import open_layer_source
 from cacheblend_ext.store import ChunkStore
 
 COMMAND = "load"

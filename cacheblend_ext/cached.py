@@ -18,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from .store.pipeline import LoadReport, StoreLayerSource
+from .layer_source import LoadReport
+from .store.pipeline import StoreLayerSource
 from .store.chunk_store import ChunkHandle, ChunkLoadError, ChunkStore, StoredChunk
 
 

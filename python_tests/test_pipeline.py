@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from cacheblend_ext.store.pipeline import MemoryLayerSource, StoreLayerSource, open_layer_source
+from cacheblend_ext.layer_source import MemoryLayerSource
+from cacheblend_ext.store.pipeline import StoreLayerSource, open_layer_source
 from cacheblend_ext.store import FILE_SUFFIX, ChunkCorruptError, ChunkStore
 from conftest import DEVICES, DTYPES
 

@@ -37,23 +37,9 @@ With ratio 1.0 every token is selected (a full prefill); with ratio 0 only force
 are (full KV reuse: the query attends to the re-positioned chunk KV at every layer; layer
 0's fresh KV equals the re-rotated cached KV up to rounding).
 
-Layer-source protocol
----------------------
-The reused KV is fetched one layer at a time through a *layer source*, so a chunk store
-or a pipelined loader can feed the engine while it computes::
-
-    class LayerSource(Protocol):
-        def layer(self, l: int) -> Sequence[torch.Tensor]: ...
-
-``layer(l)`` is called exactly once per layer, in ascending order ``0..L-1``, right before
-the engine needs layer ``l``, and returns one ``[2, T_i, H_kv, D]`` tensor (K after RoPE at
-the chunk's cached positions, then V; last dim contiguous, other strides free) per reused
-chunk, in the order the chunks appear in the request, on the engine's device and in the
-model's dtype. A loader may start fetching layer ``l + 1`` when ``layer(l)`` is called; the
-tensors returned for layer ``l`` must stay valid until ``layer(l + 1)`` is called (CUDA:
-produced on, or synchronised with, the current stream). The engine may ignore the layers
-it recomputes fully. Optional ``close()`` is called when the blend ends.
-:class:`InMemorySource` is the default (the ``ChunkKV`` objects' own tensors).
+The reused KV arrives one layer at a time through a *layer source* (the protocol:
+:mod:`cacheblend_ext.layer_source`); by default the request's ``ChunkKV`` objects' own
+tensors.
 """
 
 from __future__ import annotations
@@ -62,7 +48,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,28 +56,10 @@ import torch.nn.functional as F
 from .. import ops
 from ..chunk import ChunkKV
 from ..identity import ModelIdentity
+from ..layer_source import LayerSource, MemoryLayerSource
 from ..rope import rope_spec_from_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class LayerSource(Protocol):
-    def layer(self, l: int) -> Sequence[torch.Tensor]: ...
-
-
-class InMemorySource:
-    """Layer source over in-memory :class:`ChunkKV` objects (moved to ``device`` per layer)."""
-
-    def __init__(self, chunks: Sequence[ChunkKV], device=None, dtype=None):
-        self.chunks = list(chunks)
-        self.device = device
-        self.dtype = dtype
-
-    def layer(self, l: int) -> list[torch.Tensor]:
-        return [c.kv[l].to(device=self.device, dtype=self.dtype, non_blocking=True) for c in self.chunks]
-
-    def close(self) -> None:
-        pass
 
 
 DEVIATIONS = ("k", "v", "kv")
@@ -702,7 +670,7 @@ class BlendEngine:
 
         ``config`` overrides the engine's :class:`BlendConfig` for this call. ``source``
         overrides where the reused chunks' per-layer KV comes from (see the layer-source
-        protocol in the module docstring); by default the chunks' own tensors.
+        protocol in :mod:`cacheblend_ext.layer_source`); by default the chunks' own tensors.
         ``rank_scores`` ``[N]``, if given, ranks the candidates at every check layer in
         place of the configured deviation (for experiments with other rankings, such as
         the hindsight yardstick of ``bench quality``).
@@ -712,7 +680,7 @@ class BlendEngine:
         t_start = time.perf_counter()
         plan = self.plan_request(segments, cfg)
         if source is None:
-            source = InMemorySource(plan.chunks, self.device, self.dtype)
+            source = MemoryLayerSource.of_chunks(plan.chunks, self.device, self.dtype)
         state = self._start(plan)
         if rank_scores is not None:
             if rank_scores.shape != (plan.num_tokens,):
@@ -758,7 +726,7 @@ class BlendEngine:
             state.batch_kv, state.batch_offset = (kbig, vbig), offset
             states.append(state)
             offset += n
-        self._run_layers(states, [InMemorySource(p.chunks, self.device, self.dtype) for p in plans])
+        self._run_layers(states, [MemoryLayerSource.of_chunks(p.chunks, self.device, self.dtype) for p in plans])
         results = [self._finish(state) for state in states]
         elapsed = (time.perf_counter() - t_start) * 1e3
         for result in results:

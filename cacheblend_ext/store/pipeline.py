@@ -1,12 +1,8 @@
 """Layer-wise pipelined loading of stored chunk KV.
 
-A *layer source* hands the blend engine the reused KV one layer at a time:
-``source.layer(l)`` returns one ``[2, T_i, H, D]`` tensor (K after RoPE, then V) per chunk,
-on the compute device, and ``source.positions`` the positions each chunk was encoded at.
-The engine calls ``layer(0)``, ``layer(1)``, ... in order; the tensors of layer ``l`` stay
-valid until ``layer(l + 1)`` is called (they may live in a reused staging buffer).
-
-:class:`StoreLayerSource` loads from :class:`cacheblend_ext.store.ChunkStore` handles:
+A *layer source* hands the blend engine the reused KV one layer at a time (the protocol:
+:mod:`cacheblend_ext.layer_source`). :class:`StoreLayerSource` is the one that loads from
+:class:`cacheblend_ext.store.ChunkStore` handles:
 
 * chunks already on the compute device (GPU tier, or the CPU tier when computing on the
   CPU) are returned as views, with no load at all;
@@ -40,60 +36,12 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
 
+from ..layer_source import LoadReport
 from .chunk_store import ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkStore
-
-
-@dataclass
-class LoadReport:
-    """Per-request loading statistics (milliseconds)."""
-
-    mode: str
-    device: str
-    num_layers: int
-    num_chunks: int
-    tiers: dict
-    bytes_loaded: int
-    load_ms: float
-    exposed_ms: float
-    hidden_ms: float
-    hidden_fraction: float
-    load_ms_per_layer: list = field(default_factory=list)
-    exposed_ms_per_layer: list = field(default_factory=list)
-    tier_load_ms: dict = field(default_factory=dict)  # reads per tier ("disk", "remote"), ms
-    tier_bytes: dict = field(default_factory=dict)  # bytes read per tier
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-class MemoryLayerSource:
-    """Layer source over chunk KV already in memory (``kv`` ``[L, 2, T_i, H, D]`` each)."""
-
-    def __init__(self, kvs: Sequence[torch.Tensor], positions: Sequence[torch.Tensor] | None = None):
-        self.kvs = list(kvs)
-        self.positions = list(positions) if positions is not None else [None] * len(self.kvs)
-        self.num_layers = int(self.kvs[0].shape[0]) if self.kvs else 0
-
-    def layer(self, l: int) -> list[torch.Tensor]:
-        return [kv[l] for kv in self.kvs]
-
-    def close(self) -> None:
-        pass
-
-    def report(self) -> LoadReport:
-        return LoadReport("memory", "", self.num_layers, len(self.kvs), {"memory": len(self.kvs)}, 0,
-                          0.0, 0.0, 0.0, 1.0)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class StoreLayerSource:
@@ -391,5 +339,4 @@ def open_layer_source(store: ChunkStore, keys: Sequence[str], device, *, pipelin
     return StoreLayerSource(handles, device, pipelined=pipelined, depth=depth), missing
 
 
-__all__ = ["ChunkCorruptError", "ChunkLoadError", "LoadReport", "MemoryLayerSource", "StoreLayerSource",
-           "open_layer_source"]
+__all__ = ["ChunkCorruptError", "ChunkLoadError", "LoadReport", "StoreLayerSource", "open_layer_source"]
