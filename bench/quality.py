@@ -136,7 +136,7 @@ def _answer_prefix(tok, tokens, eos, max_tokens):
 
 def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens):
     """Greedy decoding with the answer's stop rule (see :func:`_answer_prefix`)."""
-    from cacheblend_ext.blend.engine import _out_cache
+    from cacheblend_ext.blend.hf import out_cache
 
     out = []
     for i in range(max_tokens):
@@ -147,8 +147,8 @@ def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens):
         text = tok.decode(out)
         if "\n" in text or any(c in text for c in ".!?;") or i == max_tokens - 1:
             break
-        res = engine._forward(torch.tensor([t]), torch.tensor([pos]), cache)
-        cache = _out_cache(res)
+        res = engine.forward(torch.tensor([t]), torch.tensor([pos]), cache)
+        cache = out_cache(res)
         logits = res.logits[0, -1].float()
         pos += 1
     return out
@@ -156,7 +156,7 @@ def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens):
 
 def _cache_copy(model, result):
     """A cache over the result's KV that decoding can extend without touching the result."""
-    from cacheblend_ext.blend.engine import make_dynamic_cache
+    from cacheblend_ext.blend.hf import make_dynamic_cache
 
     layers = result.cache.layers
     return make_dynamic_cache(model, [layer.keys for layer in layers], [layer.values for layer in layers])
@@ -167,7 +167,7 @@ def _teacher_forced_logits(engine, result, tokens, pos):
     feed = torch.tensor(tokens[:-1])
     if feed.numel() == 0:
         return result.logits[None]
-    res = engine._forward(feed, torch.arange(pos, pos + feed.numel()), _cache_copy(engine.model, result),
+    res = engine.forward(feed, torch.arange(pos, pos + feed.numel()), _cache_copy(engine.model, result),
                           logits_to_keep=0)
     return torch.cat([result.logits[None], res.logits[0].float()])
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cacheblend_ext import ops, reference
-from cacheblend_ext.blend.engine import BlendConfig, BlendEngine, Schedule, published_cost, selection_schedule
+from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
+from cacheblend_ext.blend.schedule import Schedule, published_cost, selection_schedule
 
 from conftest import request_parts
 from test_engine import assert_logits_close, full_reuse_reference, hf_logits_and_greedy, tiny_model

@@ -44,7 +44,6 @@ tensors.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -58,229 +57,9 @@ from ..chunk import ChunkKV
 from ..identity import ModelIdentity
 from ..layer_source import LayerSource, MemoryLayerSource
 from ..rope import rope_spec_from_config
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-DEVIATIONS = ("k", "v", "kv")
-SELECTIONS = ("deviation", "impact", "probe")
-QUOTAS = ("global", "per_chunk")
-BUDGETS = ("compute", "ratio")
-CHUNK_PREFIXES = ("bos", "none", "prefix")
-
-
-@dataclass
-class BlendConfig:
-    """Blend settings. The defaults are the best scheme measured on the project's quality
-    set (README, "Quality"); :meth:`published` is the scheme of the CacheBlend paper.
-
-    Budget
-    - ``recompute_ratio``: the recompute budget ``r``. The published scheme recomputes layer
-      0 for every token, then ``ceil(r * N)`` non-forced tokens plus every forced token at
-      each later layer; that many token-layers is the request's budget.
-    - ``budget``: ``"compute"`` (default) makes every scheme spend at most that budget:
-      extra full layers (a later first check layer), wider early selections (gradual
-      filtering) and chunk-boundary tokens are paid from it, so schemes compare at equal
-      compute. ``"ratio"`` applies the ratios literally: each check layer keeps
-      ``ceil(r_l * N)`` non-forced tokens, whatever the schedule costs.
-
-    The defaults: ``"probe"`` selection at check layer 0 (no full layer is spent before
-    it), chunks encoded after BOS, everything inside the published scheme's compute at the
-    same ratio.
-
-    Selection
-    - ``check_layers``: layers where selection happens (ascending). ``(1,)`` is the
-      published scheme, ``(0,)`` the default; several give gradual filtering (each selects from the previous
-      selection). Under the compute budget a first check layer the budget cannot pay for
-      moves earlier (to layer 1 at ratio 0, so ratio 0 stays full KV reuse).
-    - ``check_ratios``: per check layer ratio, not increasing; None gives a linear schedule
-      from ``min(1, 2r)`` down to ``r`` (just ``r`` for one layer). Under the compute budget
-      only their proportions count: the schedule is scaled to fit the budget.
-    - ``deviation``: what deviation ranks tokens by: ``"k"``, ``"v"`` or ``"kv"`` (sum), the
-      squared distance between the fresh and the reused K (V) over heads and dims.
-    - ``selection``: how candidates are ranked.
-      ``"deviation"`` (published): by deviation alone.
-      ``"impact"``: deviation times the attention mass that the query tokens (forced tokens
-      after the last reused chunk) put on each token at the check layer, since a query's
-      output error is roughly the attention-weighted sum of the errors of the tokens it reads.
-      ``"probe"``: a probe pass first runs the last ``probe_tokens`` query tokens through
-      every layer over the reused chunk KV alone (full KV reuse for those rows only), and
-      tokens are ranked by the attention mass the probe puts on them, summed over the
-      layers from the check layer on: the tokens whose KV the query actually reads where
-      the selection takes effect. The probe's token-layers are paid from the budget; it
-      needs every layer's reused KV before the first check layer (see the layer-source
-      protocol).
-    - ``quota``: ``"global"`` takes the top tokens of the whole request; ``"per_chunk"``
-      gives each reused chunk a share of the budget proportional to its candidates.
-    - ``boundary_tokens``: the first ``b`` tokens of each reused chunk are taken first,
-      inside the budget (each chunk was encoded alone, so its first tokens were attention
-      sinks).
-
-    Reuse
-    - ``chunk_prefix``: what a chunk is encoded after, its KV then dropped: ``"bos"`` (the
-      tokenizer's BOS token), ``"none"`` (the chunk alone at position 0) or ``"prefix"``
-      (the request's own prefix, e.g. the system prompt: the chunk's KV then starts from
-      the context it will be used in, and a chunk right after the prefix is exact).
-      ``"prefix"`` needs an encoder that knows the prefix (:class:`CachedBlender`, or
-      ``encode_chunk(segment, context=prefix)``); without one a chunk is encoded after BOS.
-      The context is part of the chunk's key, so chunks encoded after one system prompt
-      are not reused under another.
-    - ``fresh_check_kv``: a check layer computes fresh K/V for all its candidates anyway;
-      True keeps them for every candidate (not only the selected tokens) in the request's
-      KV at that layer. No extra compute; with it, ratio 0 no longer equals full KV reuse
-      at the check layers.
-    """
-
-    recompute_ratio: float = 0.15
-    check_layers: tuple[int, ...] = (0,)
-    check_ratios: tuple[float, ...] | None = None
-    deviation: str = "k"
-    selection: str = "probe"
-    quota: str = "global"
-    probe_tokens: int = 8
-    boundary_tokens: int = 0
-    budget: str = "compute"
-    chunk_prefix: str = "bos"
-    fresh_check_kv: bool = False
-
-    @classmethod
-    def published(cls, recompute_ratio: float = 0.15) -> "BlendConfig":
-        """The published CacheBlend scheme: K deviation at one check layer (layer 1), global top-k."""
-        return cls(recompute_ratio=recompute_ratio, check_layers=(1,), check_ratios=None, deviation="k",
-                   selection="deviation", quota="global", boundary_tokens=0, budget="ratio", chunk_prefix="bos",
-                   fresh_check_kv=False)
-
-    def replace(self, **changes) -> "BlendConfig":
-        """A copy with ``changes`` applied (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
-
-    def ratios(self) -> tuple[float, ...]:
-        """The configured per-check-layer ratios (before any compute-budget scaling)."""
-        n = len(self.check_layers)
-        if self.check_ratios is not None:
-            if len(self.check_ratios) != n:
-                raise ValueError(f"check_ratios has {len(self.check_ratios)} entries for {n} check layers")
-            return tuple(float(r) for r in self.check_ratios)
-        return _linear_schedule(float(self.recompute_ratio), n)
-
-    def validate(self, num_layers: int) -> None:
-        if not 0.0 <= self.recompute_ratio <= 1.0:
-            raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        layers = tuple(self.check_layers)
-        if not layers or list(layers) != sorted(set(layers)):
-            raise ValueError(f"check_layers must be non-empty and strictly ascending, got {layers}")
-        if layers[0] < 0 or layers[-1] >= num_layers:
-            raise ValueError(f"check_layers {layers} out of range for a {num_layers}-layer model")
-        ratios = self.ratios()
-        if any(not 0.0 <= r <= 1.0 for r in ratios) or any(a < b for a, b in zip(ratios, ratios[1:])):
-            raise ValueError(f"check_ratios must lie in [0, 1] and not increase, got {ratios}")
-        for name, value, allowed in (("deviation", self.deviation, DEVIATIONS),
-                                     ("selection", self.selection, SELECTIONS), ("quota", self.quota, QUOTAS),
-                                     ("budget", self.budget, BUDGETS),
-                                     ("chunk_prefix", self.chunk_prefix, CHUNK_PREFIXES)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        if not isinstance(self.boundary_tokens, int) or self.boundary_tokens < 0:
-            raise ValueError(f"boundary_tokens must be a non-negative int, got {self.boundary_tokens!r}")
-        if not isinstance(self.probe_tokens, int) or self.probe_tokens < 1:
-            raise ValueError(f"probe_tokens must be a positive int, got {self.probe_tokens!r}")
-
-
-def _linear_schedule(r: float, n: int) -> tuple[float, ...]:
-    if n == 1:
-        return (r,)
-    top = min(1.0, 2 * r)
-    return tuple(top + (r - top) * i / (n - 1) for i in range(n))
-
-
-def published_cost(num_tokens: int, num_forced: int, ratio: float, num_layers: int) -> int:
-    """Token-layers the published scheme computes for a request: layer 0 for every token,
-    then ``ceil(ratio * N)`` non-forced tokens plus the forced ones at each later layer."""
-    if num_layers == 1:
-        return num_tokens
-    kept = min(num_tokens, num_forced + math.ceil(ratio * num_tokens - 1e-9))
-    return num_tokens + (num_layers - 1) * kept
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How a request is recomputed: the check layers it uses, how many non-forced tokens
-    each keeps (forced tokens come on top) and how many rows the probe pass runs (0: none)."""
-
-    layers: tuple[int, ...]
-    picks: tuple[int, ...]
-    probe_rows: int = 0
-
-
-def selection_schedule(cfg: BlendConfig, num_tokens: int, num_forced: int, num_layers: int,
-                       probe_rows: int = 0) -> Schedule:
-    """The :class:`Schedule` of a request of ``num_tokens`` tokens, ``num_forced`` of them
-    forced, whose ``"probe"`` selection would run ``probe_rows`` rows.
-
-    With ``budget="ratio"`` each check layer keeps ``ceil(r_l * N)`` non-forced tokens. With
-    ``budget="compute"`` the largest schedule of the configured shape whose token-layers
-    (every token before the first check layer, then the kept tokens at each layer, plus the
-    probe's rows at every layer) fit in :func:`published_cost`; if even an empty selection
-    does not fit, the first check layer moves earlier until it does (layer 1 keeps ratio 0
-    equal to full KV reuse); ``recompute_ratio`` 0 selects nothing (full KV reuse) even
-    where a schedule that starts at layer 0 could afford some tokens. A probe runs only when a selection has to rank tokens (some but
-    not all candidates kept); when the budget cannot pay for it, tokens are ranked by
-    deviation instead.
-    """
-    free = max(num_tokens - num_forced, 0)
-
-    def ranks(picks) -> bool:
-        return any(0 < k < free for k in picks)
-
-    if cfg.budget == "ratio":
-        layers = tuple(cfg.check_layers)
-        picks = tuple(min(free, math.ceil(r * num_tokens - 1e-9)) for r in cfg.ratios())
-        return Schedule(layers, picks, probe_rows if probe_rows and ranks(picks) else 0)
-    plain = _fit_schedule(cfg, num_tokens, num_forced, num_layers, extra_cost=0)
-    if not (probe_rows and ranks(plain.picks)):
-        return plain
-    probed = _fit_schedule(cfg, num_tokens, num_forced, num_layers, extra_cost=probe_rows * num_layers)
-    if not any(probed.picks):
-        return plain
-    return Schedule(probed.layers, probed.picks, probe_rows)
-
-
-def _fit_schedule(cfg: BlendConfig, n: int, num_forced: int, num_layers: int, extra_cost: int) -> Schedule:
-    """The compute-budget schedule (see :func:`selection_schedule`) with ``extra_cost``
-    token-layers spent elsewhere."""
-    free = max(n - num_forced, 0)
-    layers = tuple(cfg.check_layers)
-    shape = cfg.ratios()
-    budget = published_cost(n, num_forced, cfg.recompute_ratio, num_layers) - extra_cost
-
-    def picks(final: int) -> tuple[int, ...]:
-        if cfg.check_ratios is None:
-            sched = _linear_schedule(final / n, len(layers))
-        else:
-            last = shape[-1]
-            sched = tuple(min(1.0, r / last * final / n) if last > 0 else (1.0 if r > 0 else 0.0) for r in shape)
-            sched = sched[:-1] + (final / n,)
-        return tuple(min(free, max(final, math.ceil(r * n - 1e-9))) for r in sched)
-
-    def cost(ks: tuple[int, ...], lays: tuple[int, ...]) -> int:
-        bounds = lays[1:] + (num_layers,)
-        return lays[0] * n + sum((b - a) * min(n, num_forced + k) for k, a, b in zip(ks, lays, bounds))
-
-    lays = layers
-    while cost(picks(0), lays) > budget and lays[0] > min(1, num_layers - 1):
-        first = lays[0] - 1
-        lays = tuple(sorted({first, *(l for l in lays[1:] if l > first)}))
-    if cfg.recompute_ratio == 0:  # ratio 0 is full KV reuse, whatever a cheaper schedule could afford
-        return Schedule(lays, picks(0))
-    lo, hi = 0, free
-    while lo < hi:  # the largest final count whose schedule fits (cost grows with it)
-        mid = (lo + hi + 1) // 2
-        if cost(picks(mid), lays) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return Schedule(lays, picks(lo))
-
+from .config import BlendConfig
+from .hf import cache_kwarg, cache_layers, check_model, make_dynamic_cache, out_cache, rotate
+from .schedule import selection_schedule
 
 @dataclass
 class BlendResult:
@@ -400,52 +179,6 @@ def _per_chunk_top(score: torch.Tensor, pos: torch.Tensor, spans, k: int) -> tor
     return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64, device=score.device)
 
 
-def _cache_kwarg(model) -> str:
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def make_dynamic_cache(model, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
-    """A ``DynamicCache`` whose layer ``l`` holds ``keys[l]`` / ``values[l]``
-    (``[1, H_kv, N, D]``) without copying them (transformers 5.17 to 5.24)."""
-    from transformers import DynamicCache
-
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # pragma: no cover - older signature
-        cache = DynamicCache()
-    for l, (k, v) in enumerate(zip(keys, values)):
-        if l < len(cache.layers):
-            layer = cache.layers[l]
-            if not getattr(layer, "is_initialized", False):
-                layer.update(k[..., :0, :], v[..., :0, :])  # initialise (device, dtype) without copying
-            layer.keys, layer.values = k, v
-        else:
-            cache.update(k, v, l)
-    return cache
-
-
-def _out_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's NeoX RoPE on ``x [M, H, D]`` with ``cos``/``sin`` ``[M, rotary_dim]``."""
-    rd = cos.shape[-1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rot, rest = (x, None) if rd == x.shape[-1] else (x[..., :rd], x[..., rd:])
-    half = rd // 2
-    rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos + rotated_half * sin
-    return out if rest is None else torch.cat((out, rest), dim=-1)
-
-
 class BlendEngine:
     """CacheBlend over one Hugging Face causal LM (see the module docstring)."""
 
@@ -453,7 +186,7 @@ class BlendEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or BlendConfig()
-        self._check_model(model)
+        check_model(model)
         cfg = model.config
         self.base = model.model
         self.layers = list(self.base.layers)
@@ -466,36 +199,12 @@ class BlendEngine:
         self.has_qk_norm = hasattr(attn0, "q_norm") and hasattr(attn0, "k_norm")
         self.config.validate(self.num_layers)
         self._rope = None
-        self._cache_kw = _cache_kwarg(model)
+        self._cache_kw = cache_kwarg(model)
         # what chunk keys hash: weights, config and RoPE (``model_id`` overrides the model part)
         self.identity = ModelIdentity.of_model(model, model_id=model_id, head_dim=self.head_dim)
         self.model_id = self.identity.model_id
 
     # ------------------------------------------------------------------ setup
-
-    @staticmethod
-    def _check_model(model) -> None:
-        cfg = getattr(model, "config", None)
-        mtype = getattr(cfg, "model_type", None)
-        if mtype not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {mtype!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        base = getattr(model, "model", None)
-        missing = [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(base, n)]
-        if not hasattr(model, "lm_head"):
-            missing.append("lm_head")
-        if base is not None and hasattr(base, "layers") and len(base.layers):
-            layer = base.layers[0]
-            missing += [f"layers[0].{n}" for n in ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
-                        if not hasattr(layer, n)]
-            attn = getattr(layer, "self_attn", None)
-            missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, n)]
-        if missing:
-            raise ValueError(f"{type(model).__name__} lacks the modules the blend engine needs: {', '.join(missing)}")
-        layer_types = getattr(cfg, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"only full-attention layers are supported, got layer_types {sorted(set(layer_types))}")
 
     @property
     def device(self) -> torch.device:
@@ -551,15 +260,13 @@ class BlendEngine:
 
     # ------------------------------------------------------------------ HF helpers
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache=None, logits_to_keep: int = 1):
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache=None, logits_to_keep: int = 1):
+        """The model's forward of ``input_ids`` ``[T]`` at ``position_ids`` ``[T]`` after the
+        KV in ``cache``, with the logits of the last ``logits_to_keep`` positions (0: all)."""
         kwargs = {self._cache_kw: cache} if cache is not None else {}
         # Only the last position's logits are needed (as a serving engine computes them).
         return self.model(input_ids=input_ids[None].to(self.device), position_ids=position_ids[None].to(self.device),
                           use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
-
-    @staticmethod
-    def _cache_layers(cache):
-        return [(layer.keys, layer.values) for layer in cache.layers]
 
     # ------------------------------------------------------------------ chunks
 
@@ -579,10 +286,10 @@ class BlendEngine:
                               f"chunk of {ids.numel()} tokens after {len(prefix)} context tokens")
         full = torch.tensor(prefix + ids.tolist(), dtype=torch.int64)
         pos = torch.arange(full.numel(), dtype=torch.int64)
-        out = self._forward(full, pos)
+        out = self.forward(full, pos)
         p = len(prefix)
         kv = torch.stack([torch.stack([k[0, :, p:].transpose(0, 1), v[0, :, p:].transpose(0, 1)])
-                          for k, v in self._cache_layers(_out_cache(out))])
+                          for k, v in cache_layers(out_cache(out))])
         key = self.chunk_key(ids, prefix)
         return ChunkKV(kv.contiguous(), pos[p:].clone(), ids, key, tuple(prefix))
 
@@ -618,11 +325,11 @@ class BlendEngine:
                                        [kv[l, 1].transpose(0, 1)[None] for l in range(kv.shape[0])])
             start = p
         pos = torch.arange(start, ids.numel(), dtype=torch.int64)
-        out = self._forward(ids[start:], pos, cache)
+        out = self.forward(ids[start:], pos, cache)
         logits = out.logits[0, -1].float()
         self._sync()
         t = (time.perf_counter() - t0) * 1e3
-        cache_out = _out_cache(out)
+        cache_out = out_cache(out)
         return BlendResult(logits, cache_out, ids, [None] * self.num_layers,
                            torch.ones(ids.numel(), dtype=torch.bool), {"total_ms": t})
 
@@ -631,9 +338,9 @@ class BlendEngine:
         """KV of ``segments`` prefilled together at position 0 (for prefix caching)."""
         ids = torch.cat([s.token_ids if isinstance(s, ChunkKV) else self.tokenize(s) for s in segments])
         pos = torch.arange(ids.numel(), dtype=torch.int64)
-        out = self._forward(ids, pos)
-        cache = _out_cache(out)
-        kv = torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in self._cache_layers(cache)])
+        out = self.forward(ids, pos)
+        cache = out_cache(out)
+        kv = torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in cache_layers(cache)])
         key = self.chunk_key(ids, ())
         return ChunkKV(kv.contiguous(), pos, ids, key, ())
 
@@ -889,7 +596,7 @@ class BlendEngine:
         if self.has_qk_norm:
             q = attn.q_norm(q)
             k = attn.k_norm(k)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
 
     def _select(self, state: "_BlendState", l: int, q, k, v):
         """At a check layer: rank the candidates (the rows computed so far that are not
@@ -1034,8 +741,8 @@ class BlendEngine:
             tokens.append(tok)
             if (stop_at_eos and tok in eos) or i == max_new_tokens - 1:
                 break
-            out = self._forward(torch.tensor([tok]), torch.tensor([pos]), cache)
-            cache = _out_cache(out)
+            out = self.forward(torch.tensor([tok]), torch.tensor([pos]), cache)
+            cache = out_cache(out)
             logits = out.logits[0, -1].float()
             pos += 1
         result.cache = cache
