@@ -20,7 +20,7 @@ import torch
 
 from .layer_source import LoadReport
 from .store.pipeline import StoreLayerSource
-from .store.chunk_store import ChunkHandle, ChunkLoadError, ChunkStore, StoredChunk
+from .store import ChunkHandle, ChunkLoadError, ChunkStore, StoredChunk
 
 
 def _stub_chunk(handle, dtype, device):

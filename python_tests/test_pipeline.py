@@ -29,7 +29,7 @@ def fill(store, dtype=torch.float32, tiers=None):
     if tiers:
         for k, tier in zip(keys, tiers):
             if tier == "disk":
-                store._cpu.remove(k)
+                store.remove(k, tiers=("cpu",))
     return keys
 
 
