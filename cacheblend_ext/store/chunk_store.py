@@ -279,11 +279,6 @@ class ChunkStore:
         except RemoteError:
             self._count("write_errors")
 
-    def put_chunk(self, chunk) -> str:
-        """Store any object with ``key``, ``kv``, ``positions`` (and optionally ``token_ids``, ``meta``)."""
-        return self.put(chunk.key, chunk.kv, chunk.positions, getattr(chunk, "token_ids", None),
-                        getattr(chunk, "meta", None))
-
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued remote writes (``remote_write="back"``) were sent; False on timeout."""
         return self._write_back.flush(timeout) if self._write_back is not None else True
