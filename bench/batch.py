@@ -31,7 +31,6 @@ def run(args) -> dict:
 
 
 def _run(args) -> dict:
-    from cacheblend_ext.blend import _kernels
     from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
     from cacheblend_ext.blend.models import load_model
 
@@ -41,7 +40,7 @@ def _run(args) -> dict:
     r = args.ratio / 100
     cfg = BlendConfig(recompute_ratio=r) if args.scheme == "default" else BlendConfig.published(r)
     engine = BlendEngine(model, tok, cfg)
-    common.progress(f"kernels: {_kernels.backends()}")
+    common.progress(f"kernels: {common.engine_op_backends()}")
     lo_c, hi_c = (int(x) for x in args.chunks.split(","))
     lo_t, hi_t = (int(x) for x in args.chunk_tokens.split(","))
     g = torch.Generator().manual_seed(0)

@@ -24,6 +24,16 @@ import torch
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A40": 149.7, "L40S": 362.0, "L40": 181.0}
 
 
+# The ops the blend engine calls, recorded with end-to-end results: each one is
+# torch.ops.cacheblend.<name> (there is no other backend).
+ENGINE_OPS = ("fused_kv_concat", "kv_deviation", "select_hkvd", "sparse_query_attention")
+
+
+def engine_op_backends() -> dict[str, str]:
+    """``{op name: "op"}`` for the ops the engine uses, for benchmark records."""
+    return {name: "op" for name in ENGINE_OPS}
+
+
 def add_common_arguments(parser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")

@@ -22,7 +22,7 @@ COMMAND = "e2e"
 HELP = "TTFT of full prefill, prefix caching, full KV reuse and CacheBlend on a 6 x 512-token RAG request"
 
 # Layer sources the blend can read reused KV from: name -> factory(engine, chunks, args)
-# returning a layer source (see cacheblend_ext.blend.engine) or None for the in-memory default.
+# returning a layer source (see cacheblend_ext.layer_source) or None for the in-memory default.
 # A factory may return a callable instead, called once per timed blend to make a fresh
 # source (for sources that are consumed by one blend). Other modules add entries here.
 SOURCES = {"memory": lambda engine, chunks, args: None}
@@ -78,7 +78,6 @@ def run(args) -> dict:
 
 
 def _run(args) -> dict:
-    from cacheblend_ext.blend import _kernels
     from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
     from cacheblend_ext.blend.models import load_model
 
@@ -94,7 +93,7 @@ def _run(args) -> dict:
         return BlendConfig(recompute_ratio=r) if args.scheme == "default" else BlendConfig.published(r)
 
     engine = BlendEngine(model, tok, config(0.15))
-    common.progress(f"kernels: {_kernels.backends()}")
+    common.progress(f"kernels: {common.engine_op_backends()}")
 
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
@@ -191,7 +190,7 @@ def _run(args) -> dict:
                   f"hidden {load['hidden_fraction']:.0%} (medians over {load['blends']} blends)")
     load = loads.get(source_names[0]) if len(source_names) == 1 else loads
     return {"command": COMMAND, "load": load, "sources": source_names,
-            "environment": common.environment(args.device), "kernels": _kernels.backends(),
+            "environment": common.environment(args.device), "kernels": common.engine_op_backends(),
             "model": args.model, "dtype": str(dtype), "tokens": n, "warmup": warmup, "iters": iters,
             "table": table.as_dict(), "rows": rows, "paired_ratios": paired}
 

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from bench import common
-from cacheblend_ext.store.controller import LoadingController, Measurements, _drop_page_cache
-from cacheblend_ext.store.pipeline import MemoryLayerSource, open_layer_source
+from cacheblend_ext.store.controller import LoadingController, Measurements, drop_page_cache
+from cacheblend_ext.layer_source import MemoryLayerSource
+from cacheblend_ext.store.pipeline import open_layer_source
 from cacheblend_ext.store import ChunkStore
 
 COMMAND = "load"
@@ -172,7 +173,7 @@ def run(args) -> dict:
         def prepare(store=store, keys=keys, src=src):
             if src == "disk":  # cold reads: drop the files from the page cache (not timed)
                 for k in keys:
-                    _drop_page_cache(store.chunk_path(k))
+                    drop_page_cache(store.chunk_path(k))
 
         def make(pipelined, store=store, keys=keys):
             source, missing = open_layer_source(store, keys, device, pipelined=pipelined, depth=args.depth)
@@ -322,7 +323,7 @@ class StoreSourceMaker:
     def __call__(self):
         if self.source == "disk":  # cold reads (fsync + fadvise of clean pages: well under a millisecond)
             for k in self.keys:
-                _drop_page_cache(self.store.chunk_path(k))
+                drop_page_cache(self.store.chunk_path(k))
         source, missing = open_layer_source(self.store, self.keys, self.device, pipelined=self.pipelined,
                                             depth=self.depth)
         assert not missing

@@ -136,7 +136,7 @@ def _answer_prefix(tok, tokens, eos, max_tokens):
 
 def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens):
     """Greedy decoding with the answer's stop rule (see :func:`_answer_prefix`)."""
-    from cacheblend_ext.blend.engine import _out_cache
+    from cacheblend_ext.blend.hf import out_cache
 
     out = []
     for i in range(max_tokens):
@@ -147,8 +147,8 @@ def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens):
         text = tok.decode(out)
         if "\n" in text or any(c in text for c in ".!?;") or i == max_tokens - 1:
             break
-        res = engine._forward(torch.tensor([t]), torch.tensor([pos]), cache)
-        cache = _out_cache(res)
+        res = engine.forward(torch.tensor([t]), torch.tensor([pos]), cache)
+        cache = out_cache(res)
         logits = res.logits[0, -1].float()
         pos += 1
     return out
@@ -156,7 +156,7 @@ def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens):
 
 def _cache_copy(model, result):
     """A cache over the result's KV that decoding can extend without touching the result."""
-    from cacheblend_ext.blend.engine import make_dynamic_cache
+    from cacheblend_ext.blend.hf import make_dynamic_cache
 
     layers = result.cache.layers
     return make_dynamic_cache(model, [layer.keys for layer in layers], [layer.values for layer in layers])
@@ -167,7 +167,7 @@ def _teacher_forced_logits(engine, result, tokens, pos):
     feed = torch.tensor(tokens[:-1])
     if feed.numel() == 0:
         return result.logits[None]
-    res = engine._forward(feed, torch.arange(pos, pos + feed.numel()), _cache_copy(engine.model, result),
+    res = engine.forward(feed, torch.arange(pos, pos + feed.numel()), _cache_copy(engine.model, result),
                           logits_to_keep=0)
     return torch.cat([result.logits[None], res.logits[0].float()])
 
@@ -285,7 +285,6 @@ def _schemes(names: str) -> dict[str, Scheme]:
 
 
 def _run(args) -> dict:
-    from cacheblend_ext.blend import _kernels
     from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
     from cacheblend_ext.blend.models import load_model
     from cacheblend_ext.testing.rag_data import chat_segments, exact_match, f1_score, first_clause, make_varied_samples
@@ -293,7 +292,7 @@ def _run(args) -> dict:
     dtype = common.resolve_dtype(args)
     model, tok = load_model(args.model, dtype=dtype, device=args.device)
     engine = BlendEngine(model, tok)
-    common.progress(f"kernels: {_kernels.backends()}")
+    common.progress(f"kernels: {common.engine_op_backends()}")
     budgets = [float(b) / 100 for b in args.budgets.split(",") if b.strip()]
     point = args.point_budget / 100
     runs = [(name, s, r) for name, s in _schemes(args.curve_schemes).items() for r in budgets]
@@ -358,7 +357,7 @@ def _run(args) -> dict:
         common.progress(f"request {count + 1}/{len(samples)} (seed {seed}, {len(texts)} chunks, {n} tokens, "
                         f"{time.perf_counter() - t_start:.0f} s): gold {sample.answer!r}, full {full_answer!r}")
 
-    return _report(args, records, runs, t_start, kernels=_kernels.backends())
+    return _report(args, records, runs, t_start, kernels=common.engine_op_backends())
 
 
 def _report(args, records, runs, t_start, **extra) -> dict:

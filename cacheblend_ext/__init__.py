@@ -5,6 +5,7 @@
 ``cacheblend_ext.rope`` builds RoPE tables from Hugging Face configs;
 ``cacheblend_ext.blend`` blends cached chunk KV into a Hugging Face model's prefill
 (``blend.engine``) and loads the bundled SmolLM2 model (``blend.models``).
+``cacheblend_ext.layer_source`` is how reused KV reaches the engine, layer by layer.
 ``cacheblend_ext.identity`` says which chunk KV is interchangeable (model, RoPE and
 chunk keys), ``cacheblend_ext.store`` keeps chunk KV in GPU / CPU / disk / remote (Redis)
 tiers, ``store.pipeline`` loads it layer by layer behind the recompute,
@@ -19,14 +20,15 @@ from .ops import reference
 from . import rope
 from .rope import RopeSpec, cos_sin_cache_from_config, rope_spec_from_config
 from .chunk import ChunkKV
-from .blend.engine import BlendConfig, BlendEngine, BlendResult, InMemorySource
+from .layer_source import InMemorySource, LayerSource, LoadReport, MemoryLayerSource
+from .blend.engine import BlendConfig, BlendEngine, BlendResult
 from .blend.models import load_model
 from . import store
 from .store import controller, pipeline
 from . import cached
 from .cached import CachedBlender
 from .store.controller import LoadingController, LoadingDecision, Measurements
-from .store.pipeline import LoadReport, MemoryLayerSource, StoreLayerSource, open_layer_source
+from .store.pipeline import StoreLayerSource, open_layer_source
 from .identity import ModelIdentity, chunk_key, model_identity, rope_identity
 from .store import (ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkStore, ChunkUnavailableError,
                     StoredChunk)
@@ -44,6 +46,7 @@ __all__ = [
     "BlendEngine",
     "BlendResult",
     "InMemorySource",
+    "LayerSource",
     "load_model",
     # chunk store, layer-wise loading, loading controller
     "cached",

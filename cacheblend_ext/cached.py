@@ -18,8 +18,9 @@ from typing import Sequence
 
 import torch
 
-from .store.pipeline import LoadReport, StoreLayerSource
-from .store.chunk_store import ChunkHandle, ChunkLoadError, ChunkStore, StoredChunk
+from .layer_source import LoadReport
+from .store.pipeline import StoreLayerSource
+from .store import ChunkHandle, ChunkLoadError, ChunkStore, StoredChunk
 
 
 def _stub_chunk(handle, dtype, device):

@@ -99,11 +99,11 @@ def rope_identity(config, head_dim: int | None = None, is_neox: bool = True) -> 
     """Identity ``"r-<hex>"`` of the RoPE a Hugging Face ``config`` applies: its parameters
     (type, theta, scaling), the float32 inverse frequencies and attention factor they
     produce, the head dim and the pair layout (NeoX half-split or GPT-J interleaved)."""
-    from .rope import _rope_parameters, inv_freq_from_config
+    from .rope import inv_freq_from_config, rope_parameters
 
     if head_dim is None:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    params = json.dumps(_rope_parameters(config), sort_keys=True, default=str)
+    params = json.dumps(rope_parameters(config), sort_keys=True, default=str)
     inv_freq, attention_factor, rope_type = inv_freq_from_config(config)
     return "r-" + hash_hex([params.encode(), inv_freq.to(torch.float64).numpy().tobytes(),
                             repr(float(attention_factor)).encode(), rope_type.encode(),

@@ -36,7 +36,9 @@ class RopeSpec:
         return int(self.cos_sin_cache.shape[0])
 
 
-def _rope_parameters(config) -> dict:
+def rope_parameters(config) -> dict:
+    """The RoPE parameters of a Hugging Face config (``rope_type``, ``rope_theta``, scaling),
+    from ``rope_parameters`` or, before transformers 5, ``rope_theta`` + ``rope_scaling``."""
     params = getattr(config, "rope_parameters", None)
     if params is None:  # transformers < 5: rope_theta + rope_scaling
         params = dict(getattr(config, "rope_scaling", None) or {})
@@ -49,7 +51,7 @@ def inv_freq_from_config(config) -> tuple[torch.Tensor, float, str]:
     """Inverse frequencies (float64, CPU), attention factor and rope type of ``config``."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = _rope_parameters(config)
+    params = rope_parameters(config)
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -110,7 +110,7 @@ def test_temp_files_of_live_writers_are_kept_and_counted(tmp_path):
     name = disk.tmp_name("ab" + "0" * 38)
     live = root / "ab" / name  # this process: alive
     live.write_bytes(b"\0" * size)
-    other_host = root / "ab" / name.replace(disk._HOST, "elsewhere")  # another host, recent
+    other_host = root / "ab" / name.replace(disk.HOST, "elsewhere")  # another host, recent
     other_host.write_bytes(b"x")
     old_other_host = root / "ab" / ".k.elsewhere.1.2.deadbeef.tmp"
     old_other_host.write_bytes(b"x")

@@ -8,7 +8,8 @@ import torch
 
 from cacheblend_ext import reference
 from cacheblend_ext.chunk import ChunkKV
-from cacheblend_ext.blend.engine import BlendConfig, BlendEngine, make_dynamic_cache
+from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
+from cacheblend_ext.blend.hf import cache_kwarg, cache_layers, make_dynamic_cache
 from cacheblend_ext.blend.models import bundled_model_available
 
 from conftest import DEVICES, request_parts
@@ -94,7 +95,7 @@ def full_reuse_reference(engine: BlendEngine, prefix: torch.Tensor, chunks: list
             n += c.num_tokens
         cache = make_dynamic_cache(model, [k.transpose(0, 1)[None].contiguous() for k in keys],
                                    [v.transpose(0, 1)[None].contiguous() for v in values])
-        out = engine._forward(query, torch.arange(n, n + query.numel()), cache)
+        out = engine.forward(query, torch.arange(n, n + query.numel()), cache)
     return out.logits[0, -1].float()
 
 
@@ -137,10 +138,10 @@ def test_fresh_check_kv_keeps_the_check_layers_fresh_kv(tiny):
     prefix, chunk_ids, query = request_parts(seed=8)
     engine = BlendEngine(tiny)
     chunks = [engine.encode_chunk(c) for c in chunk_ids]
-    full = engine._cache_layers(engine.full_prefill([prefix, *chunks, query]).cache)
+    full = cache_layers(engine.full_prefill([prefix, *chunks, query]).cache)
     for fresh in (True, False):
         cfg = BlendConfig.published(0.0).replace(fresh_check_kv=fresh)  # check layer 1
-        blended = engine._cache_layers(engine.blend([prefix, *chunks, query], cfg).cache)
+        blended = cache_layers(engine.blend([prefix, *chunks, query], cfg).cache)
         k_err = (blended[1][0] - full[1][0]).abs().max().item()
         v_err = (blended[1][1] - full[1][1]).abs().max().item()
         scale = full[1][0].abs().max().item()
@@ -160,7 +161,7 @@ def test_single_chunk_at_zero_equals_prefix_reuse(tiny, ratio):
         cache = make_dynamic_cache(tiny, [chunk.kv[l, 0].transpose(0, 1)[None].clone() for l in range(4)],
                                    [chunk.kv[l, 1].transpose(0, 1)[None].clone() for l in range(4)])
         n = chunk.num_tokens
-        ref = engine._forward(query, torch.arange(n, n + query.numel()), cache).logits[0, -1].float()
+        ref = engine.forward(query, torch.arange(n, n + query.numel()), cache).logits[0, -1].float()
     assert_logits_close(result.logits, ref)
     full = engine.full_prefill([chunk, query])
     assert_logits_close(result.logits, full.logits)
@@ -255,7 +256,7 @@ def test_hf_generate_continues_from_blend_cache(tiny):
     first = int(result.logits.argmax())
     ids = torch.cat([result.input_ids, torch.tensor([first])])[None].to(tiny.device)
     with torch.inference_mode():
-        out = tiny.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{engine._cache_kw: result.cache},
+        out = tiny.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{cache_kwarg(tiny): result.cache},
                             max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     hf_tokens = [first] + out[0, ids.shape[1]:].tolist()
     result2 = engine.blend([prefix, *chunks, query])

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 from cacheblend_ext import ops, reference
+from torch.ops import cacheblend as raw_ops  # the registered ops, without the wrappers
 from conftest import DEVICES, assert_close_to_ref, poison_
 
 settings.register_profile(
@@ -379,8 +380,8 @@ def test_sparse_query_attention(device, data):
     case = data.draw(attention_cases(device))
 
     def run(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse):
-        ops._ops.sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr,
-                                        q.shape[-1] ** -0.5 if scale is None else scale, out, lse)
+        raw_ops.sparse_query_attention(q, k, v, q_pos, q_indptr, kv_indptr,
+                                       q.shape[-1] ** -0.5 if scale is None else scale, out, lse)
 
     _check_attention(run, case)
 
@@ -643,13 +644,13 @@ def _call_select(a):
 
 
 def _call_attention(a):
-    ops._ops.sparse_query_attention(a["q"], a["k"], a["v"], a["q_pos"], a["q_indptr"], a["kv_indptr"], a["scale"],
-                                    a["out"], a["lse"])
+    raw_ops.sparse_query_attention(a["q"], a["k"], a["v"], a["q_pos"], a["q_indptr"], a["kv_indptr"], a["scale"],
+                                   a["out"], a["lse"])
 
 
 def _call_paged_attention(a):
-    ops._ops.sparse_query_attention_paged(a["q"], a["k_cache"], a["v_cache"], a["q_pos"], a["q_indptr"], a["kv_indptr"],
-                                          a["kv_indices"], a["kv_last_page_len"], a["scale"], a["out"], a["lse"])
+    raw_ops.sparse_query_attention_paged(a["q"], a["k_cache"], a["v_cache"], a["q_pos"], a["q_indptr"], a["kv_indptr"],
+                                         a["kv_indices"], a["kv_last_page_len"], a["scale"], a["out"], a["lse"])
 
 
 BAD_CASES = {

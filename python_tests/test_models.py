@@ -17,7 +17,7 @@ def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 @pytest.mark.parametrize("n_head,head_dim", [(9, 64), (3, 64), (2, 8)])
 def test_unpermute_inverts_llama_cpp_permutation(n_head, head_dim):
     w = torch.randn(n_head * head_dim, 5)
-    assert torch.equal(models._unpermute_rows(llama_cpp_permute(w, n_head), n_head), w)
+    assert torch.equal(models.unpermute_rows(llama_cpp_permute(w, n_head), n_head), w)
 
 
 def test_cache_dir_env(monkeypatch, tmp_path):

@@ -139,7 +139,7 @@ def test_gqa_and_int32_against_reference(hq, index_dtype):
 
 def _emulated_paged(emulated, impl="flash", tiles_per_split=0):
     def run(cache, q, q_pos, q_indptr, kv_indptr, kv_indices, last):
-        k, v = ops._kv_pair(engine_kv_arg(cache, 0), cache.layout)
+        k, v = ops.kv_pair(engine_kv_arg(cache, 0), cache.layout)
         out, lse = poison_(torch.empty_like(q)), poison_(torch.empty(q.shape[:2]))
         emulated.sparse_query_attention_paged(q, k, v, q_pos, q_indptr, kv_indptr, kv_indices, last,
                                               q.shape[-1] ** -0.5, out, lse, impl, tiles_per_split)
@@ -196,7 +196,7 @@ def test_cuda_graph_replay():
     over new cache contents (written in place, as an engine does)."""
     args = _to_device(_setup("flashinfer_hnd_pair", 16, torch.bfloat16, [33, 129], [4, 7], hq=6), "cuda")
     cache, q, q_pos, q_indptr, kv_indptr, kv_indices, last = args
-    k, v = ops._kv_pair(engine_kv_arg(cache, 0), cache.layout)
+    k, v = ops.kv_pair(engine_kv_arg(cache, 0), cache.layout)
     out = torch.empty_like(q)
 
     def run():
@@ -257,7 +257,7 @@ def test_device_checks_emulated(emulated_kernels):
 def test_opcheck():
     cache, q, q_pos, q_indptr, kv_indptr, kv_indices, last = _setup("vllm_all_layers_hnd", 5, torch.float32,
                                                                      [7, 12], [2, 3], hq=4)
-    k, v = ops._kv_pair(engine_kv_arg(cache, 0), cache.layout)
+    k, v = ops.kv_pair(engine_kv_arg(cache, 0), cache.layout)
     k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)  # opcheck compares outputs of repeated runs
     torch.library.opcheck(torch.ops.cacheblend.sparse_query_attention_paged.default,
                           (q, k, v, q_pos, q_indptr, kv_indptr, kv_indices, last, 0.125, torch.empty_like(q),

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from cacheblend_ext.store.pipeline import MemoryLayerSource, StoreLayerSource, open_layer_source
+from cacheblend_ext.layer_source import MemoryLayerSource
+from cacheblend_ext.store.pipeline import StoreLayerSource, open_layer_source
 from cacheblend_ext.store import FILE_SUFFIX, ChunkCorruptError, ChunkStore
 from conftest import DEVICES, DTYPES
 
@@ -28,7 +29,7 @@ def fill(store, dtype=torch.float32, tiers=None):
     if tiers:
         for k, tier in zip(keys, tiers):
             if tier == "disk":
-                store._cpu.remove(k)
+                store.remove(k, tiers=("cpu",))
     return keys
 
 

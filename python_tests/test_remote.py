@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from cacheblend_ext.store import remote as remote_mod
+from cacheblend_ext.store import remote_stream
 from cacheblend_ext.cached import CachedBlender
 from cacheblend_ext.store.controller import LoadingController, Measurements, measure_tier_throughput
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
@@ -345,7 +345,7 @@ def reference(engine, prefix, chunks, query):
 
 
 def _inject_at_layer(monkeypatch, layer, fault):
-    original = remote_mod.RemoteLayerStream.read_layer
+    original = remote_stream.RemoteLayerStream.read_layer
     fired = []
 
     def read_layer(self, l):
@@ -354,7 +354,7 @@ def _inject_at_layer(monkeypatch, layer, fault):
             fault(self)
         return original(self, l)
 
-    monkeypatch.setattr(remote_mod.RemoteLayerStream, "read_layer", read_layer)
+    monkeypatch.setattr(remote_stream.RemoteLayerStream, "read_layer", read_layer)
     return fired
 
 
@@ -369,7 +369,7 @@ def test_blend_survives_remote_faults(engine, private_redis, monkeypatch, fault)
     blender = CachedBlender(engine, store)
 
     def inject(stream):
-        rkey = stream.handles[1].reader.rkey
+        rkey = stream.chunks[1].rkey
         if fault == "killed":
             server.kill()
         elif fault == "stalled":
@@ -377,7 +377,7 @@ def test_blend_survives_remote_faults(engine, private_redis, monkeypatch, fault)
         elif fault == "evicted":
             server.client().delete(rkey)
         else:
-            _flip(server.client(), rkey, stream.handles[1].reader.header.layer_offset(3) + 1)
+            _flip(server.client(), rkey, stream.chunks[1].header.layer_offset(3) + 1)
 
     fired = _inject_at_layer(monkeypatch, 2, inject)
     t0 = time.monotonic()

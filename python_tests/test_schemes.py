@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from cacheblend_ext import reference
-from cacheblend_ext.blend import _kernels
-from cacheblend_ext.blend.engine import BlendConfig, BlendEngine, Schedule, published_cost, selection_schedule
+from cacheblend_ext import ops, reference
+from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
+from cacheblend_ext.blend.schedule import Schedule, published_cost, selection_schedule
 
 from conftest import request_parts
 from test_engine import assert_logits_close, full_reuse_reference, hf_logits_and_greedy, tiny_model
@@ -353,13 +353,13 @@ def test_blend_batch_equals_single_blends(llama, name, monkeypatch):
         context = engine.chunk_context(prefix)
         requests.append([prefix, *[engine.encode_chunk(c, context) for c in chunk_ids], query])
     calls = []
-    attend = _kernels.sparse_query_attention
+    attend = ops.sparse_query_attention
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("q_indptr") is not None)
         return attend(*args, **kwargs)
 
-    monkeypatch.setattr(_kernels, "sparse_query_attention", spy)
+    monkeypatch.setattr(ops, "sparse_query_attention", spy)
     batch = engine.blend_batch(requests)
     assert len(batch) == len(requests) and not any(calls)  # the query-only request stays on the full path
     batch = batch[3:] + engine.blend_batch(requests[:3])

@@ -164,7 +164,7 @@ def test_disk_hit_promotes_to_cpu(tmp_path):
 def test_cpu_tier_is_pinned_and_promotes_to_gpu():
     store = ChunkStore("m", "r", gpu_bytes=1 << 20, cpu_bytes=1 << 20)
     key = store.put("k", make_kv(), torch.arange(T))
-    assert store.where(key) == "cpu" and store._cpu.items[key].kv.is_pinned()
+    assert store.where(key) == "cpu" and store.peek(key, "cpu").kv.is_pinned()
     got = store.get(key, device="cuda")
     assert got.kv.is_cuda and store.where(key) == "gpu"
 

@@ -15,7 +15,7 @@ Algorithm (per request, positions ``0..N-1``; :meth:`BlendEngine.blend`, or seve
 requests at once with :meth:`BlendEngine.blend_batch`):
 
 1. Plan: forced tokens, where each chunk goes, and how many tokens each check layer keeps
-   so that the request fits the compute budget (:func:`selection_schedule`).
+   so that the request fits the compute budget (:mod:`cacheblend_ext.blend.schedule`).
 2. For each layer, the reused chunks' K/V are gathered into the request's KV buffer with
    their K re-rotated to the new positions (``fused_kv_concat``).
 3. Probe (``selection="probe"``, the default): the last query tokens run through every
@@ -37,445 +37,31 @@ With ratio 1.0 every token is selected (a full prefill); with ratio 0 only force
 are (full KV reuse: the query attends to the re-positioned chunk KV at every layer; layer
 0's fresh KV equals the re-rotated cached KV up to rounding).
 
-Layer-source protocol
----------------------
-The reused KV is fetched one layer at a time through a *layer source*, so a chunk store
-or a pipelined loader can feed the engine while it computes::
+The engine runs the steps in order; each one is written in its own module of
+:mod:`cacheblend_ext.blend` (the package docstring lists them).
 
-    class LayerSource(Protocol):
-        def layer(self, l: int) -> Sequence[torch.Tensor]: ...
-
-``layer(l)`` is called exactly once per layer, in ascending order ``0..L-1``, right before
-the engine needs layer ``l``, and returns one ``[2, T_i, H_kv, D]`` tensor (K after RoPE at
-the chunk's cached positions, then V; last dim contiguous, other strides free) per reused
-chunk, in the order the chunks appear in the request, on the engine's device and in the
-model's dtype. A loader may start fetching layer ``l + 1`` when ``layer(l)`` is called; the
-tensors returned for layer ``l`` must stay valid until ``layer(l + 1)`` is called (CUDA:
-produced on, or synchronised with, the current stream). The engine may ignore the layers
-it recomputes fully. Optional ``close()`` is called when the blend ends.
-:class:`InMemorySource` is the default (the ``ChunkKV`` objects' own tensors).
+The reused KV arrives one layer at a time through a *layer source* (the protocol:
+:mod:`cacheblend_ext.layer_source`); by default the request's ``ChunkKV`` objects' own
+tensors.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from . import _kernels
 from ..chunk import ChunkKV
 from ..identity import ModelIdentity
+from ..layer_source import LayerSource, MemoryLayerSource
 from ..rope import rope_spec_from_config
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-class LayerSource(Protocol):
-    def layer(self, l: int) -> Sequence[torch.Tensor]: ...
-
-
-class InMemorySource:
-    """Layer source over in-memory :class:`ChunkKV` objects (moved to ``device`` per layer)."""
-
-    def __init__(self, chunks: Sequence[ChunkKV], device=None, dtype=None):
-        self.chunks = list(chunks)
-        self.device = device
-        self.dtype = dtype
-
-    def layer(self, l: int) -> list[torch.Tensor]:
-        return [c.kv[l].to(device=self.device, dtype=self.dtype, non_blocking=True) for c in self.chunks]
-
-    def close(self) -> None:
-        pass
-
-
-DEVIATIONS = ("k", "v", "kv")
-SELECTIONS = ("deviation", "impact", "probe")
-QUOTAS = ("global", "per_chunk")
-BUDGETS = ("compute", "ratio")
-CHUNK_PREFIXES = ("bos", "none", "prefix")
-
-
-@dataclass
-class BlendConfig:
-    """Blend settings. The defaults are the best scheme measured on the project's quality
-    set (README, "Quality"); :meth:`published` is the scheme of the CacheBlend paper.
-
-    Budget
-    - ``recompute_ratio``: the recompute budget ``r``. The published scheme recomputes layer
-      0 for every token, then ``ceil(r * N)`` non-forced tokens plus every forced token at
-      each later layer; that many token-layers is the request's budget.
-    - ``budget``: ``"compute"`` (default) makes every scheme spend at most that budget:
-      extra full layers (a later first check layer), wider early selections (gradual
-      filtering) and chunk-boundary tokens are paid from it, so schemes compare at equal
-      compute. ``"ratio"`` applies the ratios literally: each check layer keeps
-      ``ceil(r_l * N)`` non-forced tokens, whatever the schedule costs.
-
-    The defaults: ``"probe"`` selection at check layer 0 (no full layer is spent before
-    it), chunks encoded after BOS, everything inside the published scheme's compute at the
-    same ratio.
-
-    Selection
-    - ``check_layers``: layers where selection happens (ascending). ``(1,)`` is the
-      published scheme, ``(0,)`` the default; several give gradual filtering (each selects from the previous
-      selection). Under the compute budget a first check layer the budget cannot pay for
-      moves earlier (to layer 1 at ratio 0, so ratio 0 stays full KV reuse).
-    - ``check_ratios``: per check layer ratio, not increasing; None gives a linear schedule
-      from ``min(1, 2r)`` down to ``r`` (just ``r`` for one layer). Under the compute budget
-      only their proportions count: the schedule is scaled to fit the budget.
-    - ``deviation``: what deviation ranks tokens by: ``"k"``, ``"v"`` or ``"kv"`` (sum), the
-      squared distance between the fresh and the reused K (V) over heads and dims.
-    - ``selection``: how candidates are ranked.
-      ``"deviation"`` (published): by deviation alone.
-      ``"impact"``: deviation times the attention mass that the query tokens (forced tokens
-      after the last reused chunk) put on each token at the check layer, since a query's
-      output error is roughly the attention-weighted sum of the errors of the tokens it reads.
-      ``"probe"``: a probe pass first runs the last ``probe_tokens`` query tokens through
-      every layer over the reused chunk KV alone (full KV reuse for those rows only), and
-      tokens are ranked by the attention mass the probe puts on them, summed over the
-      layers from the check layer on: the tokens whose KV the query actually reads where
-      the selection takes effect. The probe's token-layers are paid from the budget; it
-      needs every layer's reused KV before the first check layer (see the layer-source
-      protocol).
-    - ``quota``: ``"global"`` takes the top tokens of the whole request; ``"per_chunk"``
-      gives each reused chunk a share of the budget proportional to its candidates.
-    - ``boundary_tokens``: the first ``b`` tokens of each reused chunk are taken first,
-      inside the budget (each chunk was encoded alone, so its first tokens were attention
-      sinks).
-
-    Reuse
-    - ``chunk_prefix``: what a chunk is encoded after, its KV then dropped: ``"bos"`` (the
-      tokenizer's BOS token), ``"none"`` (the chunk alone at position 0) or ``"prefix"``
-      (the request's own prefix, e.g. the system prompt: the chunk's KV then starts from
-      the context it will be used in, and a chunk right after the prefix is exact).
-      ``"prefix"`` needs an encoder that knows the prefix (:class:`CachedBlender`, or
-      ``encode_chunk(segment, context=prefix)``); without one a chunk is encoded after BOS.
-      The context is part of the chunk's key, so chunks encoded after one system prompt
-      are not reused under another.
-    - ``fresh_check_kv``: a check layer computes fresh K/V for all its candidates anyway;
-      True keeps them for every candidate (not only the selected tokens) in the request's
-      KV at that layer. No extra compute; with it, ratio 0 no longer equals full KV reuse
-      at the check layers.
-    """
-
-    recompute_ratio: float = 0.15
-    check_layers: tuple[int, ...] = (0,)
-    check_ratios: tuple[float, ...] | None = None
-    deviation: str = "k"
-    selection: str = "probe"
-    quota: str = "global"
-    probe_tokens: int = 8
-    boundary_tokens: int = 0
-    budget: str = "compute"
-    chunk_prefix: str = "bos"
-    fresh_check_kv: bool = False
-
-    @classmethod
-    def published(cls, recompute_ratio: float = 0.15) -> "BlendConfig":
-        """The published CacheBlend scheme: K deviation at one check layer (layer 1), global top-k."""
-        return cls(recompute_ratio=recompute_ratio, check_layers=(1,), check_ratios=None, deviation="k",
-                   selection="deviation", quota="global", boundary_tokens=0, budget="ratio", chunk_prefix="bos",
-                   fresh_check_kv=False)
-
-    def replace(self, **changes) -> "BlendConfig":
-        """A copy with ``changes`` applied (``dataclasses.replace``)."""
-        return dataclasses.replace(self, **changes)
-
-    def ratios(self) -> tuple[float, ...]:
-        """The configured per-check-layer ratios (before any compute-budget scaling)."""
-        n = len(self.check_layers)
-        if self.check_ratios is not None:
-            if len(self.check_ratios) != n:
-                raise ValueError(f"check_ratios has {len(self.check_ratios)} entries for {n} check layers")
-            return tuple(float(r) for r in self.check_ratios)
-        return _linear_schedule(float(self.recompute_ratio), n)
-
-    def validate(self, num_layers: int) -> None:
-        if not 0.0 <= self.recompute_ratio <= 1.0:
-            raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        layers = tuple(self.check_layers)
-        if not layers or list(layers) != sorted(set(layers)):
-            raise ValueError(f"check_layers must be non-empty and strictly ascending, got {layers}")
-        if layers[0] < 0 or layers[-1] >= num_layers:
-            raise ValueError(f"check_layers {layers} out of range for a {num_layers}-layer model")
-        ratios = self.ratios()
-        if any(not 0.0 <= r <= 1.0 for r in ratios) or any(a < b for a, b in zip(ratios, ratios[1:])):
-            raise ValueError(f"check_ratios must lie in [0, 1] and not increase, got {ratios}")
-        for name, value, allowed in (("deviation", self.deviation, DEVIATIONS),
-                                     ("selection", self.selection, SELECTIONS), ("quota", self.quota, QUOTAS),
-                                     ("budget", self.budget, BUDGETS),
-                                     ("chunk_prefix", self.chunk_prefix, CHUNK_PREFIXES)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        if not isinstance(self.boundary_tokens, int) or self.boundary_tokens < 0:
-            raise ValueError(f"boundary_tokens must be a non-negative int, got {self.boundary_tokens!r}")
-        if not isinstance(self.probe_tokens, int) or self.probe_tokens < 1:
-            raise ValueError(f"probe_tokens must be a positive int, got {self.probe_tokens!r}")
-
-
-def _linear_schedule(r: float, n: int) -> tuple[float, ...]:
-    if n == 1:
-        return (r,)
-    top = min(1.0, 2 * r)
-    return tuple(top + (r - top) * i / (n - 1) for i in range(n))
-
-
-def published_cost(num_tokens: int, num_forced: int, ratio: float, num_layers: int) -> int:
-    """Token-layers the published scheme computes for a request: layer 0 for every token,
-    then ``ceil(ratio * N)`` non-forced tokens plus the forced ones at each later layer."""
-    if num_layers == 1:
-        return num_tokens
-    kept = min(num_tokens, num_forced + math.ceil(ratio * num_tokens - 1e-9))
-    return num_tokens + (num_layers - 1) * kept
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How a request is recomputed: the check layers it uses, how many non-forced tokens
-    each keeps (forced tokens come on top) and how many rows the probe pass runs (0: none)."""
-
-    layers: tuple[int, ...]
-    picks: tuple[int, ...]
-    probe_rows: int = 0
-
-
-def selection_schedule(cfg: BlendConfig, num_tokens: int, num_forced: int, num_layers: int,
-                       probe_rows: int = 0) -> Schedule:
-    """The :class:`Schedule` of a request of ``num_tokens`` tokens, ``num_forced`` of them
-    forced, whose ``"probe"`` selection would run ``probe_rows`` rows.
-
-    With ``budget="ratio"`` each check layer keeps ``ceil(r_l * N)`` non-forced tokens. With
-    ``budget="compute"`` the largest schedule of the configured shape whose token-layers
-    (every token before the first check layer, then the kept tokens at each layer, plus the
-    probe's rows at every layer) fit in :func:`published_cost`; if even an empty selection
-    does not fit, the first check layer moves earlier until it does (layer 1 keeps ratio 0
-    equal to full KV reuse); ``recompute_ratio`` 0 selects nothing (full KV reuse) even
-    where a schedule that starts at layer 0 could afford some tokens. A probe runs only when a selection has to rank tokens (some but
-    not all candidates kept); when the budget cannot pay for it, tokens are ranked by
-    deviation instead.
-    """
-    free = max(num_tokens - num_forced, 0)
-
-    def ranks(picks) -> bool:
-        return any(0 < k < free for k in picks)
-
-    if cfg.budget == "ratio":
-        layers = tuple(cfg.check_layers)
-        picks = tuple(min(free, math.ceil(r * num_tokens - 1e-9)) for r in cfg.ratios())
-        return Schedule(layers, picks, probe_rows if probe_rows and ranks(picks) else 0)
-    plain = _fit_schedule(cfg, num_tokens, num_forced, num_layers, extra_cost=0)
-    if not (probe_rows and ranks(plain.picks)):
-        return plain
-    probed = _fit_schedule(cfg, num_tokens, num_forced, num_layers, extra_cost=probe_rows * num_layers)
-    if not any(probed.picks):
-        return plain
-    return Schedule(probed.layers, probed.picks, probe_rows)
-
-
-def _fit_schedule(cfg: BlendConfig, n: int, num_forced: int, num_layers: int, extra_cost: int) -> Schedule:
-    """The compute-budget schedule (see :func:`selection_schedule`) with ``extra_cost``
-    token-layers spent elsewhere."""
-    free = max(n - num_forced, 0)
-    layers = tuple(cfg.check_layers)
-    shape = cfg.ratios()
-    budget = published_cost(n, num_forced, cfg.recompute_ratio, num_layers) - extra_cost
-
-    def picks(final: int) -> tuple[int, ...]:
-        if cfg.check_ratios is None:
-            sched = _linear_schedule(final / n, len(layers))
-        else:
-            last = shape[-1]
-            sched = tuple(min(1.0, r / last * final / n) if last > 0 else (1.0 if r > 0 else 0.0) for r in shape)
-            sched = sched[:-1] + (final / n,)
-        return tuple(min(free, max(final, math.ceil(r * n - 1e-9))) for r in sched)
-
-    def cost(ks: tuple[int, ...], lays: tuple[int, ...]) -> int:
-        bounds = lays[1:] + (num_layers,)
-        return lays[0] * n + sum((b - a) * min(n, num_forced + k) for k, a, b in zip(ks, lays, bounds))
-
-    lays = layers
-    while cost(picks(0), lays) > budget and lays[0] > min(1, num_layers - 1):
-        first = lays[0] - 1
-        lays = tuple(sorted({first, *(l for l in lays[1:] if l > first)}))
-    if cfg.recompute_ratio == 0:  # ratio 0 is full KV reuse, whatever a cheaper schedule could afford
-        return Schedule(lays, picks(0))
-    lo, hi = 0, free
-    while lo < hi:  # the largest final count whose schedule fits (cost grows with it)
-        mid = (lo + hi + 1) // 2
-        if cost(picks(mid), lays) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return Schedule(lays, picks(lo))
-
-
-@dataclass
-class BlendResult:
-    """What one blended (or full) prefill returns.
-
-    ``logits`` ``[vocab]`` float32 of the first output token; ``cache`` a ``DynamicCache``
-    over all ``N`` request tokens that Hugging Face can continue from (feed the next token
-    at position ``N``); ``input_ids`` ``[N]``; ``selected[l]`` the token indices computed
-    at layer ``l`` (``None``: all tokens); ``forced`` ``[N]`` bool; ``timings`` in ms.
-    """
-
-    logits: torch.Tensor
-    cache: object
-    input_ids: torch.Tensor
-    selected: list
-    forced: torch.Tensor
-    timings: dict = field(default_factory=dict)
-    probe_tokens: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def recomputed_fraction(self, layer: int = -1) -> float:
-        """Fraction of the request's tokens computed at ``layer`` (the last by default)."""
-        sel = self.selected[layer]
-        return 1.0 if sel is None else sel.numel() / self.num_tokens
-
-    def compute_fraction(self) -> float:
-        """Token-layers computed (attention and MLP, the probe pass's rows included) over
-        ``N * L``: the share of a full prefill's compute this blend spent (a check layer's
-        Q/K/V of its rejected candidates is not counted)."""
-        n, layers = self.num_tokens, len(self.selected)
-        main = sum(n if s is None else s.numel() for s in self.selected)
-        return (main + self.probe_tokens * layers) / (n * layers)
-
-
-@dataclass
-class RequestPlan:
-    """A request laid out for blending (:meth:`BlendEngine.plan_request`).
-
-    ``input_ids`` ``[N]``; ``forced`` ``[N]`` bool (tokens without cached KV, and the last
-    token); ``chunks`` the reused chunks in request order, ``spans`` their ``(start, end)``
-    positions and ``src_pos`` the positions their K was rotated at (concatenated);
-    ``check`` maps each check layer to the number of non-forced tokens it keeps;
-    ``probe_rows`` the positions the probe pass runs (empty: no probe).
-    """
-
-    config: BlendConfig
-    input_ids: torch.Tensor
-    forced: torch.Tensor
-    chunks: list
-    spans: list
-    src_pos: torch.Tensor | None
-    check: dict
-    probe_rows: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-@dataclass
-class _BlendState:
-    """Per-request state while the layers run: the request's KV buffers, the hidden states
-    of the rows still computed (``sel``: their positions, ``None`` for all) and timings."""
-
-    plan: RequestPlan
-    rope: object
-    kbuf: torch.Tensor  # [L, H_kv, N, D]
-    vbuf: torch.Tensor
-    positions: torch.Tensor  # [N] on the device
-    forced: torch.Tensor  # [N] bool on the device
-    hidden: torch.Tensor  # [rows, hidden]
-    cos: torch.Tensor  # [N, rotary_dim]
-    sin: torch.Tensor
-    src_pos: torch.Tensor | None
-    dst_pos: torch.Tensor | None
-    sel: torch.Tensor | None = None
-    rank_scores: torch.Tensor | None = None
-    probe_mass: torch.Tensor | None = None  # [L, N] (probe selection)
-    batch_kv: tuple | None = None  # in a batched blend: the batch's (K, V) buffers kbuf / vbuf are slices of
-    batch_offset: int = 0  # where this request's tokens start in them
-    selected: list = field(default_factory=list)
-    timings: dict = field(default_factory=lambda: {"concat_ms": 0.0, "select_ms": 0.0})
-
-    def rows(self) -> torch.Tensor:
-        """Positions of the rows computed at the current layer."""
-        return self.positions if self.sel is None else self.sel
-
-    def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.cos, self.sin) if self.sel is None else (self.cos[self.sel], self.sin[self.sel])
-
-    def layer_kv(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token-major ``[N, H_kv, D]`` views of layer ``l``'s K and V."""
-        return self.kbuf[l].transpose(0, 1), self.vbuf[l].transpose(0, 1)
-
-
-def _per_chunk_top(score: torch.Tensor, pos: torch.Tensor, spans, k: int) -> torch.Tensor:
-    """Indices of ``k`` tokens, each chunk's share proportional to its candidates (largest
-    remainders get the leftover), the top scores within each chunk."""
-    starts = torch.tensor([a for a, _ in spans], device=pos.device)
-    chunk = torch.searchsorted(starts, pos, right=True) - 1
-    sizes = torch.bincount(chunk, minlength=len(spans)).cpu()
-    exact = sizes.double() * k / max(int(sizes.sum()), 1)
-    quota = exact.floor().long()
-    left = k - int(quota.sum())
-    if left > 0:  # largest remainder first, ties to the earlier chunk
-        order = sorted(range(len(spans)), key=lambda i: (-(float(exact[i]) - int(quota[i])), i))
-        for i in order[:left]:
-            quota[i] += 1
-    picks = []
-    for i in range(len(spans)):
-        members = (chunk == i).nonzero().flatten()
-        if quota[i] > 0:
-            picks.append(members[_kernels.select_hkvd(score[members], int(quota[i]))])
-    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64, device=score.device)
-
-
-def _cache_kwarg(model) -> str:
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def make_dynamic_cache(model, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
-    """A ``DynamicCache`` whose layer ``l`` holds ``keys[l]`` / ``values[l]``
-    (``[1, H_kv, N, D]``) without copying them (transformers 5.17 to 5.24)."""
-    from transformers import DynamicCache
-
-    try:
-        cache = DynamicCache(config=model.config)
-    except TypeError:  # pragma: no cover - older signature
-        cache = DynamicCache()
-    for l, (k, v) in enumerate(zip(keys, values)):
-        if l < len(cache.layers):
-            layer = cache.layers[l]
-            if not getattr(layer, "is_initialized", False):
-                layer.update(k[..., :0, :], v[..., :0, :])  # initialise (device, dtype) without copying
-            layer.keys, layer.values = k, v
-        else:
-            cache.update(k, v, l)
-    return cache
-
-
-def _out_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Hugging Face's NeoX RoPE on ``x [M, H, D]`` with ``cos``/``sin`` ``[M, rotary_dim]``."""
-    rd = cos.shape[-1]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    rot, rest = (x, None) if rd == x.shape[-1] else (x[..., :rd], x[..., rd:])
-    half = rd // 2
-    rotated_half = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    out = rot * cos + rotated_half * sin
-    return out if rest is None else torch.cat((out, rest), dim=-1)
+from .attention import attend
+from .config import BlendConfig
+from .hf import HFDecoder, cache_layers, make_dynamic_cache, out_cache
+from .request import BlendResult, BlendState, RequestPlan
+from .selection import run_probe, select
 
 
 class BlendEngine:
@@ -485,57 +71,26 @@ class BlendEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or BlendConfig()
-        self._check_model(model)
-        cfg = model.config
-        self.base = model.model
-        self.layers = list(self.base.layers)
-        self.num_layers = len(self.layers)
-        attn0 = self.layers[0].self_attn
-        self.head_dim = int(getattr(attn0, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        self.num_heads = int(cfg.num_attention_heads)
-        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
-        self.scaling = float(getattr(attn0, "scaling", self.head_dim ** -0.5))
-        self.has_qk_norm = hasattr(attn0, "q_norm") and hasattr(attn0, "k_norm")
+        self.decoder = d = HFDecoder(model)  # refuses models the engine cannot run
+        # the model's shape, as the engine's callers read it
+        self.base, self.layers, self.num_layers = d.base, d.layers, d.num_layers
+        self.head_dim, self.num_heads, self.num_kv_heads = d.head_dim, d.num_heads, d.num_kv_heads
+        self.scaling, self.has_qk_norm = d.scaling, d.has_qk_norm
         self.config.validate(self.num_layers)
         self._rope = None
-        self._cache_kw = _cache_kwarg(model)
         # what chunk keys hash: weights, config and RoPE (``model_id`` overrides the model part)
         self.identity = ModelIdentity.of_model(model, model_id=model_id, head_dim=self.head_dim)
         self.model_id = self.identity.model_id
 
     # ------------------------------------------------------------------ setup
 
-    @staticmethod
-    def _check_model(model) -> None:
-        cfg = getattr(model, "config", None)
-        mtype = getattr(cfg, "model_type", None)
-        if mtype not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {mtype!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        base = getattr(model, "model", None)
-        missing = [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(base, n)]
-        if not hasattr(model, "lm_head"):
-            missing.append("lm_head")
-        if base is not None and hasattr(base, "layers") and len(base.layers):
-            layer = base.layers[0]
-            missing += [f"layers[0].{n}" for n in ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
-                        if not hasattr(layer, n)]
-            attn = getattr(layer, "self_attn", None)
-            missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, n)]
-        if missing:
-            raise ValueError(f"{type(model).__name__} lacks the modules the blend engine needs: {', '.join(missing)}")
-        layer_types = getattr(cfg, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            raise ValueError(f"only full-attention layers are supported, got layer_types {sorted(set(layer_types))}")
-
     @property
     def device(self) -> torch.device:
-        return self.base.embed_tokens.weight.device
+        return self.decoder.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.base.embed_tokens.weight.dtype
+        return self.decoder.dtype
 
     def rope(self, max_position: int):
         """RoPE spec (vLLM-layout table) covering at least ``max_position`` positions."""
@@ -583,15 +138,10 @@ class BlendEngine:
 
     # ------------------------------------------------------------------ HF helpers
 
-    def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache=None, logits_to_keep: int = 1):
-        kwargs = {self._cache_kw: cache} if cache is not None else {}
-        # Only the last position's logits are needed (as a serving engine computes them).
-        return self.model(input_ids=input_ids[None].to(self.device), position_ids=position_ids[None].to(self.device),
-                          use_cache=True, logits_to_keep=logits_to_keep, **kwargs)
-
-    @staticmethod
-    def _cache_layers(cache):
-        return [(layer.keys, layer.values) for layer in cache.layers]
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache=None, logits_to_keep: int = 1):
+        """The model's forward of ``input_ids`` ``[T]`` at ``position_ids`` ``[T]`` after the
+        KV in ``cache``, with the logits of the last ``logits_to_keep`` positions (0: all)."""
+        return self.decoder.forward(input_ids, position_ids, cache, logits_to_keep)
 
     # ------------------------------------------------------------------ chunks
 
@@ -611,10 +161,10 @@ class BlendEngine:
                               f"chunk of {ids.numel()} tokens after {len(prefix)} context tokens")
         full = torch.tensor(prefix + ids.tolist(), dtype=torch.int64)
         pos = torch.arange(full.numel(), dtype=torch.int64)
-        out = self._forward(full, pos)
+        out = self.forward(full, pos)
         p = len(prefix)
         kv = torch.stack([torch.stack([k[0, :, p:].transpose(0, 1), v[0, :, p:].transpose(0, 1)])
-                          for k, v in self._cache_layers(_out_cache(out))])
+                          for k, v in cache_layers(out_cache(out))])
         key = self.chunk_key(ids, prefix)
         return ChunkKV(kv.contiguous(), pos[p:].clone(), ids, key, tuple(prefix))
 
@@ -650,11 +200,11 @@ class BlendEngine:
                                        [kv[l, 1].transpose(0, 1)[None] for l in range(kv.shape[0])])
             start = p
         pos = torch.arange(start, ids.numel(), dtype=torch.int64)
-        out = self._forward(ids[start:], pos, cache)
+        out = self.forward(ids[start:], pos, cache)
         logits = out.logits[0, -1].float()
         self._sync()
         t = (time.perf_counter() - t0) * 1e3
-        cache_out = _out_cache(out)
+        cache_out = out_cache(out)
         return BlendResult(logits, cache_out, ids, [None] * self.num_layers,
                            torch.ones(ids.numel(), dtype=torch.bool), {"total_ms": t})
 
@@ -663,9 +213,9 @@ class BlendEngine:
         """KV of ``segments`` prefilled together at position 0 (for prefix caching)."""
         ids = torch.cat([s.token_ids if isinstance(s, ChunkKV) else self.tokenize(s) for s in segments])
         pos = torch.arange(ids.numel(), dtype=torch.int64)
-        out = self._forward(ids, pos)
-        cache = _out_cache(out)
-        kv = torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in self._cache_layers(cache)])
+        out = self.forward(ids, pos)
+        cache = out_cache(out)
+        kv = torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in cache_layers(cache)])
         key = self.chunk_key(ids, ())
         return ChunkKV(kv.contiguous(), pos, ids, key, ())
 
@@ -702,7 +252,7 @@ class BlendEngine:
 
         ``config`` overrides the engine's :class:`BlendConfig` for this call. ``source``
         overrides where the reused chunks' per-layer KV comes from (see the layer-source
-        protocol in the module docstring); by default the chunks' own tensors.
+        protocol in :mod:`cacheblend_ext.layer_source`); by default the chunks' own tensors.
         ``rank_scores`` ``[N]``, if given, ranks the candidates at every check layer in
         place of the configured deviation (for experiments with other rankings, such as
         the hindsight yardstick of ``bench quality``).
@@ -712,7 +262,7 @@ class BlendEngine:
         t_start = time.perf_counter()
         plan = self.plan_request(segments, cfg)
         if source is None:
-            source = InMemorySource(plan.chunks, self.device, self.dtype)
+            source = MemoryLayerSource.of_chunks(plan.chunks, self.device, self.dtype)
         state = self._start(plan)
         if rank_scores is not None:
             if rank_scores.shape != (plan.num_tokens,):
@@ -758,7 +308,7 @@ class BlendEngine:
             state.batch_kv, state.batch_offset = (kbig, vbig), offset
             states.append(state)
             offset += n
-        self._run_layers(states, [InMemorySource(p.chunks, self.device, self.dtype) for p in plans])
+        self._run_layers(states, [MemoryLayerSource.of_chunks(p.chunks, self.device, self.dtype) for p in plans])
         results = [self._finish(state) for state in states]
         elapsed = (time.perf_counter() - t_start) * 1e3
         for result in results:
@@ -768,27 +318,18 @@ class BlendEngine:
 
     # -- the blend's steps, in order
 
-    def plan_request(self, segments, config: BlendConfig | None = None) -> "RequestPlan":
-        """Lay a request out: token ids, forced tokens, where each reused chunk goes, and
-        how many tokens each check layer keeps (:func:`selection_schedule`)."""
+    def plan_request(self, segments, config: BlendConfig | None = None) -> RequestPlan:
+        """Step 1: lay a request out (:meth:`RequestPlan.lay_out`) once its chunks were
+        checked against this model and its text tokenized."""
         cfg = config or self.config
-        ids_parts, forced_parts, chunks, spans, src_pos = [], [], [], [], []
-        n = 0
+        parts = []
         for i, seg in enumerate(segments):
             if isinstance(seg, ChunkKV):
                 self._check_chunk(seg, f"segments[{i}]")
-                t = seg.num_tokens
-                ids_parts.append(seg.token_ids)
-                forced_parts.append(torch.zeros(t, dtype=torch.bool))
-                chunks.append(seg)
-                spans.append((n, n + t))
-                src_pos.append(seg.positions.cpu())
+                parts.append(seg)
             else:
-                ids = self.tokenize(seg)
-                t = ids.numel()
-                ids_parts.append(ids)
-                forced_parts.append(torch.ones(t, dtype=torch.bool))
-            n += t
+                parts.append(self.tokenize(seg))
+        n = sum(p.num_tokens if isinstance(p, ChunkKV) else p.numel() for p in parts)
         if n == 0:
             raise ValueError("empty request")
         self._check_positions(n, f"request of {n} tokens")
@@ -796,247 +337,38 @@ class BlendEngine:
         if window and getattr(self.model.config, "use_sliding_window", True) and n > window:
             raise ValueError(f"request of {n} tokens exceeds the model's sliding window ({window}); "
                              "sliding-window attention is not supported")
-        forced = torch.cat(forced_parts)
-        forced[-1] = True  # the last token gives the first output token
-        probe = torch.zeros(0, dtype=torch.int64)
-        if chunks and cfg.selection == "probe":  # the query: forced tokens after the last chunk's start
-            probe = forced[spans[-1][0]:].nonzero().flatten()[-cfg.probe_tokens:] + spans[-1][0]
-        schedule = selection_schedule(cfg, n, int(forced.sum()), self.num_layers, probe.numel())
-        return RequestPlan(cfg, torch.cat(ids_parts), forced, chunks, spans,
-                           torch.cat(src_pos) if chunks else None, dict(zip(schedule.layers, schedule.picks)),
-                           probe[: schedule.probe_rows] if schedule.probe_rows else probe[:0])
+        return RequestPlan.lay_out(cfg, parts, self.num_layers)
 
-    def _start(self, plan: "RequestPlan", kbuf: torch.Tensor | None = None,
-               vbuf: torch.Tensor | None = None) -> "_BlendState":
-        """Buffers for the request's KV (``kbuf`` / ``vbuf`` if given: views of a batch's
-        buffer), the embeddings and the RoPE angles of every position."""
-        n, device = plan.num_tokens, self.device
+    def _start(self, plan: RequestPlan, kbuf: torch.Tensor | None = None,
+               vbuf: torch.Tensor | None = None) -> BlendState:
         max_src = int(plan.src_pos.max()) + 1 if plan.chunks else 0
-        rope = self.rope(max(n, max_src))
-        # the request's KV in HF layout [L, H_kv, N, D]; the ops see token-major views
-        if kbuf is None:
-            kbuf = torch.empty(self.num_layers, self.num_kv_heads, n, self.head_dim, device=device, dtype=self.dtype)
-            vbuf = torch.empty_like(kbuf)
-        positions = torch.arange(n, device=device)
-        hidden = self.base.embed_tokens(plan.input_ids.to(device)[None])[0]  # [N, hidden]
-        cos, sin = self.base.rotary_emb(hidden[None], positions[None])
-        dst = torch.cat([torch.arange(a, b) for a, b in plan.spans]).to(device) if plan.chunks else None
-        return _BlendState(plan, rope, kbuf, vbuf, positions, plan.forced.to(device), hidden, cos[0], sin[0],
-                           plan.src_pos.to(device) if plan.chunks else None, dst)
-
-    def _place_reused(self, state: "_BlendState", l: int, reused: Sequence[torch.Tensor]) -> None:
-        """Gather the reused chunks' layer-``l`` KV into the request at their new positions (K re-rotated)."""
-        t0 = time.perf_counter()
-        k_tok, v_tok = state.layer_kv(l)
-        _kernels.fused_kv_concat([c[None] for c in reused], state.src_pos, state.dst_pos, state.dst_pos,
-                                 state.rope.cos_sin_cache, state.rope.is_neox, [k_tok], [v_tok])
-        state.timings["concat_ms"] += (time.perf_counter() - t0) * 1e3
+        return BlendState.start(plan, self.decoder, self.rope(max(plan.num_tokens, max_src)), kbuf, vbuf)
 
     def _run_layers(self, states: list, sources: list) -> None:
         """The probe (where planned), then every layer for all ``states`` together: their
         rows share the projection and MLP calls; ranking and selection stay per request."""
         probed = [s.plan.probe_rows.numel() > 0 for s in states]
         if any(probed):  # the probe reads every layer's reused KV and leaves it in place
-            self._probe([s for s, p in zip(states, probed) if p], [src for src, p in zip(sources, probed) if p])
+            run_probe(self.decoder, [s for s, p in zip(states, probed) if p],
+                      [src for src, p in zip(sources, probed) if p])
         for l, layer in enumerate(self.layers):
             for state, source, placed in zip(states, sources, probed):
                 if not placed:
                     reused = source.layer(l) if state.plan.chunks else []
                     if state.plan.chunks and (state.sel is not None or l in state.plan.check):
-                        self._place_reused(state, l, reused)
-            qkv = self._rows_qkv(layer, [s.hidden for s in states], [s.rotary() for s in states])
+                        state.place_reused(l, reused)
+            qkv = self.decoder.rows_qkv(layer, [s.hidden for s in states], [s.rotary() for s in states])
             for i, state in enumerate(states):
                 if l in state.plan.check:
-                    qkv[i] = self._select(state, l, *qkv[i])
-            outs = self._attend(states, l, qkv)
-            hidden = self._o_proj_mlp(layer, [s.hidden for s in states], outs)
+                    qkv[i] = select(self.decoder, state, l, *qkv[i])
+            outs = attend(self.decoder, states, l, qkv)
+            hidden = self.decoder.o_proj_mlp(layer, [s.hidden for s in states], outs)
             for state, h in zip(states, hidden):
                 state.hidden = h
 
-    def _probe(self, states: list, sources: list) -> None:
-        """The probe pass: each request's probe rows (its last query tokens) run through
-        every layer over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]``
-        is the attention they pay each position at layer ``l``, summed over rows and heads.
-        Every layer's reused KV is left placed in the request's buffers for the main pass."""
-        t0, concat0 = time.perf_counter(), [s.timings["concat_ms"] for s in states]
-        rows = [s.plan.probe_rows.to(self.device) for s in states]
-        hidden = [s.hidden[r] for s, r in zip(states, rows)]
-        rotary = [(s.cos[r], s.sin[r]) for s, r in zip(states, rows)]
-        group = self.num_heads // self.num_kv_heads
-        visible = []
-        for state, r in zip(states, rows):
-            # The probe sees the reused KV and its own rows (exact position-causal mask); other
-            # tokens without cached KV (the prefix, the start of a long query) have no KV yet.
-            known = ~state.forced
-            known[r] = True
-            visible.append((state.positions[None, :] <= r[:, None]) & known[None, :])  # [P, N]
-            unknown = (~known).nonzero().flatten()
-            state.kbuf[:, :, unknown] = 0  # masked out, but 0 * NaN would still reach the output
-            state.vbuf[:, :, unknown] = 0
-            state.probe_mass = torch.zeros(self.num_layers, state.plan.num_tokens, device=self.device,
-                                           dtype=torch.float32)
-        for l, layer in enumerate(self.layers):
-            outs = []
-            for state, source, r, vis, (q, k, v) in zip(states, sources, rows, visible,
-                                                         self._rows_qkv(layer, hidden, rotary)):
-                self._place_reused(state, l, source.layer(l))
-                k_tok, v_tok = state.layer_kv(l)
-                k_tok[r], v_tok[r] = k, v
-                qg = q.float().view(r.numel(), self.num_kv_heads, group, self.head_dim)
-                scores = torch.einsum("phgd,nhd->phgn", qg, k_tok.float()) * self.scaling
-                probs = scores.masked_fill(~vis[:, None, None, :], float("-inf")).softmax(-1)
-                state.probe_mass[l] = probs.sum((0, 1, 2))
-                outs.append(torch.einsum("phgn,nhd->phgd", probs, v_tok.float()).to(q.dtype))
-            hidden = self._o_proj_mlp(layer, hidden, outs)
-        elapsed = (time.perf_counter() - t0) * 1e3
-        for state, c0 in zip(states, concat0):
-            # the probe's own time: placing the reused KV is the main pass's work done early
-            state.timings["probe_ms"] = elapsed - (state.timings["concat_ms"] - c0)
-
-    def _rows_qkv(self, layer, hidden: list, rotary: list) -> list:
-        """Q/K/V of several requests' rows in one call per projection; per-request splits."""
-        if len(hidden) == 1:
-            return [self._layer_qkv(layer, hidden[0], *rotary[0])]
-        sizes = [h.shape[0] for h in hidden]
-        q, k, v = self._layer_qkv(layer, torch.cat(hidden), torch.cat([c for c, _ in rotary]),
-                                  torch.cat([s for _, s in rotary]))
-        return [list(t) for t in zip(q.split(sizes), k.split(sizes), v.split(sizes))]
-
-    def _o_proj_mlp(self, layer, hidden: list, outs: list) -> list:
-        """Output projection, residual and MLP of several requests' rows in one call each."""
-        sizes = [h.shape[0] for h in hidden]
-        h = torch.cat(hidden) if len(hidden) > 1 else hidden[0]
-        o = torch.cat(outs) if len(outs) > 1 else outs[0]
-        h = h + layer.self_attn.o_proj(o.reshape(o.shape[0], -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return list(h.split(sizes)) if len(hidden) > 1 else [h]
-
-    def _layer_qkv(self, layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        attn = layer.self_attn
-        m = h.shape[0]
-        x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(m, -1, self.head_dim)
-        k = attn.k_proj(x).view(m, -1, self.head_dim)
-        v = attn.v_proj(x).view(m, -1, self.head_dim)
-        if self.has_qk_norm:
-            q = attn.q_norm(q)
-            k = attn.k_norm(k)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
-
-    def _select(self, state: "_BlendState", l: int, q, k, v):
-        """At a check layer: rank the candidates (the rows computed so far that are not
-        forced) and keep the top ones plus every forced row; returns the kept rows' Q/K/V."""
-        t0 = time.perf_counter()
-        cfg, plan = state.plan.config, state.plan
-        k_tok, v_tok = state.layer_kv(l)
-        rows = state.rows()
-        rows_forced = state.forced[rows]
-        cand = (~rows_forced).nonzero().flatten()
-        budget = min(plan.check[l], cand.numel())
-        if budget > 0:
-            cand_pos = rows[cand]
-            if state.rank_scores is not None:
-                score = state.rank_scores[cand_pos].contiguous()
-            elif state.probe_mass is not None:  # the probe's attention where this selection takes effect
-                score = state.probe_mass[l:].sum(0)[cand_pos]
-            else:
-                score = self._deviation(cfg, k[cand], v[cand], k_tok, v_tok, cand_pos)
-            if cfg.selection == "impact" and state.rank_scores is None:
-                score = score * self._query_attention_mass(state, l, q, k, rows)[cand_pos]
-            pick = self._top_candidates(cfg, plan, score, cand_pos, budget)
-            keep = torch.cat([rows_forced.nonzero().flatten(), cand[pick]]).sort().values
-        else:
-            keep = rows_forced.nonzero().flatten()
-        if cfg.fresh_check_kv:  # after the deviation above has read the reused K/V
-            k_tok[rows], v_tok[rows] = k, v
-        if not (state.sel is None and keep.numel() == plan.num_tokens):  # all kept: stay on the full path
-            state.sel = rows[keep]
-            q, k, v, state.hidden = q[keep], k[keep], v[keep], state.hidden[keep]
-        state.timings["select_ms"] += (time.perf_counter() - t0) * 1e3
-        return q, k, v
-
-    @staticmethod
-    def _deviation(cfg: BlendConfig, k_fresh, v_fresh, k_reused, v_reused, index: torch.Tensor) -> torch.Tensor:
-        if cfg.deviation == "k":
-            return _kernels.kv_deviation(k_fresh, k_reused, index)
-        if cfg.deviation == "v":
-            return _kernels.kv_deviation(v_fresh, v_reused, index)
-        dev = _kernels.kv_deviation(k_fresh, k_reused, index)
-        return _kernels.kv_deviation(v_fresh, v_reused, index, out=dev, accumulate=True)
-
-    def _query_attention_mass(self, state: "_BlendState", l: int, q, k, rows) -> torch.Tensor:
-        """``[N]`` float32: the attention the query rows (forced rows after the last reused
-        chunk) pay each position at this layer, summed over rows and heads; keys are the
-        fresh K of the computed rows and the reused K elsewhere."""
-        query_start = state.plan.spans[-1][1]
-        qrows = (rows >= query_start).nonzero().flatten()
-        keys = state.layer_kv(l)[0].clone()
-        keys[rows] = k
-        group = self.num_heads // self.num_kv_heads
-        qg = q[qrows].float().view(qrows.numel(), self.num_kv_heads, group, self.head_dim)
-        scores = torch.einsum("mhgd,nhd->mhgn", qg, keys.float()) * self.scaling
-        visible = state.positions[None, :] <= rows[qrows][:, None]  # [m, N] exact causal mask
-        scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
-        return scores.softmax(-1).sum((0, 1, 2))
-
-    @staticmethod
-    def _top_candidates(cfg: BlendConfig, plan: "RequestPlan", score: torch.Tensor, cand_pos: torch.Tensor,
-                        budget: int) -> torch.Tensor:
-        """Indices into the candidates of the ``budget`` tokens kept: the chunk-boundary
-        tokens first, then the highest scores, over the request or per chunk."""
-        prio = torch.zeros_like(score, dtype=torch.bool)
-        if cfg.boundary_tokens:
-            starts = torch.tensor([a for a, _ in plan.spans], device=cand_pos.device)
-            chunk = torch.searchsorted(starts, cand_pos, right=True) - 1
-            prio = cand_pos - starts[chunk] < cfg.boundary_tokens
-        first = prio.nonzero().flatten()
-        if first.numel() >= budget:
-            return first[_kernels.select_hkvd(score[first], budget)]
-        rest = (~prio).nonzero().flatten()
-        need = budget - first.numel()
-        if cfg.quota == "global":
-            chosen = rest[_kernels.select_hkvd(score[rest], need)]
-        else:
-            chosen = rest[_per_chunk_top(score[rest], cand_pos[rest], plan.spans, need)]
-        return torch.cat([first, chosen])
-
-    def _attend(self, states: list, l: int, qkv: list) -> list:
-        """Write each request's computed rows' fresh K/V into its KV, then attend: causal
-        prefill on the full path, exact position-causal sparse-query attention on the
-        selective path (one ragged call when every request of a batch is selective).
-        Returns each request's attention output ``[rows, Hq, D]``."""
-        outs = [None] * len(states)
-        for i, (state, (q, k, v)) in enumerate(zip(states, qkv)):
-            k_tok, v_tok = state.layer_kv(l)
-            if state.sel is None:
-                k_tok.copy_(k)
-                v_tok.copy_(v)
-                outs[i] = F.scaled_dot_product_attention(
-                    q.transpose(0, 1)[None], state.kbuf[l][None], state.vbuf[l][None], is_causal=True,
-                    scale=self.scaling, enable_gqa=self.num_heads != self.num_kv_heads)[0].transpose(0, 1)
-            else:
-                k_tok[state.sel] = k
-                v_tok[state.sel] = v
-            state.selected.append(state.sel)
-        sparse = [i for i, s in enumerate(states) if s.sel is not None]
-        if len(sparse) > 1 and len(sparse) == len(states):  # one ragged call over the batch buffer
-            kbig, vbig = states[0].batch_kv
-            counts = torch.tensor([0] + [s.sel.numel() for s in states])
-            q_indptr = counts.cumsum(0).to(self.device)
-            kv_indptr = torch.tensor([s.batch_offset for s in states] + [kbig.shape[2]], device=self.device)
-            o = _kernels.sparse_query_attention(
-                torch.cat([q for q, _, _ in qkv]), kbig[l].transpose(0, 1), vbig[l].transpose(0, 1),
-                torch.cat([s.sel for s in states]), self.scaling, q_indptr=q_indptr, kv_indptr=kv_indptr)
-            return list(o.split(counts[1:].tolist()))
-        for i in sparse:
-            k_tok, v_tok = states[i].layer_kv(l)
-            outs[i] = _kernels.sparse_query_attention(qkv[i][0], k_tok, v_tok, states[i].sel, self.scaling)
-        return outs
-
-    def _finish(self, state: "_BlendState") -> BlendResult:
+    def _finish(self, state: BlendState) -> BlendResult:
         """First-token logits from the last token; the blended KV as a ``DynamicCache`` (views)."""
-        last = self.base.norm(state.hidden[-1:])
-        logits = self.model.lm_head(last)[0].float()
+        logits = self.decoder.logits(state.hidden[-1:])
         cache = make_dynamic_cache(self.model, [state.kbuf[l][None] for l in range(self.num_layers)],
                                    [state.vbuf[l][None] for l in range(self.num_layers)])
         self._sync()
@@ -1056,21 +388,8 @@ class BlendEngine:
         eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(int(self.tokenizer.eos_token_id))
-        tokens, all_logits = [], []
-        logits = result.logits
-        pos = result.num_tokens
-        cache = result.cache
-        for i in range(max_new_tokens):
-            all_logits.append(logits)
-            tok = int(logits.argmax())
-            tokens.append(tok)
-            if (stop_at_eos and tok in eos) or i == max_new_tokens - 1:
-                break
-            out = self._forward(torch.tensor([tok]), torch.tensor([pos]), cache)
-            cache = _out_cache(out)
-            logits = out.logits[0, -1].float()
-            pos += 1
-        result.cache = cache
+        tokens, all_logits, result.cache = self.decoder.greedy(result.logits, result.cache, result.num_tokens,
+                                                               max_new_tokens, eos if stop_at_eos else ())
         if return_logits:
             return tokens, torch.stack(all_logits)
         return tokens

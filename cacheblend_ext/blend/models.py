@@ -70,7 +70,7 @@ def _field(reader, key, default=None):
     return value
 
 
-def _unpermute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+def unpermute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Inverse of llama.cpp's Q/K row permutation (interleaved pairs -> half split).
 
     llama.cpp's converter maps HF rows ``[head, half, i]`` to ``[head, i, half]``;
@@ -144,9 +144,9 @@ def _state_dict_from_gguf(reader, config) -> dict[str, torch.Tensor]:
         elif t.name.startswith("blk."):
             _, layer, kind, _ = t.name.split(".", 3)
             if kind == "attn_q":
-                tensor = _unpermute_rows(tensor, config.num_attention_heads)
+                tensor = unpermute_rows(tensor, config.num_attention_heads)
             elif kind == "attn_k":
-                tensor = _unpermute_rows(tensor, config.num_key_value_heads)
+                tensor = unpermute_rows(tensor, config.num_key_value_heads)
             state[f"model.layers.{layer}.{names[kind]}.weight"] = tensor
         else:
             raise ValueError(f"unexpected GGUF tensor {t.name!r}")

@@ -366,8 +366,10 @@ def current_attention_kernel() -> tuple[str, int]:
     return str(impl), int(tiles)
 
 
-def _kv_pair(kv_cache, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, V) as the op's ``[num_pages, page_size, Hkv, D]`` views of an engine's cache."""
+def kv_pair(kv_cache, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, V) as :func:`sparse_query_attention_paged` sees an engine's cache: views
+    ``[num_pages, page_size, Hkv, D]`` of ``kv_cache`` (one ``[num_pages, 2, ...]`` tensor,
+    a ``(k_cache, v_cache)`` pair, or token pools ``[num_slots, Hkv, D]``) in ``layout``."""
     _check_layout(layout)
     if isinstance(kv_cache, torch.Tensor):
         if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
@@ -428,7 +430,7 @@ def sparse_query_attention_paged(
     key through the page table; no host sync. CPU: the contiguous op's tiled GEMM kernel,
     each K/V tile gathered through the page table into its per-thread fp32 buffer.
     """
-    k_cache, v_cache = _kv_pair(kv_cache, layout)
+    k_cache, v_cache = kv_pair(kv_cache, layout)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if kv_last_page_len is None:

@@ -1,10 +1,15 @@
-"""Chunk KV storage: the tiered :class:`ChunkStore` (``chunk_store``: GPU and CPU memory;
-``disk``; ``remote``: Redis) with one checksummed format (``chunk_format``), the
-layer-by-layer loader that hides loading behind the recompute (``pipeline``) and the
-loading controller (``controller``)."""
+"""Chunk KV storage, one tier per module: the tiered :class:`ChunkStore` (``chunk_store``)
+over the GPU and CPU memory tiers (``memory``), the disk tier (``disk``) and the Redis tier
+(``remote``, with its pipelined layer streaming in ``remote_stream``), one checksummed
+format for files and Redis values (``chunk_format``), layer-by-layer access to a stored
+chunk (``handle``), the loader that hides loading behind the recompute (``pipeline``) and
+the loading controller (``controller``)."""
 
-from .chunk_store import (FILE_SUFFIX, FORMAT_VERSION, MAGIC, TIERS, ChunkCorruptError, ChunkHandle, ChunkLoadError,
-                          ChunkStore, ChunkUnavailableError, StoredChunk, dtype_name)
+from .chunk_format import FORMAT_VERSION, MAGIC, dtype_name
+from .chunk_store import TIERS, ChunkStore
+from .disk import FILE_SUFFIX
+from .handle import ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkUnavailableError
+from .memory import StoredChunk
 
 __all__ = ["FILE_SUFFIX", "FORMAT_VERSION", "MAGIC", "TIERS", "ChunkCorruptError", "ChunkHandle", "ChunkLoadError",
            "ChunkStore", "ChunkUnavailableError", "StoredChunk", "dtype_name"]

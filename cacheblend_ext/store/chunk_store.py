@@ -49,48 +49,21 @@ import json
 import os
 import re
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from ..identity import ModelIdentity, hash_hex
 from . import chunk_format
 from .chunk_format import FORMAT_VERSION, MAGIC, FormatError, byte_view, decode_tail, dtype_name
 from .disk import FILE_SUFFIX, DiskTier
-from ..identity import ModelIdentity, hash_hex
+from .handle import ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkUnavailableError
+from .memory import MemoryTier, StoredChunk
 
 TIERS = ("gpu", "cpu", "disk", "remote")
 LOCAL_TIERS = ("gpu", "cpu", "disk")
 _KEY_RE = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
-
-
-class ChunkLoadError(RuntimeError):
-    """A stored chunk could not be loaded while it was being streamed layer by layer; the
-    request should be retried with the chunk treated as uncached."""
-
-    def __init__(self, key: str, reason: str, message: str):
-        super().__init__(message)
-        self.key = key
-        self.reason = reason
-
-
-class ChunkCorruptError(ChunkLoadError):
-    """A stored chunk failed a checksum while it was being loaded layer by layer.
-
-    The file or remote value has already been removed.
-    """
-
-    def __init__(self, key: str, reason: str):
-        super().__init__(key, reason, f"stored chunk {key} is corrupt ({reason}); it was removed from the store")
-
-
-class ChunkUnavailableError(ChunkLoadError):
-    """A remote chunk could not be read to the end (server gone, timeout, value evicted)."""
-
-    def __init__(self, key: str, reason: str):
-        super().__init__(key, reason, f"stored chunk {key} could not be loaded from the remote store ({reason})")
 
 
 def _safe_key(key: str) -> str:
@@ -101,183 +74,10 @@ def _safe_key(key: str) -> str:
     return "h" + hash_hex([key.encode()], 20)
 
 
-# ---------------------------------------------------------------------------
-# Stored chunks and memory tiers
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class StoredChunk:
-    """A chunk's KV as held by the store.
-
-    ``kv`` ``[L, 2, T, H, D]`` (K after RoPE, then V), ``positions`` int64 ``[T]`` on the
-    CPU, ``token_ids`` int64 ``[T']`` on the CPU (may be empty), ``meta`` a JSON-able dict.
-    Tensors returned by :meth:`ChunkStore.get` are the store's own copies: read them, do
-    not modify them in place.
-    """
-
-    key: str
-    kv: torch.Tensor
-    positions: torch.Tensor
-    token_ids: torch.Tensor
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.kv.shape[0])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.kv.shape[2])
-
-
-class _MemTier:
-    """LRU map key -> StoredChunk under a byte budget (callers hold the store lock)."""
-
-    def __init__(self, name: str, budget: int):
-        self.name = name
-        self.budget = int(budget)
-        self.items: OrderedDict[str, StoredChunk] = OrderedDict()
-        self.bytes = 0
-
-    def get(self, key: str) -> StoredChunk | None:
-        item = self.items.get(key)
-        if item is not None:
-            self.items.move_to_end(key)
-        return item
-
-    def fits(self, nbytes: int) -> bool:
-        return 0 < nbytes <= self.budget
-
-    def insert(self, item: StoredChunk) -> list[StoredChunk]:
-        """Insert (or refresh) ``item``; returns the evicted items, oldest first."""
-        old = self.items.pop(item.key, None)
-        if old is not None:
-            self.bytes -= old.nbytes
-        self.items[item.key] = item
-        self.bytes += item.nbytes
-        evicted = []
-        while self.bytes > self.budget and self.items:
-            _, victim = self.items.popitem(last=False)
-            self.bytes -= victim.nbytes
-            evicted.append(victim)
-        return evicted
-
-    def remove(self, key: str) -> StoredChunk | None:
-        item = self.items.pop(key, None)
-        if item is not None:
-            self.bytes -= item.nbytes
-        return item
-
-
-# ---------------------------------------------------------------------------
-# Layer-wise access
-# ---------------------------------------------------------------------------
-
-
-class ChunkHandle:
-    """One chunk opened for layer-by-layer loading (see :mod:`cacheblend_ext.store.pipeline`).
-
-    ``tier`` is where it was found. Memory tiers expose ``kv`` directly; a disk or remote
-    handle reads layer ``l`` into ``host_kv[l]`` (pinned when CUDA is available) with
-    :meth:`load_layer`, verifying its checksum, and :meth:`finish` promotes the fully
-    loaded chunk into the CPU tier. Always :meth:`close` a handle (or use ``with``).
-    """
-
-    def __init__(self, store: "ChunkStore", key: str, tier: str, *, chunk: StoredChunk | None = None,
-                 reader=None, positions=None, token_ids=None):
-        self.store = store
-        self.key = key
-        self.tier = tier
-        self.reader = reader  # disk.FileReader or remote.RemoteChunk; None for memory tiers
-        self._loaded = 0
-        self._failed = False
-        if chunk is not None:
-            self.kv = chunk.kv
-            self.shape = tuple(chunk.kv.shape)
-            self.dtype = chunk.kv.dtype
-            self.positions = chunk.positions
-            self.token_ids = chunk.token_ids
-            self.meta = chunk.meta
-            self.host_kv = chunk.kv if chunk.kv.device.type == "cpu" else None
-        else:
-            header = reader.header
-            self.kv = None
-            self.shape = header.shape
-            self.dtype = header.dtype
-            self.positions = positions
-            self.token_ids = token_ids
-            self.meta = header.meta
-            self.host_kv = torch.empty(self.shape, dtype=self.dtype, pin_memory=store.pin_memory)
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.shape[0])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.shape[2])
-
-    @property
-    def layer_nbytes(self) -> int:
-        s = self.shape
-        return s[1] * s[2] * s[3] * s[4] * torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def nbytes(self) -> int:
-        return self.num_layers * self.layer_nbytes
-
-    def load_layer(self, l: int) -> torch.Tensor:
-        """Layer ``l`` ``[2, T, H, D]``, read and verified (one thread per handle). Raises
-        :class:`ChunkCorruptError` on a bad checksum, :class:`ChunkUnavailableError` when a
-        remote value cannot be read."""
-        if self.reader is None:
-            return self.kv[l]
-        out = self.host_kv[l]
-        try:
-            self.reader.read_layer(l, out)
-        except Exception as exc:
-            raise self.failure(exc) from None
-        self.layer_loaded()
-        return out
-
-    def layer_loaded(self) -> None:
-        """One more layer is in ``host_kv`` (called by the loaders)."""
-        self._loaded += 1
-
-    def failure(self, exc: BaseException) -> BaseException:
-        """The exception to raise for a failed layer load: a corrupt payload is removed from
-        its tier and reported as :class:`ChunkCorruptError`; a remote that cannot answer as
-        :class:`ChunkUnavailableError`; anything else is returned unchanged."""
-        from .remote import RemoteError
-
-        self._failed = True
-        if isinstance(exc, RemoteError):
-            self.store._count("load_failures")
-            return ChunkUnavailableError(self.key, str(exc))
-        if isinstance(exc, (FormatError, OSError)):
-            self.store._report_corrupt(self.reader)
-            return ChunkCorruptError(self.key, str(exc))
-        return exc
-
-    def finish(self) -> None:
-        """After every layer was loaded: promote the chunk into the CPU tier."""
-        if self.reader is not None and not self._failed and self._loaded >= self.num_layers:
-            self.store._promote_loaded(StoredChunk(self.key, self.host_kv, self.positions, self.token_ids, self.meta))
-
-    def close(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+def _check_tiers(tiers: Sequence[str]) -> None:
+    unknown = set(tiers) - set(TIERS)
+    if unknown:
+        raise ValueError(f"tiers must be among {TIERS}, got {sorted(unknown)}")
 
 
 # ---------------------------------------------------------------------------
@@ -337,8 +137,8 @@ class ChunkStore:
         if self.device is not None and self.device.type != "cuda":
             self.device = None
         self.pin_memory = bool(cuda if pin_memory is None else pin_memory and cuda)
-        self._gpu = _MemTier("gpu", gpu_bytes if self.device is not None else 0)
-        self._cpu = _MemTier("cpu", cpu_bytes)
+        self._gpu = MemoryTier("gpu", gpu_bytes if self.device is not None else 0)
+        self._cpu = MemoryTier("cpu", cpu_bytes)
         self._disk = (DiskTier(Path(disk_dir), disk_bytes, self.model_id, self.rope_id, fsync)
                       if disk_dir is not None else None)
         self._remote = None
@@ -394,19 +194,30 @@ class ChunkStore:
         dst.copy_(kv)
         return StoredChunk(chunk.key, dst, chunk.positions, chunk.token_ids, dict(chunk.meta))
 
-    def _insert(self, tier: _MemTier, chunk: StoredChunk) -> None:
+    def _insert(self, tier: MemoryTier, chunk: StoredChunk) -> None:
         """Insert into a memory tier (lock held); GPU evictions move down to the CPU tier."""
         for victim in tier.insert(chunk):
             self._stats["evictions"][tier.name] += 1
             if tier is self._gpu and self._cpu.fits(victim.nbytes) and victim.key not in self._cpu.items:
                 self._insert(self._cpu, self._copy_to(victim, "cpu"))
 
-    def _report_corrupt(self, reader) -> None:
+    # -- what a ChunkHandle reports while its chunk loads ----------------------------
+    def record_load_failure(self) -> None:
+        """A chunk could not be read to the end (remote gone or evicted): counted in
+        ``stats()["load_failures"]``."""
+        self._count("load_failures")
+
+    def discard_corrupt(self, reader) -> None:
+        """A file or remote value failed a check: count it in ``stats()["corrupt"]`` and
+        remove it through ``reader`` (the disk or remote reader that read it), only if it
+        is still the one that was read."""
         self._count("corrupt")
         if reader is not None:
             reader.discard()
 
-    def _promote_loaded(self, chunk: StoredChunk) -> None:
+    def promote(self, chunk: StoredChunk) -> None:
+        """Keep a chunk that was loaded from disk or the remote in the CPU tier, if it fits
+        and is not there yet."""
         with self._lock:
             if self._cpu.fits(chunk.nbytes) and chunk.key not in self._cpu.items:
                 self._insert(self._cpu, chunk)
@@ -467,11 +278,6 @@ class ChunkStore:
             self._remote.write(key, value)
         except RemoteError:
             self._count("write_errors")
-
-    def put_chunk(self, chunk) -> str:
-        """Store any object with ``key``, ``kv``, ``positions`` (and optionally ``token_ids``, ``meta``)."""
-        return self.put(chunk.key, chunk.kv, chunk.positions, getattr(chunk, "token_ids", None),
-                        getattr(chunk, "meta", None))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued remote writes (``remote_write="back"``) were sent; False on timeout."""
@@ -574,7 +380,7 @@ class ChunkStore:
                 reader.read_layer(l, kv[l])
             positions, token_ids = reader.read_tail()
         except (FormatError, OSError):
-            self._report_corrupt(reader)
+            self.discard_corrupt(reader)
             return None
         finally:
             reader.close()
@@ -637,37 +443,36 @@ class ChunkStore:
         try:
             positions, token_ids = reader.read_tail()
         except (FormatError, OSError):
-            self._report_corrupt(reader)
+            self.discard_corrupt(reader)
             reader.close()
             return None
         self._disk.touch(key)
         return ChunkHandle(self, key, "disk", reader=reader, positions=positions, token_ids=token_ids)
 
     # -- removal and inspection -----------------------------------------------------------
-    def remove(self, key: str) -> None:
-        """Drop ``key`` from every tier (the remote value included)."""
+    def remove(self, key: str, tiers: Sequence[str] = TIERS) -> None:
+        """Drop ``key`` from the given tiers (default: every tier, the remote value included)."""
         key = _safe_key(key)
+        _check_tiers(tiers)
         with self._lock:
-            self._gpu.remove(key)
-            self._cpu.remove(key)
-        if self._disk is not None:
+            if "gpu" in tiers:
+                self._gpu.remove(key)
+            if "cpu" in tiers:
+                self._cpu.remove(key)
+        if "disk" in tiers and self._disk is not None:
             self._disk.remove(key)
-        if self._remote is not None:
+        if "remote" in tiers and self._remote is not None:
             self._remote.delete(key)
 
     def clear(self, tiers: Sequence[str] = LOCAL_TIERS) -> None:
         """Empty the given tiers (default: the local ones, files included; the shared remote
         tier only when named)."""
-        unknown = set(tiers) - set(TIERS)
-        if unknown:
-            raise ValueError(f"tiers must be among {TIERS}, got {sorted(unknown)}")
+        _check_tiers(tiers)
         with self._lock:
             if "gpu" in tiers:
-                self._gpu.items.clear()
-                self._gpu.bytes = 0
+                self._gpu.clear()
             if "cpu" in tiers:
-                self._cpu.items.clear()
-                self._cpu.bytes = 0
+                self._cpu.clear()
         if "disk" in tiers and self._disk is not None:
             self._disk.clear()
         if "remote" in tiers and self._remote is not None:
@@ -684,6 +489,14 @@ class ChunkStore:
         with self._lock:
             return list((self._gpu if tier == "gpu" else self._cpu).items)
 
+    def peek(self, key: str, tier: str) -> StoredChunk | None:
+        """The chunk as the memory tier ``tier`` (``"gpu"`` or ``"cpu"``) holds it, or
+        ``None``; counts no hit and changes no LRU order (for inspection)."""
+        if tier not in ("gpu", "cpu"):
+            raise ValueError(f"tier must be 'gpu' or 'cpu', got {tier!r}")
+        with self._lock:
+            return (self._gpu if tier == "gpu" else self._cpu).items.get(_safe_key(key))
+
     def stats(self) -> dict:
         """Hit/miss/corrupt/eviction counters, the bytes held per local tier and the remote
         tier's counters (``"remote"``: errors, timeouts, writes, bytes moved, ...)."""
@@ -696,8 +509,7 @@ class ChunkStore:
         if self._disk is not None:
             out["evictions"]["disk"] = self._disk.evicted
         if self._remote is not None:
-            with self._remote._lock:
-                out["remote"] = dict(self._remote.counters)
+            out["remote"] = self._remote.counters_snapshot()
             out["remote"]["pending_writes"] = self._write_back.pending() if self._write_back is not None else 0
             out["remote"]["down"] = self._remote.is_down()
         return out

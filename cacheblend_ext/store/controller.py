@@ -350,7 +350,7 @@ def measure_tier_throughput(tier: str, device, dtype=torch.bfloat16, *, disk_dir
         try:
             for _ in range(reps):
                 if tier == "disk":
-                    _drop_page_cache(store.chunk_path(key))
+                    drop_page_cache(store.chunk_path(key))
                 handle = store.open(key)
                 if handle is None:
                     raise RuntimeError(f"the {tier} tier did not return the calibration chunk")
@@ -368,7 +368,9 @@ def measure_tier_throughput(tier: str, device, dtype=torch.bfloat16, *, disk_dir
     return nbytes / statistics.median(times) / 1e9
 
 
-def _drop_page_cache(path) -> None:
+def drop_page_cache(path) -> None:
+    """Write ``path`` out and evict it from the page cache, so the next read comes from the
+    disk (cold-read measurements; a no-op where ``posix_fadvise`` is missing)."""
     if not hasattr(os, "posix_fadvise"):
         return
     try:
@@ -382,5 +384,5 @@ def _drop_page_cache(path) -> None:
         pass
 
 
-__all__ = ["LoadingController", "LoadingDecision", "Measurements", "fit_prefill", "measure_prefill",
-           "measure_tier_throughput"]
+__all__ = ["LoadingController", "LoadingDecision", "Measurements", "drop_page_cache", "fit_prefill",
+           "measure_prefill", "measure_tier_throughput"]

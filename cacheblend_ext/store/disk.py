@@ -52,7 +52,7 @@ USAGE_FILE = ".usage"
 TMP_MAX_AGE_S = 3600.0  # temporary files of unknown writers (other hosts, old names)
 EVICT_TO = 0.95  # an eviction pass frees room down to this fraction of the budget
 
-_HOST = re.sub(r"[^0-9A-Za-z_-]", "-", socket.gethostname())[:64] or "host"
+HOST = re.sub(r"[^0-9A-Za-z_-]", "-", socket.gethostname())[:64] or "host"  # as temporary file names hold it
 _TMP_RE = re.compile(r"^\.(?P<key>[0-9A-Za-z_-]+)\.(?P<host>[0-9A-Za-z_-]+)\.(?P<pid>\d+)\.(?P<tid>\d+)"
                      r"\.(?P<rand>[0-9a-f]+)\.tmp$")
 _USAGE = struct.Struct("<Q")
@@ -118,13 +118,13 @@ def tmp_is_stale(name: str, mtime: float, now: float) -> bool:
     """Whether a temporary file can be removed: its writer is gone (same host), or it is
     older than ``TMP_MAX_AGE_S`` (another host, or a name without a writer)."""
     m = _TMP_RE.match(name)
-    if m is not None and m["host"] == _HOST:
+    if m is not None and m["host"] == HOST:
         return not writer_alive(int(m["pid"]), mtime)
     return now - mtime > TMP_MAX_AGE_S
 
 
 def tmp_name(key: str) -> str:
-    return f".{key}.{_HOST}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
+    return f".{key}.{HOST}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}"
 
 
 # ---------------------------------------------------------------------------

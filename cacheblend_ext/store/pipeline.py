@@ -1,12 +1,8 @@
 """Layer-wise pipelined loading of stored chunk KV.
 
-A *layer source* hands the blend engine the reused KV one layer at a time:
-``source.layer(l)`` returns one ``[2, T_i, H, D]`` tensor (K after RoPE, then V) per chunk,
-on the compute device, and ``source.positions`` the positions each chunk was encoded at.
-The engine calls ``layer(0)``, ``layer(1)``, ... in order; the tensors of layer ``l`` stay
-valid until ``layer(l + 1)`` is called (they may live in a reused staging buffer).
-
-:class:`StoreLayerSource` loads from :class:`cacheblend_ext.store.ChunkStore` handles:
+A *layer source* hands the blend engine the reused KV one layer at a time (the protocol:
+:mod:`cacheblend_ext.layer_source`). :class:`StoreLayerSource` is the one that loads from
+:class:`cacheblend_ext.store.ChunkStore` handles:
 
 * chunks already on the compute device (GPU tier, or the CPU tier when computing on the
   CPU) are returned as views, with no load at all;
@@ -19,7 +15,7 @@ valid until ``layer(l + 1)`` is called (they may live in a reused staging buffer
   into a host buffer, as far ahead as the disk allows, then copied as above on a GPU or
   returned directly on the CPU;
 * remote (Redis) chunks likewise, fetched by the loader thread with
-  :class:`cacheblend_ext.store.remote.RemoteLayerStream`: the requests of the next
+  :class:`cacheblend_ext.store.remote_stream.RemoteLayerStream`: the requests of the next
   ``remote_in_flight`` layers (a store setting) are pipelined on one connection per
   server, and each layer is handed over as soon as its replies arrived and passed their
   checksums. A fully loaded disk or remote chunk is promoted to the CPU tier.
@@ -40,60 +36,96 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from .chunk_store import ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkStore
+from ..layer_source import LoadReport
+from .chunk_store import ChunkStore
+from .handle import ChunkCorruptError, ChunkHandle, ChunkLoadError
 
 
 @dataclass
-class LoadReport:
-    """Per-request loading statistics (milliseconds)."""
+class _LayerTimes:
+    """Per-layer times (ms) that :meth:`StoreLayerSource.report` sums, and the CUDA events
+    it resolves into times after the request."""
 
-    mode: str
-    device: str
-    num_layers: int
-    num_chunks: int
-    tiers: dict
-    bytes_loaded: int
-    load_ms: float
-    exposed_ms: float
-    hidden_ms: float
-    hidden_fraction: float
-    load_ms_per_layer: list = field(default_factory=list)
-    exposed_ms_per_layer: list = field(default_factory=list)
-    tier_load_ms: dict = field(default_factory=dict)  # reads per tier ("disk", "remote"), ms
-    tier_bytes: dict = field(default_factory=dict)  # bytes read per tier
+    read_ms: list  # disk and remote reads
+    tier_ms: dict  # the same, per tier
+    host_wait_ms: list  # the consumer waiting in layer()
+    sync_copy_ms: list  # host-to-device copies made on demand (pipelined=False)
+    copy_events: list  # (start, end) of a layer's copies on the side stream
+    stall_events: list  # (before, after) the compute stream's wait for a layer's copies
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    @classmethod
+    def empty(cls, num_layers: int) -> "_LayerTimes":
+        L = num_layers
+        return cls([0.0] * L, {"disk": [0.0] * L, "remote": [0.0] * L}, [0.0] * L, [0.0] * L, [None] * L,
+                   [None] * L)
 
 
-class MemoryLayerSource:
-    """Layer source over chunk KV already in memory (``kv`` ``[L, 2, T_i, H, D]`` each)."""
+class _StagingRing:
+    """The GPU buffers that host chunks are copied into: ``sets`` rotating sets of one
+    layer each (``depth + 1`` when pipelined, one when loading on demand), filled on a side
+    stream. Layer ``l``'s copies record ``ready[l]``, which the compute stream waits on; a
+    set is refilled for layer ``l`` only after ``free[l - sets]``, which the consumer
+    records when it moves past that layer."""
 
-    def __init__(self, kvs: Sequence[torch.Tensor], positions: Sequence[torch.Tensor] | None = None):
-        self.kvs = list(kvs)
-        self.positions = list(positions) if positions is not None else [None] * len(self.kvs)
-        self.num_layers = int(self.kvs[0].shape[0]) if self.kvs else 0
+    def __init__(self, device: torch.device, handles: Sequence[ChunkHandle], num_layers: int, sets: int):
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+        cur = torch.cuda.current_stream(device)
+        self.slots = [[torch.empty(h.shape[1:], dtype=h.dtype, device=device) for h in handles] for _ in range(sets)]
+        self.allocated = cur.record_event()  # buffers allocated on the current stream
+        self.ready: list = [None] * num_layers
+        self.free: list = [None] * num_layers
+        self.free_upto = 0
 
-    def layer(self, l: int) -> list[torch.Tensor]:
-        return [kv[l] for kv in self.kvs]
+    def buffers(self, l: int) -> list[torch.Tensor]:
+        """The set of buffers that holds layer ``l``."""
+        return self.slots[l % len(self.slots)]
 
-    def close(self) -> None:
-        pass
+    def issue_copy(self, l: int, host_layers: Sequence[torch.Tensor]) -> tuple:
+        """Queue layer ``l``'s host->device copies on the side stream (loader thread);
+        returns their (start, end) timing events."""
+        sets = len(self.slots)
+        side = self.side
+        with torch.cuda.device(self.device), torch.cuda.stream(side):
+            if l == 0:
+                side.wait_event(self.allocated)
+            if l - sets >= 0:
+                side.wait_event(self.free[l - sets])
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record(side)
+            for buf, src in zip(self.buffers(l), host_layers):
+                buf.copy_(src, non_blocking=True)
+            end.record(side)
+        self.ready[l] = end
+        return start, end
 
-    def report(self) -> LoadReport:
-        return LoadReport("memory", "", self.num_layers, len(self.kvs), {"memory": len(self.kvs)}, 0,
-                          0.0, 0.0, 0.0, 1.0)
+    def consumer_reached(self, l: int, cur) -> None:
+        """The consumer is done enqueuing work on every layer before ``l`` (call under the
+        source's lock, before the loader can see the new position)."""
+        while self.free_upto < l:
+            self.free[self.free_upto] = cur.record_event()
+            self.free_upto += 1
 
-    def __enter__(self):
-        return self
+    def wait_ready(self, l: int, cur) -> tuple:
+        """Make the compute stream wait for layer ``l``'s copies; returns timing events
+        around the wait."""
+        before = torch.cuda.Event(enable_timing=True)
+        after = torch.cuda.Event(enable_timing=True)
+        before.record(cur)
+        cur.wait_event(self.ready[l])
+        after.record(cur)
+        return before, after
 
-    def __exit__(self, *exc):
-        self.close()
+    def release(self) -> None:
+        """Copies issued for layers nobody consumed must finish before the compute stream
+        can reuse the buffers' memory."""
+        torch.cuda.current_stream(self.device).wait_stream(self.side)
 
 
 class StoreLayerSource:
@@ -123,58 +155,45 @@ class StoreLayerSource:
         if len(layers) > 1:
             raise ValueError(f"chunks have different numbers of layers: {sorted(layers)}")
         self.num_layers = layers.pop() if layers else 0
-        L = self.num_layers
+        self._route_chunks()
+        self._bytes_per_layer = sum(self.handles[i].layer_nbytes for i in set(self._copy) | set(self._streamed))
+        self._stream = None  # RemoteLayerStream, opened by the first remote read
+        self._times = _LayerTimes.empty(self.num_layers)
 
-        # Classify: direct views, host->device copies, disk and remote reads.
+        # What the loader thread and the consumer share, under _cond.
+        self._cond = threading.Condition()
+        self._consumer_at = -1
+        self._loaded = [False] * self.num_layers  # layer ready on the host side (read, and copy issued on GPU)
+        self._error: BaseException | None = None
+        self._error_layer = self.num_layers
+        self._closed = False
+        self._thread = None
+
+        self._staging = None
+        if self.cuda and self._copy:
+            self._staging = _StagingRing(self.device, [self.handles[i] for i in self._copy], self.num_layers,
+                                         self.depth + 1 if self.pipelined else 1)
+        if self.pipelined and (self._streamed or self._staging is not None):
+            self._thread = threading.Thread(target=self._loader, name="cacheblend-kv-loader", daemon=True)
+            self._thread.start()
+        elif not self._streamed and self._staging is None:
+            self._loaded = [True] * self.num_layers
+
+    def _route_chunks(self) -> None:
+        """Sort the chunks by how their layers reach the device: views of KV already there
+        (``_direct``), host->device copies (``_copy``), and reads from disk or the remote
+        into host buffers (``_disk``, ``_remote``; ``_streamed`` is both)."""
         self._direct, self._copy, self._disk, self._remote = [], [], [], []
         for i, h in enumerate(self.handles):
             if h.tier in ("disk", "remote"):
                 (self._disk if h.tier == "disk" else self._remote).append(i)
                 if self.cuda:
                     self._copy.append(i)
-            elif h.kv.device == self.device or not self.cuda:
+            elif h.device == self.device or not self.cuda:
                 self._direct.append(i)  # (a GPU-tier chunk read on the CPU is copied in layer())
             else:
                 self._copy.append(i)
         self._streamed = self._disk + self._remote  # read into host buffers by the loader
-        self._bytes_per_layer = sum(self.handles[i].layer_nbytes for i in set(self._copy) | set(self._streamed))
-        self._stream = None  # RemoteLayerStream, opened by the first remote read
-
-        # Timing.
-        self._read_ms = [0.0] * L
-        self._tier_ms = {"disk": [0.0] * L, "remote": [0.0] * L}
-        self._host_wait_ms = [0.0] * L
-        self._copy_events: list = [None] * L  # (start, end) timing events on the side stream
-        self._sync_copy_ms = [0.0] * L
-        self._stall_events: list = [None] * L  # (before, after) on the compute stream
-
-        # Synchronisation state.
-        self._cond = threading.Condition()
-        self._consumer_at = -1
-        self._loaded = [False] * L  # layer ready on the host side (read, and copy issued on GPU)
-        self._error: BaseException | None = None
-        self._error_layer = L
-        self._closed = False
-        self._thread = None
-
-        self._nslots = self.depth + 1
-        self._ready_events: list = [None] * L
-        self._free_events: list = [None] * L
-        self._free_upto = 0
-        if self.cuda and self._copy:
-            self._side = torch.cuda.Stream(self.device)
-            cur = torch.cuda.current_stream(self.device)
-            self._slots = [[torch.empty(self.handles[i].shape[1:], dtype=self.handles[i].dtype, device=self.device)
-                            for i in self._copy] for _ in range(self._nslots if self.pipelined else 1)]
-            self._init_event = cur.record_event()  # buffers allocated on the current stream
-        else:
-            self._slots = None
-
-        if self.pipelined and (self._streamed or (self.cuda and self._copy)):
-            self._thread = threading.Thread(target=self._loader, name="cacheblend-kv-loader", daemon=True)
-            self._thread.start()
-        elif not self._streamed and not (self.cuda and self._copy):
-            self._loaded = [True] * L
 
     # -- loader thread ---------------------------------------------------------
     def _read_layer(self, l: int) -> None:
@@ -185,18 +204,14 @@ class StoreLayerSource:
         if self._remote:
             self._read_remote_layer(l)
         t2 = time.perf_counter()
-        self._tier_ms["disk"][l] = (t1 - t0) * 1e3
-        self._tier_ms["remote"][l] = (t2 - t1) * 1e3
-        self._read_ms[l] = (t2 - t0) * 1e3
+        self._times.tier_ms["disk"][l] = (t1 - t0) * 1e3
+        self._times.tier_ms["remote"][l] = (t2 - t1) * 1e3
+        self._times.read_ms[l] = (t2 - t0) * 1e3
 
     def _read_remote_layer(self, l: int) -> None:
         handles = [self.handles[i] for i in self._remote]
-        if self._stream is None:
-            from .remote import RemoteLayerStream
-
-            remote = handles[0].store.remote
-            window = remote.in_flight if self.pipelined else 1
-            self._stream = RemoteLayerStream(remote, handles, window)
+        if self._stream is None:  # pipelined: the store's remote_in_flight layers of requests
+            self._stream = ChunkHandle.remote_stream(handles, None if self.pipelined else 1)
         try:
             self._stream.read_layer(l)
         except Exception as exc:
@@ -208,27 +223,9 @@ class StoreLayerSource:
         for i in self._streamed:
             self.handles[i].finish()
 
-    def _host_view(self, i: int, l: int) -> torch.Tensor:
-        h = self.handles[i]
-        return h.host_kv[l] if h.reader is not None else h.kv[l]
-
-    def _issue_copy(self, l: int) -> None:
-        """Queue layer ``l``'s host->device copies on the side stream (loader thread)."""
-        slot = l % self._nslots
-        side = self._side
-        with torch.cuda.device(self.device), torch.cuda.stream(side):
-            if l == 0:
-                side.wait_event(self._init_event)
-            if l - self._nslots >= 0:
-                side.wait_event(self._free_events[l - self._nslots])
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record(side)
-            for j, i in enumerate(self._copy):
-                self._slots[slot][j].copy_(self._host_view(i, l), non_blocking=True)
-            end.record(side)
-        self._copy_events[l] = (start, end)
-        self._ready_events[l] = end
+    def _host_layers(self, l: int) -> list[torch.Tensor]:
+        """Layer ``l`` of the chunks copied to the device, as they are on the host."""
+        return [self.handles[i].layer(l) for i in self._copy]
 
     def _loader(self) -> None:
         try:
@@ -237,13 +234,13 @@ class StoreLayerSource:
                     return
                 if self._streamed:
                     self._read_layer(l)
-                if self.cuda and self._copy:
+                if self._staging is not None:
                     with self._cond:  # the slot's previous layer must have been handed out
                         while self._consumer_at < l - self.depth and not self._closed:
                             self._cond.wait()
                         if self._closed:
                             return
-                    self._issue_copy(l)
+                    self._times.copy_events[l] = self._staging.issue_copy(l, self._host_layers(l))
                 with self._cond:
                     self._loaded[l] = True
                     self._cond.notify_all()
@@ -267,25 +264,17 @@ class StoreLayerSource:
         t0 = time.perf_counter()
         if self.pipelined:
             with self._cond:
-                if cur is not None:
-                    # the consumer is done enqueuing work on every layer before l
-                    while self._free_upto < l:
-                        self._free_events[self._free_upto] = cur.record_event()
-                        self._free_upto += 1
+                if self._staging is not None:
+                    self._staging.consumer_reached(l, cur)
                 self._consumer_at = max(self._consumer_at, l)
                 self._cond.notify_all()
                 while not self._loaded[l] and not (self._error is not None and self._error_layer <= l):
                     self._cond.wait()
                 if not self._loaded[l]:
                     raise self._error
-            self._host_wait_ms[l] = (time.perf_counter() - t0) * 1e3
-            if cur is not None and self._copy:
-                before = torch.cuda.Event(enable_timing=True)
-                after = torch.cuda.Event(enable_timing=True)
-                before.record(cur)
-                cur.wait_event(self._ready_events[l])
-                after.record(cur)
-                self._stall_events[l] = (before, after)
+            self._times.host_wait_ms[l] = (time.perf_counter() - t0) * 1e3
+            if self._staging is not None:
+                self._times.stall_events[l] = self._staging.wait_ready(l, cur)
         else:
             self._load_sync(l, cur)
         return self._layer_tensors(l)
@@ -295,26 +284,25 @@ class StoreLayerSource:
             self._read_layer(l)
             if l == self.num_layers - 1:
                 self._finish_streamed()
-        if cur is not None and self._copy:
+        if self._staging is not None:
             cur.synchronize()  # the previous layer's work is done: the single slot is free
             t0 = time.perf_counter()
-            for j, i in enumerate(self._copy):
-                self._slots[0][j].copy_(self._host_view(i, l))
+            for buf, src in zip(self._staging.buffers(l), self._host_layers(l)):
+                buf.copy_(src)
             cur.synchronize()
-            self._sync_copy_ms[l] = (time.perf_counter() - t0) * 1e3
+            self._times.sync_copy_ms[l] = (time.perf_counter() - t0) * 1e3
         self._loaded[l] = True
 
     def _layer_tensors(self, l: int) -> list[torch.Tensor]:
         out: list = [None] * len(self.handles)
         for i in self._direct:
-            out[i] = self.handles[i].kv[l].to(self.device)
-        if self.cuda and self._copy:
-            slot = l % self._nslots if self.pipelined else 0
-            for j, i in enumerate(self._copy):
-                out[i] = self._slots[slot][j]
+            out[i] = self.handles[i].layer(l).to(self.device)
+        if self._staging is not None:
+            for i, buf in zip(self._copy, self._staging.buffers(l)):
+                out[i] = buf
         else:
             for i in self._streamed:
-                out[i] = self.handles[i].host_kv[l]
+                out[i] = self.handles[i].layer(l)
         return out
 
     # -- lifecycle and reporting ----------------------------------------------
@@ -326,10 +314,8 @@ class StoreLayerSource:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._slots is not None:
-            # copies issued for layers nobody consumed must finish before the staging
-            # buffers can be reused by the compute stream
-            torch.cuda.current_stream(self.device).wait_stream(self._side)
+        if self._staging is not None:
+            self._staging.release()
         if self._stream is not None:
             self._stream.close()
             self._stream = None
@@ -345,21 +331,21 @@ class StoreLayerSource:
     def report(self) -> LoadReport:
         """Load and exposed time of the layers consumed so far (synchronises with the
         recorded CUDA events, so call it after the request)."""
-        L = self.num_layers
-        load = list(self._read_ms)
-        exposed = list(self._host_wait_ms) if self.pipelined else list(self._read_ms)
+        L, times = self.num_layers, self._times
+        load = list(times.read_ms)
+        exposed = list(times.host_wait_ms) if self.pipelined else list(times.read_ms)
         for l in range(L):
-            if self._copy_events[l] is not None:
-                s, e = self._copy_events[l]
+            if times.copy_events[l] is not None:
+                s, e = times.copy_events[l]
                 e.synchronize()
                 load[l] += s.elapsed_time(e)
-            if self._stall_events[l] is not None:
-                b, a = self._stall_events[l]
+            if times.stall_events[l] is not None:
+                b, a = times.stall_events[l]
                 a.synchronize()
                 exposed[l] += b.elapsed_time(a)
             if not self.pipelined:
-                load[l] += self._sync_copy_ms[l]
-                exposed[l] += self._sync_copy_ms[l]
+                load[l] += times.sync_copy_ms[l]
+                exposed[l] += times.sync_copy_ms[l]
         load_ms, exposed_ms = sum(load), sum(exposed)
         hidden = max(0.0, load_ms - exposed_ms)
         tiers: dict = {}
@@ -368,7 +354,7 @@ class StoreLayerSource:
         consumed = sum(1 for ok in self._loaded if ok)
         tier_bytes = {t: sum(self.handles[i].layer_nbytes for i in idx) * consumed
                       for t, idx in (("disk", self._disk), ("remote", self._remote)) if idx}
-        tier_ms = {t: sum(self._tier_ms[t]) for t in tier_bytes}
+        tier_ms = {t: sum(times.tier_ms[t]) for t in tier_bytes}
         return LoadReport(
             mode="pipelined" if self.pipelined else "sync", device=str(self.device), num_layers=L,
             num_chunks=len(self.handles), tiers=tiers, bytes_loaded=self._bytes_per_layer * L,
@@ -391,5 +377,4 @@ def open_layer_source(store: ChunkStore, keys: Sequence[str], device, *, pipelin
     return StoreLayerSource(handles, device, pipelined=pipelined, depth=depth), missing
 
 
-__all__ = ["ChunkCorruptError", "ChunkLoadError", "LoadReport", "MemoryLayerSource", "StoreLayerSource",
-           "open_layer_source"]
+__all__ = ["ChunkCorruptError", "ChunkLoadError", "LoadReport", "StoreLayerSource", "open_layer_source"]

@@ -11,9 +11,9 @@ that is there anyway (copied, or written by a buggy client) fails the header che
 
 * Reads: a batch of ``STRLEN`` + ``GETRANGE`` of the header for every chunk of a request
   (one round trip), one batch for positions and token ids, then one ``GETRANGE`` per
-  layer and chunk. :class:`RemoteLayerStream` keeps ``in_flight`` layers of requests
-  pipelined on one connection per server and hands each layer over as soon as it arrived
-  and passed its crc.
+  layer and chunk. :class:`~cacheblend_ext.store.remote_stream.RemoteLayerStream` keeps
+  ``in_flight`` layers of requests pipelined on one connection per server and hands each
+  layer over as soon as it arrived and passed its crc.
 * Writes: one ``SET ... NX`` per chunk (atomic: readers see the whole value or nothing;
   concurrent writers of one chunk leave one complete value). ``ttl_s`` adds ``EX``.
   Write-through (default): :meth:`ChunkStore.put` returns after the ``SET``. Write-back:
@@ -168,8 +168,14 @@ class RedisTier:
             self._down_until = time.monotonic() + self.retry_after_s
         return RemoteError(f"{type(exc).__name__}: {exc}")
 
-    def _errors(self):
+    def errors(self) -> tuple:
+        """The exceptions that mean the server did not answer (for ``except``)."""
         return (self.redis.exceptions.RedisError, self.redis.exceptions.RedisClusterException, OSError)
+
+    def counters_snapshot(self) -> dict:
+        """A copy of :attr:`counters`, taken under their lock."""
+        with self._lock:
+            return dict(self.counters)
 
     # -- lookups -----------------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -178,7 +184,7 @@ class RedisTier:
             return False
         try:
             return bool(self.client.exists(self.redis_key(key)))
-        except self._errors() as exc:
+        except self.errors() as exc:
             self.failed(exc)
             return False
 
@@ -197,7 +203,7 @@ class RedisTier:
             opened = [i for i, c in enumerate(out) if isinstance(c, RemoteChunk)]
             tails = self._batch([("getrange", (c.rkey, c.header.tail_offset, c.header.total_size - 1))
                                  for c in (out[i] for i in opened)])
-        except self._errors() as exc:
+        except self.errors() as exc:
             self.failed(exc)
             return [None] * len(keys)
         for i, data in zip(opened, tails):
@@ -244,7 +250,7 @@ class RedisTier:
         rkey = self.redis_key(key)
         try:
             data = self.client.get(rkey)
-        except self._errors() as exc:
+        except self.errors() as exc:
             self.failed(exc)
             return None
         if not data:
@@ -264,7 +270,7 @@ class RedisTier:
         """Delete ``rkey`` if its value still starts with ``head`` (not a newer value)."""
         try:
             self.client.eval(_COMPARE_AND_DELETE, 1, rkey, head, len(head))
-        except self._errors() as exc:
+        except self.errors() as exc:
             self.failed(exc)
 
     # -- writes --------------------------------------------------------------------
@@ -276,7 +282,7 @@ class RedisTier:
             return "skipped"
         try:
             done = self.client.set(self.redis_key(key), value, nx=True, ex=self.ttl_s)
-        except self._errors() as exc:
+        except self.errors() as exc:
             self.count("write_errors")
             raise self.failed(exc) from None
         if done:
@@ -289,7 +295,7 @@ class RedisTier:
     def delete(self, key: str) -> None:
         try:
             self.client.delete(self.redis_key(key))
-        except self._errors() as exc:
+        except self.errors() as exc:
             self.failed(exc)
 
     def keys(self) -> list[str]:
@@ -297,7 +303,7 @@ class RedisTier:
         try:
             return sorted(k.decode()[len(self.prefix):] for k in self.client.scan_iter(match=self.prefix + "*",
                                                                                         count=1000))
-        except self._errors() as exc:
+        except self.errors() as exc:
             self.failed(exc)
             return []
 
@@ -338,12 +344,13 @@ class RemoteChunk:
         self.remote.count("bytes_read", len(data))
 
     def read_layer(self, l: int, out: torch.Tensor) -> None:
-        """Fetch one layer with its own request (the pipelined path is :class:`RemoteLayerStream`)."""
+        """Fetch one layer with its own request (the pipelined path is
+        :class:`~cacheblend_ext.store.remote_stream.RemoteLayerStream`)."""
         if self.remote.is_down():
             raise RemoteError("the server is marked down after a recent failure")
         try:
             data = self.remote.client.getrange(self.rkey, *self.layer_range(l))
-        except self.remote._errors() as exc:
+        except self.remote.errors() as exc:
             raise self.remote.failed(exc) from None
         self.accept_layer(l, data, out)
 
@@ -353,148 +360,6 @@ class RemoteChunk:
 
     def close(self) -> None:
         pass
-
-
-class _BulkReplies:
-    """Reads the bulk-string replies of ``GETRANGE`` s straight from a connection's socket
-    into their destination buffers (one copy: kernel to tensor), bypassing the client's
-    reply parser, which holds no data when the commands are sent (checked)."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = bytearray()
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("the server closed the connection")
-        self.buf += chunk
-
-    def _line(self) -> bytes:
-        while True:
-            end = self.buf.find(b"\r\n")
-            if end >= 0:
-                line = bytes(self.buf[:end])
-                del self.buf[:end + 2]
-                return line
-            self._fill()
-
-    def _read_exact(self, view: memoryview) -> None:
-        take = min(len(self.buf), len(view))
-        view[:take] = self.buf[:take]
-        del self.buf[:take]
-        while take < len(view):
-            got = self.sock.recv_into(view[take:])
-            if not got:
-                raise ConnectionError("the server closed the connection")
-            take += got
-
-    def read_into(self, out: memoryview) -> int:
-        """Read one reply into ``out`` if it has exactly ``len(out)`` bytes; returns the reply's
-        length (a different length is read and dropped; an error reply raises)."""
-        line = self._line()
-        kind, body = line[:1], line[1:]
-        if kind == b"-":
-            raise RemoteError(f"server error: {body.decode(errors='replace')}")
-        if kind != b"$":
-            raise RemoteError(f"unexpected reply {line[:40]!r}")
-        n = int(body)
-        if n == len(out):
-            self._read_exact(out)
-        elif n > 0:
-            self._read_exact(memoryview(bytearray(n)))
-        crlf = bytearray(2)
-        self._read_exact(memoryview(crlf))
-        return max(n, 0)
-
-
-class RemoteLayerStream:
-    """Layer-by-layer fetch of several remote chunks, ``window`` layers of requests in
-    flight on one connection per server.
-
-    ``read_layer(l)`` must be called for ``l = 0, 1, ...`` in order; it first tops up the
-    requests in flight to layers ``l .. l + window - 1``, then reads layer ``l``'s replies
-    into each handle's ``host_kv[l]`` (straight from the socket) and checks their crc.
-    ``window=1`` is the request-and-wait baseline. A failure raises :class:`RemoteError`
-    or ``FormatError`` with ``.chunk_index`` set to the handle being read. :meth:`close`
-    drops connections with replies still unread.
-    """
-
-    def __init__(self, remote: RedisTier, handles: list, window: int):
-        self.remote = remote
-        self.handles = handles
-        self.window = max(1, int(window))
-        self.num_layers = handles[0].num_layers if handles else 0
-        self._groups = None  # [(pool, connection, replies, [handle index])]
-        self._sent = 0
-        self._next = 0
-
-    def _connect(self) -> None:
-        by_pool: dict = {}
-        for i, h in enumerate(self.handles):
-            pool = self.remote.pool_for(h.reader.rkey)
-            by_pool.setdefault(id(pool), (pool, []))[1].append(i)
-        self._groups = []
-        for pool, idx in by_pool.values():
-            conn = pool.get_connection()
-            self._groups.append((pool, conn, None, idx))
-            if conn.can_read(timeout=0):  # a reply nobody read: start this connection afresh
-                conn.disconnect()
-                conn.connect()
-            sock = getattr(conn, "_sock", None)
-            if sock is not None and str(getattr(conn, "protocol", 2)) == "2":
-                self._groups[-1] = (pool, conn, _BulkReplies(sock), idx)
-
-    def _send(self, l: int) -> None:
-        for _, conn, _, idx in self._groups:
-            cmds = [("GETRANGE", self.handles[i].reader.rkey, *self.handles[i].reader.layer_range(l)) for i in idx]
-            conn.send_packed_command(conn.pack_commands(cmds), check_health=False)
-
-    def _receive(self, conn, replies, h, l: int) -> None:
-        out = h.host_kv[l]
-        if replies is None:  # another protocol: through the client's parser
-            h.reader.accept_layer(l, conn.read_response(disable_decoding=True), out)
-            return
-        view = byte_view(out)
-        n = replies.read_into(view)
-        if n != len(view):
-            h.reader.accept_layer(l, b"" if n == 0 else bytes(n), out)  # raises: gone or wrong size
-        check_layer(h.reader.header, l, view)
-        self.remote.count("bytes_read", n)
-
-    def read_layer(self, l: int) -> None:
-        if l != self._next:
-            raise ValueError(f"layers must be read in order: expected {self._next}, got {l}")
-        current = 0
-        try:
-            if self.remote.is_down():
-                raise RemoteError("the server is marked down after a recent failure")
-            if self._groups is None:
-                self._connect()
-            while self._sent < min(self.num_layers, l + self.window):
-                self._send(self._sent)
-                self._sent += 1
-            for _, conn, replies, idx in self._groups:
-                for i in idx:
-                    current = i
-                    self._receive(conn, replies, self.handles[i], l)
-        except self.remote._errors() as exc:
-            err = self.remote.failed(exc)
-            err.chunk_index = current
-            raise err from None
-        except (RemoteError, FormatError) as exc:
-            exc.chunk_index = current
-            raise
-        self._next += 1
-
-    def close(self) -> None:
-        if not self._groups:
-            return
-        for pool, conn, _, _ in self._groups:
-            if self._next < self._sent:  # replies not (fully) read: the connection cannot be reused
-                conn.disconnect()
-            pool.release(conn)
-        self._groups = None
 
 
 class WriteBack:
@@ -566,4 +431,4 @@ class WriteBack:
         self._thread.join()
 
 
-__all__ = ["RedisTier", "RemoteChunk", "RemoteError", "RemoteLayerStream", "WriteBack", "connect"]
+__all__ = ["RedisTier", "RemoteChunk", "RemoteError", "WriteBack", "connect"]

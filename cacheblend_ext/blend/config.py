@@ -1,0 +1,138 @@
+"""What a blend does: :class:`BlendConfig`, the recompute budget and the selection scheme,
+with the accepted value of each option."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+DEVIATIONS = ("k", "v", "kv")
+SELECTIONS = ("deviation", "impact", "probe")
+QUOTAS = ("global", "per_chunk")
+BUDGETS = ("compute", "ratio")
+CHUNK_PREFIXES = ("bos", "none", "prefix")
+
+
+@dataclass
+class BlendConfig:
+    """Blend settings. The defaults are the best scheme measured on the project's quality
+    set (README, "Quality"); :meth:`published` is the scheme of the CacheBlend paper.
+
+    Budget
+    - ``recompute_ratio``: the recompute budget ``r``. The published scheme recomputes layer
+      0 for every token, then ``ceil(r * N)`` non-forced tokens plus every forced token at
+      each later layer; that many token-layers is the request's budget.
+    - ``budget``: ``"compute"`` (default) makes every scheme spend at most that budget:
+      extra full layers (a later first check layer), wider early selections (gradual
+      filtering) and chunk-boundary tokens are paid from it, so schemes compare at equal
+      compute. ``"ratio"`` applies the ratios literally: each check layer keeps
+      ``ceil(r_l * N)`` non-forced tokens, whatever the schedule costs.
+
+    The defaults: ``"probe"`` selection at check layer 0 (no full layer is spent before
+    it), chunks encoded after BOS, everything inside the published scheme's compute at the
+    same ratio.
+
+    Selection
+    - ``check_layers``: layers where selection happens (ascending). ``(1,)`` is the
+      published scheme, ``(0,)`` the default; several give gradual filtering (each selects from the previous
+      selection). Under the compute budget a first check layer the budget cannot pay for
+      moves earlier (to layer 1 at ratio 0, so ratio 0 stays full KV reuse).
+    - ``check_ratios``: per check layer ratio, not increasing; None gives a linear schedule
+      from ``min(1, 2r)`` down to ``r`` (just ``r`` for one layer). Under the compute budget
+      only their proportions count: the schedule is scaled to fit the budget.
+    - ``deviation``: what deviation ranks tokens by: ``"k"``, ``"v"`` or ``"kv"`` (sum), the
+      squared distance between the fresh and the reused K (V) over heads and dims.
+    - ``selection``: how candidates are ranked.
+      ``"deviation"`` (published): by deviation alone.
+      ``"impact"``: deviation times the attention mass that the query tokens (forced tokens
+      after the last reused chunk) put on each token at the check layer, since a query's
+      output error is roughly the attention-weighted sum of the errors of the tokens it reads.
+      ``"probe"``: a probe pass first runs the last ``probe_tokens`` query tokens through
+      every layer over the reused chunk KV alone (full KV reuse for those rows only), and
+      tokens are ranked by the attention mass the probe puts on them, summed over the
+      layers from the check layer on: the tokens whose KV the query actually reads where
+      the selection takes effect. The probe's token-layers are paid from the budget; it
+      needs every layer's reused KV before the first check layer (see the layer-source
+      protocol).
+    - ``quota``: ``"global"`` takes the top tokens of the whole request; ``"per_chunk"``
+      gives each reused chunk a share of the budget proportional to its candidates.
+    - ``boundary_tokens``: the first ``b`` tokens of each reused chunk are taken first,
+      inside the budget (each chunk was encoded alone, so its first tokens were attention
+      sinks).
+
+    Reuse
+    - ``chunk_prefix``: what a chunk is encoded after, its KV then dropped: ``"bos"`` (the
+      tokenizer's BOS token), ``"none"`` (the chunk alone at position 0) or ``"prefix"``
+      (the request's own prefix, e.g. the system prompt: the chunk's KV then starts from
+      the context it will be used in, and a chunk right after the prefix is exact).
+      ``"prefix"`` needs an encoder that knows the prefix (:class:`CachedBlender`, or
+      ``encode_chunk(segment, context=prefix)``); without one a chunk is encoded after BOS.
+      The context is part of the chunk's key, so chunks encoded after one system prompt
+      are not reused under another.
+    - ``fresh_check_kv``: a check layer computes fresh K/V for all its candidates anyway;
+      True keeps them for every candidate (not only the selected tokens) in the request's
+      KV at that layer. No extra compute; with it, ratio 0 no longer equals full KV reuse
+      at the check layers.
+    """
+
+    recompute_ratio: float = 0.15
+    check_layers: tuple[int, ...] = (0,)
+    check_ratios: tuple[float, ...] | None = None
+    deviation: str = "k"
+    selection: str = "probe"
+    quota: str = "global"
+    probe_tokens: int = 8
+    boundary_tokens: int = 0
+    budget: str = "compute"
+    chunk_prefix: str = "bos"
+    fresh_check_kv: bool = False
+
+    @classmethod
+    def published(cls, recompute_ratio: float = 0.15) -> "BlendConfig":
+        """The published CacheBlend scheme: K deviation at one check layer (layer 1), global top-k."""
+        return cls(recompute_ratio=recompute_ratio, check_layers=(1,), check_ratios=None, deviation="k",
+                   selection="deviation", quota="global", boundary_tokens=0, budget="ratio", chunk_prefix="bos",
+                   fresh_check_kv=False)
+
+    def replace(self, **changes) -> "BlendConfig":
+        """A copy with ``changes`` applied (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def ratios(self) -> tuple[float, ...]:
+        """The configured per-check-layer ratios (before any compute-budget scaling)."""
+        n = len(self.check_layers)
+        if self.check_ratios is not None:
+            if len(self.check_ratios) != n:
+                raise ValueError(f"check_ratios has {len(self.check_ratios)} entries for {n} check layers")
+            return tuple(float(r) for r in self.check_ratios)
+        return linear_schedule(float(self.recompute_ratio), n)
+
+    def validate(self, num_layers: int) -> None:
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
+        layers = tuple(self.check_layers)
+        if not layers or list(layers) != sorted(set(layers)):
+            raise ValueError(f"check_layers must be non-empty and strictly ascending, got {layers}")
+        if layers[0] < 0 or layers[-1] >= num_layers:
+            raise ValueError(f"check_layers {layers} out of range for a {num_layers}-layer model")
+        ratios = self.ratios()
+        if any(not 0.0 <= r <= 1.0 for r in ratios) or any(a < b for a, b in zip(ratios, ratios[1:])):
+            raise ValueError(f"check_ratios must lie in [0, 1] and not increase, got {ratios}")
+        for name, value, allowed in (("deviation", self.deviation, DEVIATIONS),
+                                     ("selection", self.selection, SELECTIONS), ("quota", self.quota, QUOTAS),
+                                     ("budget", self.budget, BUDGETS),
+                                     ("chunk_prefix", self.chunk_prefix, CHUNK_PREFIXES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        if not isinstance(self.boundary_tokens, int) or self.boundary_tokens < 0:
+            raise ValueError(f"boundary_tokens must be a non-negative int, got {self.boundary_tokens!r}")
+        if not isinstance(self.probe_tokens, int) or self.probe_tokens < 1:
+            raise ValueError(f"probe_tokens must be a positive int, got {self.probe_tokens!r}")
+
+
+def linear_schedule(r: float, n: int) -> tuple[float, ...]:
+    """``n`` check-layer ratios falling linearly from ``min(1, 2r)`` to ``r`` (``(r,)`` for one)."""
+    if n == 1:
+        return (r,)
+    top = min(1.0, 2 * r)
+    return tuple(top + (r - top) * i / (n - 1) for i in range(n))

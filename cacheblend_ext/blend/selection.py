@@ -1,0 +1,159 @@
+"""Selection schemes (step 5, and the probe pass of step 3): rank a check layer's
+candidate tokens by the deviation of their fresh from their reused K/V (``"deviation"``),
+by that times the query's attention (``"impact"``), or by the attention a probe of the
+last query tokens pays them (``"probe"``); then keep the top ones, chunk-boundary tokens
+first, over the request or per chunk (``quota``). See
+:class:`~cacheblend_ext.blend.config.BlendConfig` for the options."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import ops
+from .config import BlendConfig
+from .request import BlendState, RequestPlan
+
+
+def run_probe(decoder, states: list, sources: list) -> None:
+    """Step 3, the probe pass (``selection="probe"``): each request's probe rows (its last query tokens) run through
+    every layer over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]``
+    is the attention they pay each position at layer ``l``, summed over rows and heads.
+    Every layer's reused KV is left placed in the request's buffers for the main pass."""
+    t0, concat0 = time.perf_counter(), [s.timings["concat_ms"] for s in states]
+    rows = [s.plan.probe_rows.to(decoder.device) for s in states]
+    hidden = [s.hidden[r] for s, r in zip(states, rows)]
+    rotary = [(s.cos[r], s.sin[r]) for s, r in zip(states, rows)]
+    group = decoder.num_heads // decoder.num_kv_heads
+    visible = []
+    for state, r in zip(states, rows):
+        # The probe sees the reused KV and its own rows (exact position-causal mask); other
+        # tokens without cached KV (the prefix, the start of a long query) have no KV yet.
+        known = ~state.forced
+        known[r] = True
+        visible.append((state.positions[None, :] <= r[:, None]) & known[None, :])  # [P, N]
+        unknown = (~known).nonzero().flatten()
+        state.kbuf[:, :, unknown] = 0  # masked out, but 0 * NaN would still reach the output
+        state.vbuf[:, :, unknown] = 0
+        state.probe_mass = torch.zeros(decoder.num_layers, state.plan.num_tokens, device=decoder.device,
+                                       dtype=torch.float32)
+    for l, layer in enumerate(decoder.layers):
+        outs = []
+        for state, source, r, vis, (q, k, v) in zip(states, sources, rows, visible,
+                                                     decoder.rows_qkv(layer, hidden, rotary)):
+            state.place_reused(l, source.layer(l))
+            k_tok, v_tok = state.layer_kv(l)
+            k_tok[r], v_tok[r] = k, v
+            qg = q.float().view(r.numel(), decoder.num_kv_heads, group, decoder.head_dim)
+            scores = torch.einsum("phgd,nhd->phgn", qg, k_tok.float()) * decoder.scaling
+            probs = scores.masked_fill(~vis[:, None, None, :], float("-inf")).softmax(-1)
+            state.probe_mass[l] = probs.sum((0, 1, 2))
+            outs.append(torch.einsum("phgn,nhd->phgd", probs, v_tok.float()).to(q.dtype))
+        hidden = decoder.o_proj_mlp(layer, hidden, outs)
+    elapsed = (time.perf_counter() - t0) * 1e3
+    for state, c0 in zip(states, concat0):
+        # the probe's own time: placing the reused KV is the main pass's work done early
+        state.timings["probe_ms"] = elapsed - (state.timings["concat_ms"] - c0)
+
+
+def select(decoder, state: BlendState, l: int, q, k, v):
+    """Step 5, at a check layer: rank the candidates (the rows computed so far that are not
+    forced) and keep the top ones plus every forced row; returns the kept rows' Q/K/V."""
+    t0 = time.perf_counter()
+    cfg, plan = state.plan.config, state.plan
+    k_tok, v_tok = state.layer_kv(l)
+    rows = state.rows()
+    rows_forced = state.forced[rows]
+    cand = (~rows_forced).nonzero().flatten()
+    budget = min(plan.check[l], cand.numel())
+    if budget > 0:
+        cand_pos = rows[cand]
+        if state.rank_scores is not None:
+            score = state.rank_scores[cand_pos].contiguous()
+        elif state.probe_mass is not None:  # the probe's attention where this selection takes effect
+            score = state.probe_mass[l:].sum(0)[cand_pos]
+        else:
+            score = deviation(cfg, k[cand], v[cand], k_tok, v_tok, cand_pos)
+        if cfg.selection == "impact" and state.rank_scores is None:
+            score = score * query_attention_mass(decoder, state, l, q, k, rows)[cand_pos]
+        pick = top_candidates(cfg, plan, score, cand_pos, budget)
+        keep = torch.cat([rows_forced.nonzero().flatten(), cand[pick]]).sort().values
+    else:
+        keep = rows_forced.nonzero().flatten()
+    if cfg.fresh_check_kv:  # after the deviation above has read the reused K/V
+        k_tok[rows], v_tok[rows] = k, v
+    if not (state.sel is None and keep.numel() == plan.num_tokens):  # all kept: stay on the full path
+        state.sel = rows[keep]
+        q, k, v, state.hidden = q[keep], k[keep], v[keep], state.hidden[keep]
+    state.timings["select_ms"] += (time.perf_counter() - t0) * 1e3
+    return q, k, v
+
+
+def deviation(cfg: BlendConfig, k_fresh, v_fresh, k_reused, v_reused, index: torch.Tensor) -> torch.Tensor:
+    """``[len(index)]`` squared distance between the fresh and the reused K, V or both
+    (``cfg.deviation``) of the candidates, over heads and dims."""
+    if cfg.deviation == "k":
+        return ops.kv_deviation(k_fresh, k_reused, index)
+    if cfg.deviation == "v":
+        return ops.kv_deviation(v_fresh, v_reused, index)
+    dev = ops.kv_deviation(k_fresh, k_reused, index)
+    return ops.kv_deviation(v_fresh, v_reused, index, out=dev, accumulate=True)
+
+
+def query_attention_mass(decoder, state: BlendState, l: int, q, k, rows) -> torch.Tensor:
+    """``[N]`` float32: the attention the query rows (forced rows after the last reused
+    chunk) pay each position at this layer, summed over rows and heads; keys are the
+    fresh K of the computed rows and the reused K elsewhere."""
+    query_start = state.plan.spans[-1][1]
+    qrows = (rows >= query_start).nonzero().flatten()
+    keys = state.layer_kv(l)[0].clone()
+    keys[rows] = k
+    group = decoder.num_heads // decoder.num_kv_heads
+    qg = q[qrows].float().view(qrows.numel(), decoder.num_kv_heads, group, decoder.head_dim)
+    scores = torch.einsum("mhgd,nhd->mhgn", qg, keys.float()) * decoder.scaling
+    visible = state.positions[None, :] <= rows[qrows][:, None]  # [m, N] exact causal mask
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    return scores.softmax(-1).sum((0, 1, 2))
+
+
+def top_candidates(cfg: BlendConfig, plan: RequestPlan, score: torch.Tensor, cand_pos: torch.Tensor,
+                   budget: int) -> torch.Tensor:
+    """Indices into the candidates of the ``budget`` tokens kept: the chunk-boundary
+    tokens first, then the highest scores, over the request or per chunk."""
+    prio = torch.zeros_like(score, dtype=torch.bool)
+    if cfg.boundary_tokens:
+        starts = torch.tensor([a for a, _ in plan.spans], device=cand_pos.device)
+        chunk = torch.searchsorted(starts, cand_pos, right=True) - 1
+        prio = cand_pos - starts[chunk] < cfg.boundary_tokens
+    first = prio.nonzero().flatten()
+    if first.numel() >= budget:
+        return first[ops.select_hkvd(score[first], budget)]
+    rest = (~prio).nonzero().flatten()
+    need = budget - first.numel()
+    if cfg.quota == "global":
+        chosen = rest[ops.select_hkvd(score[rest], need)]
+    else:
+        chosen = rest[per_chunk_top(score[rest], cand_pos[rest], plan.spans, need)]
+    return torch.cat([first, chosen])
+
+
+def per_chunk_top(score: torch.Tensor, pos: torch.Tensor, spans, k: int) -> torch.Tensor:
+    """Indices of ``k`` tokens, each chunk's share proportional to its candidates (largest
+    remainders get the leftover), the top scores within each chunk."""
+    starts = torch.tensor([a for a, _ in spans], device=pos.device)
+    chunk = torch.searchsorted(starts, pos, right=True) - 1
+    sizes = torch.bincount(chunk, minlength=len(spans)).cpu()
+    exact = sizes.double() * k / max(int(sizes.sum()), 1)
+    quota = exact.floor().long()
+    left = k - int(quota.sum())
+    if left > 0:  # largest remainder first, ties to the earlier chunk
+        order = sorted(range(len(spans)), key=lambda i: (-(float(exact[i]) - int(quota[i])), i))
+        for i in order[:left]:
+            quota[i] += 1
+    picks = []
+    for i in range(len(spans)):
+        members = (chunk == i).nonzero().flatten()
+        if quota[i] > 0:
+            picks.append(members[ops.select_hkvd(score[members], int(quota[i]))])
+    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64, device=score.device)
