@@ -84,6 +84,22 @@ def test_layers_match_stored_kv(tmp_path, device, dtype, tiers, pipelined):
         assert report.load_ms > 0
 
 
+@pytest.mark.parametrize("tiers", [("cpu", "cpu", "cpu"), ("disk", "cpu", "disk")], ids=["cpu", "mixed"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_pipelined_under_inference_mode(tmp_path, device, tiers):
+    """Opened and consumed under torch.inference_mode, as bench e2e and serving code do: the
+    loader thread (GPU staging copies, disk reads) runs in the consumer's mode, since a copy
+    into an inference tensor outside inference mode raises (seen on an H200)."""
+    store = ChunkStore("m", "r", disk_dir=tmp_path)
+    keys = fill(store, tiers=tiers)
+    with torch.inference_mode():
+        source, _ = open_layer_source(store, keys, device, pipelined=True)
+        with source:
+            seen = consume(source, device)
+    for l in range(L):
+        assert all(torch.equal(seen[l][i].cpu(), make_kv(t, i)[l]) for i, t in enumerate(TOKENS))
+
+
 @pytest.mark.parametrize("depth", [1, 2, 4])
 @pytest.mark.parametrize("device", DEVICES)
 def test_depths_and_promotion(tmp_path, device, depth):

@@ -169,6 +169,10 @@ class StoreLayerSource:
         self._closed = False
         self._thread = None
 
+        # Inference mode is thread-local: the loader thread copies into buffers made here, so
+        # it must run in the same mode (a copy into an inference tensor outside inference
+        # mode raises).
+        self._inference = torch.is_inference_mode_enabled()
         self._staging = None
         if self.cuda and self._copy:
             self._staging = _StagingRing(self.device, [self.handles[i] for i in self._copy], self.num_layers,
@@ -228,6 +232,10 @@ class StoreLayerSource:
         return [self.handles[i].layer(l) for i in self._copy]
 
     def _loader(self) -> None:
+        with torch.inference_mode(self._inference):
+            self._load_layers()
+
+    def _load_layers(self) -> None:
         try:
             for l in range(self.num_layers):
                 if self._closed:
