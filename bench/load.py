@@ -11,6 +11,8 @@ the MLP. The chunks' KV comes from
 * ``disk``: the store's files, read cold (dropped from the page cache before each run),
 * ``redis``: the store's remote tier, nothing local (a private ``redis-server`` on
   127.0.0.1 started for the run, or ``--redis-url``),
+* ``disk-mac``, ``redis-mac``: the same with a keyed MAC on every value, verified as each
+  layer loads (a random key made for the run; see ``cacheblend_ext.store.integrity``),
 
 each loaded with the layer-wise pipeline (``pipelined``) and, as the baseline, on demand
 with a wait per layer (``sync``). Reported: time to first token (median), overhead vs
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import statistics
 import tempfile
 import time
@@ -48,8 +51,8 @@ SHAPES = {
 
 def add_arguments(parser) -> None:
     parser.add_argument("--source", default="ram,disk",
-                        help="where the chunk KV is loaded from: comma-separated ram, disk, redis "
-                             "(default: ram,disk; 'both' = ram,disk, 'all' = ram,disk,redis)")
+                        help="where the chunk KV is loaded from: comma-separated ram, disk, redis, disk-mac, "
+                             "redis-mac (default: ram,disk; 'both' = ram,disk, 'all' = ram,disk,redis)")
     parser.add_argument("--redis-url", default=None,
                         help="Redis for --source redis (redis://..., redis+cluster://...; default: a private "
                              "redis-server on 127.0.0.1 for the run)")
@@ -164,19 +167,21 @@ def run(args) -> dict:
     # Every other variant runs round-robin, so machine noise hits them alike.
     sources = parse_sources(args.source)
     tmp = tempfile.TemporaryDirectory(dir=args.disk_dir, prefix="cacheblend-bench-")
-    redis = RedisForBench(args.redis_url) if "redis" in sources else None
+    redis = RedisForBench(args.redis_url) if any(TIER_OF_SOURCE[s] == "remote" for s in sources) else None
     variants = [("memory", None, lambda: None, lambda: MemoryLayerSource(kvs_dev))]
     for src in sources:
         store = bench_store(src, kv_bytes, tmp.name, redis)
-        keys = [store.put(f"chunk{i}", kv, torch.arange(kv.shape[2])) for i, kv in enumerate(kvs_cpu)]
+        keys = [store.put(f"chunk{i}", kv, torch.arange(kv.shape[2]), scope=BENCH_SCOPE)
+                for i, kv in enumerate(kvs_cpu)]
 
         def prepare(store=store, keys=keys, src=src):
-            if src == "disk":  # cold reads: drop the files from the page cache (not timed)
+            if TIER_OF_SOURCE[src] == "disk":  # cold reads: drop the files from the page cache (not timed)
                 for k in keys:
-                    drop_page_cache(store.chunk_path(k))
+                    drop_page_cache(store.chunk_path(k, scope=BENCH_SCOPE))
 
         def make(pipelined, store=store, keys=keys):
-            source, missing = open_layer_source(store, keys, device, pipelined=pipelined, depth=args.depth)
+            source, missing = open_layer_source(store, keys, device, scope=BENCH_SCOPE, pipelined=pipelined,
+                                                depth=args.depth)
             assert not missing
             return source
 
@@ -218,7 +223,7 @@ def run(args) -> dict:
             "ttft_ms": ms, "vs_full_prefill": ms / full_ms, "overhead_vs_memory_pct": (ms - mem_ms) / mem_ms * 100,
             "load_ms": load, "exposed_ms": exposed, "hidden_fraction": hidden_frac, "times_ms": times[i],
             "reports": [r.as_dict() for r in reports[i]]}
-        if not pipelined:
+        if not pipelined and not src.endswith("-mac"):
             tier = TIER_OF_SOURCE[src]
             measured_gbps[tier] = (kv_bytes / (load * 1e-3) / 1e9) if load > 0 else math.inf
 
@@ -261,16 +266,17 @@ def run(args) -> dict:
 # ---------------------------------------------------------------------------
 
 
-TIER_OF_SOURCE = {"ram": "cpu", "disk": "disk", "redis": "remote"}
+TIER_OF_SOURCE = {"ram": "cpu", "disk": "disk", "redis": "remote", "disk-mac": "disk", "redis-mac": "remote"}
+BENCH_SCOPE = "bench"  # every benchmark chunk lives in this scope
 
 
 def parse_sources(text: str) -> list[str]:
-    """``--source`` of ``bench load``: a comma-separated subset of ram, disk, redis."""
+    """``--source`` of ``bench load``: a comma-separated subset of ``TIER_OF_SOURCE``."""
     text = {"both": "ram,disk", "all": "ram,disk,redis"}.get(text, text)
     sources = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in sources if s not in TIER_OF_SOURCE]
     if bad or not sources:
-        raise SystemExit(f"--source must list ram, disk or redis, got {text!r}")
+        raise SystemExit(f"--source must list {', '.join(TIER_OF_SOURCE)}, got {text!r}")
     return sources
 
 
@@ -297,13 +303,18 @@ class RedisForBench:
 
 
 def bench_store(source: str, kv_bytes: int, disk_dir: str | None, redis: RedisForBench | None) -> ChunkStore:
-    """A store that serves every chunk from ``source`` (nothing in the tiers above it)."""
-    if source == "redis":
-        store = ChunkStore("bench", "bench", cpu_bytes=0, remote=redis.url, remote_namespace=redis.namespace)
+    """A store that serves every chunk from ``source`` (nothing in the tiers above it); the
+    ``-mac`` sources with a keyed MAC under a random key made for the run (and a namespace
+    or directory of their own)."""
+    tier = TIER_OF_SOURCE[source]
+    mac_key = secrets.token_bytes(32) if source.endswith("-mac") else None
+    if tier == "remote":
+        store = ChunkStore("bench", "bench", cpu_bytes=0, remote=redis.url, mac_key=mac_key,
+                           remote_namespace=redis.namespace + ("-mac" if mac_key else ""))
         redis.stores.append(store)
         return store
-    return ChunkStore("bench", "bench", disk_dir=disk_dir if source == "disk" else None,
-                      cpu_bytes=0 if source == "disk" else 2 * kv_bytes + (1 << 20))
+    return ChunkStore("bench", "bench", disk_dir=os.path.join(disk_dir, source) if tier == "disk" else None,
+                      cpu_bytes=0 if tier == "disk" else 2 * kv_bytes + (1 << 20), mac_key=mac_key)
 
 
 class StoreSourceMaker:
@@ -312,20 +323,21 @@ class StoreSourceMaker:
 
     def __init__(self, engine, chunks, source: str, pipelined: bool, redis_url: str | None = None, depth: int = 1):
         self.source, self.pipelined, self.device = source, pipelined, engine.device
-        self.tmp = tempfile.TemporaryDirectory(prefix="cacheblend-e2e-") if source == "disk" else None
-        self.redis = RedisForBench(redis_url) if source == "redis" else None
+        tier = TIER_OF_SOURCE[source]
+        self.tmp = tempfile.TemporaryDirectory(prefix="cacheblend-e2e-") if tier == "disk" else None
+        self.redis = RedisForBench(redis_url) if tier == "remote" else None
         nbytes = sum(c.kv.numel() * c.kv.element_size() for c in chunks)
         self.store = bench_store(source, nbytes, self.tmp.name if self.tmp else None, self.redis)
-        self.keys = [self.store.put(c.key, c.kv, c.positions, c.token_ids) for c in chunks]
+        self.keys = [self.store.put(c.key, c.kv, c.positions, c.token_ids, scope=BENCH_SCOPE) for c in chunks]
         self.depth = depth
         self.sources = []
 
     def __call__(self):
-        if self.source == "disk":  # cold reads (fsync + fadvise of clean pages: well under a millisecond)
+        if TIER_OF_SOURCE[self.source] == "disk":  # cold reads (fsync + fadvise of clean pages: under a ms)
             for k in self.keys:
-                drop_page_cache(self.store.chunk_path(k))
-        source, missing = open_layer_source(self.store, self.keys, self.device, pipelined=self.pipelined,
-                                            depth=self.depth)
+                drop_page_cache(self.store.chunk_path(k, scope=BENCH_SCOPE))
+        source, missing = open_layer_source(self.store, self.keys, self.device, scope=BENCH_SCOPE,
+                                            pipelined=self.pipelined, depth=self.depth)
         assert not missing
         self.sources.append(source)
         return source

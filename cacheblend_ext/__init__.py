@@ -7,8 +7,9 @@
 (``blend.engine``) and loads the bundled SmolLM2 model (``blend.models``).
 ``cacheblend_ext.layer_source`` is how reused KV reaches the engine, layer by layer.
 ``cacheblend_ext.identity`` says which chunk KV is interchangeable (model, RoPE and
-chunk keys), ``cacheblend_ext.store`` keeps chunk KV in GPU / CPU / disk / remote (Redis)
-tiers, ``store.pipeline`` loads it layer by layer behind the recompute,
+chunk keys) and names the scopes that keep tenants' chunks apart,
+``cacheblend_ext.store`` keeps chunk KV in GPU / CPU / disk / remote (Redis) tiers
+(``store.integrity``: the optional keyed MAC that refuses forged values), ``store.pipeline`` loads it layer by layer behind the recompute,
 ``store.controller`` picks the recompute ratio or storage tier that hides loading
 and ``cacheblend_ext.cached`` runs the engine on top of the store.
 ``cacheblend_ext.testing`` holds helpers of the tests and benchmarks.
@@ -29,9 +30,9 @@ from . import cached
 from .cached import CachedBlender
 from .store.controller import LoadingController, LoadingDecision, Measurements
 from .store.pipeline import StoreLayerSource, open_layer_source
-from .identity import ModelIdentity, chunk_key, model_identity, rope_identity
-from .store import (ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkStore, ChunkUnavailableError,
-                    StoredChunk)
+from .identity import PUBLIC_SCOPE, ModelIdentity, check_scope, chunk_key, model_identity, rope_identity
+from .store import (ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkMac, ChunkStore, ChunkUnavailableError,
+                    StoredChunk, mac_key_from_env)
 
 __all__ = [
     "has_cuda_kernels",
@@ -57,10 +58,14 @@ __all__ = [
     "ChunkCorruptError",
     "ChunkHandle",
     "ChunkLoadError",
+    "ChunkMac",
     "ChunkStore",
     "ChunkUnavailableError",
     "StoredChunk",
+    "mac_key_from_env",
+    "PUBLIC_SCOPE",
     "ModelIdentity",
+    "check_scope",
     "chunk_key",
     "model_identity",
     "rope_identity",

@@ -13,12 +13,19 @@ encoded after the same prefix ids. Everything that decides this lives here:
 * :func:`chunk_key`: the content key of one chunk: model and RoPE identity, dtype,
   prefix ids and token ids. The chunk store, the engine and ``CachedBlender`` all use
   this one function (through :class:`ModelIdentity`).
+* :func:`check_scope`: the *scope* a stored chunk belongs to (a tenant, a user, or
+  :data:`PUBLIC_SCOPE` for a corpus every requester may see). A stored chunk is
+  identified by its scope and its chunk key: the same text in two scopes is two entries,
+  and a lookup in one scope never finds the other's (see ``docs/security.md``). The key
+  itself stays a content hash, so KV computed in one scope is interchangeable with the
+  same chunk's KV in another; only the store keeps them apart.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -26,6 +33,9 @@ import torch
 
 KEY_SCHEME = b"cacheblend-chunk-key-v1"
 _FINGERPRINT_SAMPLES = 1024
+PUBLIC_SCOPE = "public"
+SCOPE_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z_-]{0,63}$"
+_SCOPE_RE = re.compile(SCOPE_PATTERN)
 # Config entries that name a place or a library version, not the model.
 _CONFIG_NOISE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset",
                  "_attn_implementation", "_commit_hash", "architectures", "output_attentions", "output_hidden_states",
@@ -39,6 +49,34 @@ def hash_hex(parts: Iterable[bytes], digest_size: int = 20) -> str:
         h.update(len(p).to_bytes(8, "little"))
         h.update(p)
     return h.hexdigest()
+
+
+def check_scope(scope, name: str = "scope") -> str:
+    """``scope`` if it is a valid scope name, else ``ValueError`` naming the argument ``name``.
+
+    A scope is 1 to 64 ASCII letters, digits, ``_`` or ``-``, starting with a letter or a
+    digit: it is a directory name in the disk tier and a part of every Redis key (so ACL
+    key patterns such as ``~cacheblend:v2:tenant-a:*`` can confine a tenant to its scope).
+    There is no default scope: every caller says whose chunk it stores or looks up, and
+    :data:`PUBLIC_SCOPE` (``"public"``) is only used when asked for.
+    """
+    if not isinstance(scope, str) or not _SCOPE_RE.match(scope):
+        raise ValueError(f"{name} must be a scope name (1 to 64 letters, digits, '_' or '-', starting with a letter "
+                         f"or digit), e.g. a tenant id or {PUBLIC_SCOPE!r}; got {scope!r}")
+    return scope
+
+
+def scope_list(scope, n: int, per: str = "key") -> list[str]:
+    """``scope`` (one scope name, or a sequence of one per ``per``) as ``n`` checked scope
+    names; ``ValueError`` naming ``scope`` otherwise."""
+    if isinstance(scope, str):
+        return [check_scope(scope)] * n
+    if isinstance(scope, (bytes, bytearray)) or not hasattr(scope, "__len__") or not hasattr(scope, "__iter__"):
+        raise ValueError(f"scope must be a scope name or a sequence of one scope per {per}, got {scope!r}")
+    scopes = [check_scope(s, f"scope[{i}]") for i, s in enumerate(scope)]
+    if len(scopes) != n:
+        raise ValueError(f"scope lists {len(scopes)} scopes for {n} {per}s")
+    return scopes
 
 
 def _ids_bytes(ids, name: str) -> bytes:
@@ -153,5 +191,5 @@ class ModelIdentity:
                              f"dtype ({dtype}) and prefix: its key does not match")
 
 
-__all__ = ["KEY_SCHEME", "ModelIdentity", "chunk_key", "hash_hex", "model_identity", "rope_identity",
-           "weights_fingerprint"]
+__all__ = ["KEY_SCHEME", "PUBLIC_SCOPE", "SCOPE_PATTERN", "ModelIdentity", "check_scope", "chunk_key", "hash_hex",
+           "model_identity", "rope_identity", "scope_list", "weights_fingerprint"]

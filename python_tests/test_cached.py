@@ -10,8 +10,9 @@ import torch
 
 import cacheblend_ext.blend.engine as engine_mod
 from cacheblend_ext.cached import CachedBlender
-from cacheblend_ext.store import FILE_SUFFIX
 from conftest import DEVICES, request_parts
+
+S = "tenant-1"  # the scope of every chunk here
 
 
 def tiny_llama(device):
@@ -48,28 +49,28 @@ def test_blend_from_disk_equals_blend_from_memory(tmp_path, engine, pipelined):
     cfg = engine_mod.BlendConfig(recompute_ratio=0.3)
     prefix, chunks, query = request_parts()
     ref = reference(engine, prefix, chunks, query, cfg)
-    CachedBlender(engine, disk_dir=tmp_path).add_many(chunks, prefix)
+    CachedBlender(engine, disk_dir=tmp_path).add_many(chunks, prefix, scope=S)
     # a fresh store (as after a restart) with no memory tier: every chunk streams from disk
     blender = CachedBlender(engine, disk_dir=tmp_path, cpu_bytes=0, pipelined=pipelined)
-    result, report = blender.blend(prefix, chunks, query, cfg)
+    result, report = blender.blend(prefix, chunks, query, cfg, scope=S)
     assert report.tiers == {"disk": 3} and report.num_layers == engine.num_layers
     assert result.timings["load"]["mode"] == ("pipelined" if pipelined else "sync")
     assert_same(result, ref)
     # any subset, any order
     sub = [chunks[2], chunks[0]]
-    assert_same(blender.blend(prefix, sub, query, cfg)[0], reference(engine, prefix, sub, query, cfg))
+    assert_same(blender.blend(prefix, sub, query, cfg, scope=S)[0], reference(engine, prefix, sub, query, cfg))
 
 
 def test_memory_tier_and_misses(tmp_path, engine):
     cfg = engine_mod.BlendConfig(recompute_ratio=0.15)
     prefix, chunks, query = request_parts(1)
     blender = CachedBlender(engine)  # memory only
-    result, report = blender.blend(None, chunks, query, cfg)  # all misses: encoded, stored, used as encoded
+    result, report = blender.blend(None, chunks, query, cfg, scope=S)  # all misses: encoded, stored, used as encoded
     assert report.tiers == {"encoded": 3}
     ref = engine.blend([engine.encode_chunk(c) for c in chunks] + [query], cfg)
     assert_same(result, ref)
     assert blender.store.stats()["puts"] == 3
-    result, report = blender.blend(None, chunks, query, cfg)  # now all hits
+    result, report = blender.blend(None, chunks, query, cfg, scope=S)  # now all hits
     assert set(report.tiers) <= {"cpu", "gpu"} and sum(report.tiers.values()) == 3
     assert_same(result, ref)
     assert blender.store.stats()["puts"] == 3
@@ -79,17 +80,17 @@ def test_corrupt_file_is_reencoded_transparently(tmp_path, engine):
     cfg = engine_mod.BlendConfig(recompute_ratio=0.3)
     prefix, chunks, query = request_parts(2)
     ref = reference(engine, prefix, chunks, query, cfg)
-    keys = CachedBlender(engine, disk_dir=tmp_path).add_many(chunks, prefix)
+    keys = CachedBlender(engine, disk_dir=tmp_path).add_many(chunks, prefix, scope=S)
     blender = CachedBlender(engine, disk_dir=tmp_path, cpu_bytes=0)
-    path = blender.store.disk_dir / keys[1][:2] / f"{keys[1]}{FILE_SUFFIX}"
+    path = blender.store.chunk_path(keys[1], scope=S)
     data = bytearray(path.read_bytes())
     data[len(data) - 16 * chunks[1].numel() - 100] ^= 0x20  # in the last layer's V (tail: positions + ids)
     path.write_bytes(bytes(data))
-    result, report = blender.blend(prefix, chunks, query, cfg)  # no exception
+    result, report = blender.blend(prefix, chunks, query, cfg, scope=S)  # no exception
     assert_same(result, ref)
     assert blender.store.stats()["corrupt"] == 1
     assert os.path.exists(path)  # re-encoded and stored again
     # truncated file: a miss at open time, re-encoded as well
     with open(path, "r+b") as f:
         f.truncate(100)
-    assert_same(blender.blend(prefix, chunks, query, cfg)[0], ref)
+    assert_same(blender.blend(prefix, chunks, query, cfg, scope=S)[0], ref)

@@ -15,6 +15,7 @@ from cacheblend_ext.store import disk
 from cacheblend_ext.store import ChunkStore
 
 L, T, H, D = 4, 512, 2, 16  # 128 KiB of fp32 KV per chunk
+S = "tenant-1"  # the scope of every chunk here
 
 
 def make_kv(seed=0, layers=L):
@@ -25,8 +26,8 @@ def make_kv(seed=0, layers=L):
 def chunk_size(tmp_path, layers=L) -> int:
     """Bytes of one stored chunk of ``layers`` layers."""
     store = ChunkStore("m", "r", disk_dir=tmp_path / f"probe{layers}", cpu_bytes=0)
-    key = store.put("probe", make_kv(layers=layers), torch.arange(T))
-    return os.path.getsize(store.chunk_path(key))
+    key = store.put("probe", make_kv(layers=layers), torch.arange(T), scope=S)
+    return os.path.getsize(store.chunk_path(key, scope=S))
 
 
 def tmp_files(root):
@@ -64,7 +65,7 @@ def _writer_that_stalls(root, budget, ready):
 
     disk.write_all = stalling
     store = ChunkStore("m", "r", disk_dir=root, cpu_bytes=0, disk_bytes=budget, pin_memory=False)
-    store.put("victim", make_kv(layers=64), torch.arange(T))
+    store.put("victim", make_kv(layers=64), torch.arange(T), scope=S)
 
 
 def test_temp_file_of_a_killed_writer_is_removed(tmp_path):
@@ -92,9 +93,9 @@ def test_temp_file_of_a_killed_writer_is_removed(tmp_path):
     # 1. when the budget fills up, the rescan removes the dead writer's file and reclaims
     #    its room instead of evicting live chunks
     for i in range(8):
-        before.put(f"c{i}", make_kv(seed=i), torch.arange(T))
+        before.put(f"c{i}", make_kv(seed=i), torch.arange(T), scope=S)
     assert tmp_files(root) == []
-    assert len(before.keys("disk")) == 8 and before.stats()["evictions"]["disk"] == 0
+    assert len(before.keys("disk", scope=S)) == 8 and before.stats()["evictions"]["disk"] == 0
     assert dir_bytes(root) <= budget
     # 2. opening a store removes one too (a file named after the same, now dead, writer)
     with open(tmp, "wb") as f:
@@ -122,9 +123,9 @@ def test_temp_files_of_live_writers_are_kept_and_counted(tmp_path):
     assert live.exists() and other_host.exists()
     assert not old_other_host.exists() and not reused_pid.exists()
     for i in range(4):
-        store.put(f"c{i}", make_kv(seed=i), torch.arange(T))
+        store.put(f"c{i}", make_kv(seed=i), torch.arange(T), scope=S)
     # the live temporary file takes one chunk's room: two chunk files fit, not three
-    assert len(store.keys("disk")) == 2 and live.exists()
+    assert len(store.keys("disk", scope=S)) == 2 and live.exists()
     assert dir_bytes(root) <= 3 * size + size // 2
     assert store.stats()["bytes"]["disk"] == dir_bytes(root)
 
@@ -149,7 +150,7 @@ def _budget_writer(root, budget, barrier, index, count):
     kvs = [make_kv(seed=100 * index + i) for i in range(count)]
     barrier.wait()
     for i, kv in enumerate(kvs):
-        store.put(f"p{index}c{i}", kv, torch.arange(T))
+        store.put(f"p{index}c{i}", kv, torch.arange(T), scope=S)
         time.sleep(0.01)  # let the writers interleave
 
 
@@ -187,5 +188,5 @@ def test_processes_sharing_a_directory_stay_under_the_budget(tmp_path):
     assert dir_bytes(root) <= budget
     # without shared accounting each writer overshoots by its own writes (up to 2x)
     assert peak[0] <= budget, (peak[0], budget)
-    keys = ChunkStore("m", "r", disk_dir=root, disk_bytes=budget).keys("disk")
+    keys = ChunkStore("m", "r", disk_dir=root, disk_bytes=budget).keys("disk", scope=S)
     assert 4 <= len(keys) <= 6

@@ -17,6 +17,7 @@ from test_engine import assert_logits_close, full_reuse_reference, hf_logits_and
 
 ONE = BlendConfig(recompute_ratio=1.0)
 ZERO = BlendConfig(recompute_ratio=0.0)
+S = "tenant-1"  # the scope of every chunk here
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
@@ -43,14 +44,14 @@ def test_same_request_twice_on_one_engine(model, tmp_path):
     first = engine.blend([prefix, *chunks, query])
     assert_same_blend(engine.blend([prefix, *chunks, query]), first)
     blender = CachedBlender(engine, disk_dir=tmp_path)
-    stored_first, report1 = blender.blend(prefix, chunk_ids, query)
-    stored_second, report2 = blender.blend(prefix, chunk_ids, query)
+    stored_first, report1 = blender.blend(prefix, chunk_ids, query, scope=S)
+    stored_second, report2 = blender.blend(prefix, chunk_ids, query, scope=S)
     assert report1.tiers == {"encoded": 3} and "encoded" not in report2.tiers
     assert_same_blend(stored_first, first)
     assert_same_blend(stored_second, first)
     ref = hf_first_logits(model, torch.cat([prefix, *chunk_ids, query]))
     for _ in range(2):
-        assert_logits_close(blender.blend(prefix, chunk_ids, query, ONE)[0].logits, ref)
+        assert_logits_close(blender.blend(prefix, chunk_ids, query, ONE, scope=S)[0].logits, ref)
 
 
 def test_cached_chunks_reordered(model, tmp_path):
@@ -59,13 +60,13 @@ def test_cached_chunks_reordered(model, tmp_path):
     engine = BlendEngine(model)
     prefix, chunk_ids, query = request_parts(seed=41)
     blender = CachedBlender(engine, disk_dir=tmp_path)
-    blender.add_many(chunk_ids, prefix)
+    blender.add_many(chunk_ids, prefix, scope=S)
     for order in ([2, 0, 1], [1, 2, 0]):
         texts = [chunk_ids[i] for i in order]
-        result, report = blender.blend(prefix, texts, query, ONE)
+        result, report = blender.blend(prefix, texts, query, ONE, scope=S)
         assert "encoded" not in report.tiers
         assert_logits_close(result.logits, hf_first_logits(model, torch.cat([prefix, *texts, query])))
-        zero, _ = blender.blend(prefix, texts, query, ZERO)
+        zero, _ = blender.blend(prefix, texts, query, ZERO, scope=S)
         chunks = engine.encode_chunks(texts, context=engine.chunk_context(prefix, ZERO))
         assert_logits_close(zero.logits, full_reuse_reference(engine, prefix, chunks, query))
 
@@ -83,10 +84,10 @@ def test_same_chunk_twice_in_one_request(model, tmp_path):
     assert_logits_close(engine.blend(segments, ZERO).logits,
                         full_reuse_reference(engine, prefix, [chunk, other, chunk], query))
     blender = CachedBlender(engine, disk_dir=tmp_path, cpu_bytes=0)
-    result, report = blender.blend(prefix, texts, query, ONE)
+    result, report = blender.blend(prefix, texts, query, ONE, scope=S)
     assert blender.store.stats()["puts"] == 2  # the repeated chunk is encoded and stored once
     assert_logits_close(result.logits, hf_first_logits(model, ids))
-    zero, _ = blender.blend(prefix, texts, query, ZERO)
+    zero, _ = blender.blend(prefix, texts, query, ZERO, scope=S)
     assert_same_blend(zero, engine.blend(segments, ZERO))
 
 
@@ -102,7 +103,7 @@ def test_query_only_request(model):
         assert engine.generate(result, 8) == ref_tokens
         only = engine.blend([query], cfg)
         assert_logits_close(only.logits, hf_first_logits(model, query))
-    result, report = CachedBlender(engine).blend(prefix, [], query)
+    result, report = CachedBlender(engine).blend(prefix, [], query, scope=S)
     assert report.tiers == {} and result.num_tokens == ids.numel()
     assert_logits_close(result.logits, ref_logits)
 
@@ -114,9 +115,9 @@ def test_empty_chunk_is_a_clear_error(model):
         engine.encode_chunk([])
     blender = CachedBlender(engine)
     with pytest.raises(ValueError, match=r"chunks\[1\] is empty"):
-        blender.blend(prefix, [chunk_ids[0], [], chunk_ids[1]], query)
+        blender.blend(prefix, [chunk_ids[0], [], chunk_ids[1]], query, scope=S)
     with pytest.raises(ValueError, match=r"chunks\[0\] is empty"):
-        blender.add_many([torch.tensor([], dtype=torch.int64)])
+        blender.add_many([torch.tensor([], dtype=torch.int64)], scope=S)
     assert blender.store.stats()["puts"] == 0  # nothing half-stored
     with pytest.raises(ValueError, match="empty request"):
         engine.blend([[], []])

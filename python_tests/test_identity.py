@@ -12,6 +12,8 @@ from cacheblend_ext.identity import ModelIdentity, chunk_key
 from cacheblend_ext.store import ChunkStore
 from conftest import request_parts
 
+S = "tenant-1"  # the scope of every chunk here
+
 
 def tiny_llama(seed=1234, **overrides):
     import transformers as tf
@@ -77,9 +79,9 @@ def test_chunk_of_another_model_or_rope_is_refused(model, tmp_path, other):
     # 2. one disk directory shared by both: each model only ever reuses its own chunks
     prefix, chunks, query = request_parts(3)
     cfg = BlendConfig(recompute_ratio=0.3)
-    CachedBlender(theirs, disk_dir=tmp_path).add_many(chunks, prefix)
+    CachedBlender(theirs, disk_dir=tmp_path).add_many(chunks, prefix, scope=S)
     blender = CachedBlender(ours, disk_dir=tmp_path, cpu_bytes=0)
-    result, report = blender.blend(prefix, chunks, query, cfg)
+    result, report = blender.blend(prefix, chunks, query, cfg, scope=S)
     assert report.tiers == {"encoded": 3}  # nothing of theirs was reused
     ref = ours.blend([prefix] + [ours.encode_chunk(c, ours.chunk_context(prefix, cfg)) for c in chunks] + [query], cfg)
     assert torch.equal(result.logits, ref.logits)
@@ -87,9 +89,9 @@ def test_chunk_of_another_model_or_rope_is_refused(model, tmp_path, other):
     our_key = ours.chunk_key(ids, [1])
     shared = tmp_path / "shared"
     theirs_store = ChunkStore(theirs.identity.model_id, theirs.identity.rope_id, disk_dir=shared, cpu_bytes=0)
-    theirs_store.put(our_key, foreign.kv, foreign.positions, foreign.token_ids)
+    theirs_store.put(our_key, foreign.kv, foreign.positions, foreign.token_ids, scope=S)
     store = ChunkStore(ours.identity.model_id, ours.identity.rope_id, disk_dir=shared, cpu_bytes=0)
-    assert store.get(our_key) is None and store.stats()["corrupt"] == 1
+    assert store.get(our_key, scope=S) is None and store.stats()["corrupt"] == 1
 
 
 def test_blender_refuses_a_store_of_another_identity(model):

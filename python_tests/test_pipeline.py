@@ -9,10 +9,11 @@ import torch
 
 from cacheblend_ext.layer_source import MemoryLayerSource
 from cacheblend_ext.store.pipeline import StoreLayerSource, open_layer_source
-from cacheblend_ext.store import FILE_SUFFIX, ChunkCorruptError, ChunkStore
+from cacheblend_ext.store import ChunkCorruptError, ChunkStore
 from conftest import DEVICES, DTYPES
 
 L, H, D = 5, 2, 8
+S = "tenant-1"  # the scope of every chunk here
 TOKENS = [7, 3, 11]
 
 
@@ -25,11 +26,11 @@ def fill(store, dtype=torch.float32, tiers=None):
     """Put the test chunks; ``tiers[i]`` in {"cpu", "disk"} drops chunk i from memory if "disk"."""
     keys = []
     for i, t in enumerate(TOKENS):
-        keys.append(store.put(f"chunk{i}", make_kv(t, i, dtype), torch.arange(t) + 50 * i))
+        keys.append(store.put(f"chunk{i}", make_kv(t, i, dtype), torch.arange(t) + 50 * i, scope=S))
     if tiers:
         for k, tier in zip(keys, tiers):
             if tier == "disk":
-                store.remove(k, tiers=("cpu",))
+                store.remove(k, tiers=("cpu",), scope=S)
     return keys
 
 
@@ -59,7 +60,7 @@ def consume(source, device, order=None):
 def test_layers_match_stored_kv(tmp_path, device, dtype, tiers, pipelined):
     store = ChunkStore("m", "r", disk_dir=tmp_path)
     keys = fill(store, dtype, tiers)
-    source, missing = open_layer_source(store, keys, device, pipelined=pipelined)
+    source, missing = open_layer_source(store, keys, device, pipelined=pipelined, scope=S)
     assert missing == []
     assert [h.tier for h in source.handles] == list(tiers)
     with source:
@@ -93,7 +94,7 @@ def test_pipelined_under_inference_mode(tmp_path, device, tiers):
     store = ChunkStore("m", "r", disk_dir=tmp_path)
     keys = fill(store, tiers=tiers)
     with torch.inference_mode():
-        source, _ = open_layer_source(store, keys, device, pipelined=True)
+        source, _ = open_layer_source(store, keys, device, pipelined=True, scope=S)
         with source:
             seen = consume(source, device)
     for l in range(L):
@@ -105,13 +106,13 @@ def test_pipelined_under_inference_mode(tmp_path, device, tiers):
 def test_depths_and_promotion(tmp_path, device, depth):
     store = ChunkStore("m", "r", disk_dir=tmp_path)
     keys = fill(store, tiers=("disk",) * 3)
-    source, _ = open_layer_source(store, keys, device, depth=depth)
+    source, _ = open_layer_source(store, keys, device, depth=depth, scope=S)
     with source:
         seen = consume(source, device)
     for l in range(L):
         assert all(torch.equal(seen[l][i].cpu(), make_kv(t, i)[l]) for i, t in enumerate(TOKENS))
     # fully loaded disk chunks were promoted into the CPU tier
-    assert [store.where(k) for k in keys] == ["cpu"] * 3
+    assert [store.where(k, scope=S) for k in keys] == ["cpu"] * 3
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -135,7 +136,7 @@ def test_disk_same_as_memory_for_a_layerwise_consumer(tmp_path, device):
     ref = run(MemoryLayerSource(kvs))
     store = ChunkStore("m", "r", disk_dir=tmp_path, cpu_bytes=0)
     keys = fill(store)
-    source, _ = open_layer_source(ChunkStore("m", "r", disk_dir=tmp_path), keys, device)
+    source, _ = open_layer_source(ChunkStore("m", "r", disk_dir=tmp_path), keys, device, scope=S)
     with source:
         got = run(source)
     assert torch.equal(got, ref)
@@ -147,7 +148,7 @@ def test_corrupt_layer_raises_chunk_corrupt_and_removes_file(tmp_path, device, p
     writer = ChunkStore("m", "r", disk_dir=tmp_path, cpu_bytes=0)
     keys = fill(writer)
     store = ChunkStore("m", "r", disk_dir=tmp_path)
-    path = str(store.disk_dir / keys[1][:2] / f"{keys[1]}{FILE_SUFFIX}")
+    path = str(store.chunk_path(keys[1], scope=S))
     with open(path, "rb") as f:
         data = bytearray(f.read())
     layer_bytes = 2 * TOKENS[1] * H * D * 4
@@ -156,7 +157,7 @@ def test_corrupt_layer_raises_chunk_corrupt_and_removes_file(tmp_path, device, p
     data[pos] ^= 0x40
     with open(path, "wb") as f:
         f.write(data)
-    source, missing = open_layer_source(store, keys, device, pipelined=pipelined)
+    source, missing = open_layer_source(store, keys, device, pipelined=pipelined, scope=S)
     assert missing == []
     with source:
         for l in range(L - 2):
@@ -166,7 +167,7 @@ def test_corrupt_layer_raises_chunk_corrupt_and_removes_file(tmp_path, device, p
         assert info.value.key == keys[1]
     assert not os.path.exists(path)
     # the next request sees the chunk as missing
-    source, missing = open_layer_source(store, keys, device)
+    source, missing = open_layer_source(store, keys, device, scope=S)
     source.close()
     assert missing == [1]
 
@@ -175,7 +176,7 @@ def test_corrupt_layer_raises_chunk_corrupt_and_removes_file(tmp_path, device, p
 def test_close_early_does_not_hang(tmp_path, device):
     store = ChunkStore("m", "r", disk_dir=tmp_path, cpu_bytes=0)
     keys = fill(store)
-    source, _ = open_layer_source(store, keys, device)
+    source, _ = open_layer_source(store, keys, device, scope=S)
     source.layer(0)
     source.close()
     assert source.report().num_layers == L
@@ -184,7 +185,7 @@ def test_close_early_does_not_hang(tmp_path, device):
 def test_missing_chunks_are_reported(tmp_path):
     store = ChunkStore("m", "r", disk_dir=tmp_path)
     keys = fill(store)
-    source, missing = open_layer_source(store, [keys[2], "absent", keys[0]], "cpu")
+    source, missing = open_layer_source(store, [keys[2], "absent", keys[0]], "cpu", scope=S)
     with source:
         assert missing == [1] and source.keys == [keys[2], keys[0]]
         assert torch.equal(source.layer(3)[1], make_kv(TOKENS[0], 0)[3])
@@ -195,6 +196,6 @@ def test_missing_chunks_are_reported(tmp_path):
 def test_layer_index_checked(tmp_path):
     store = ChunkStore("m", "r")
     keys = fill(store)
-    source, _ = open_layer_source(store, keys, "cpu")
+    source, _ = open_layer_source(store, keys, "cpu", scope=S)
     with source, pytest.raises(IndexError, match="out of range"):
         source.layer(L)

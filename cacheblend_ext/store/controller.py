@@ -344,14 +344,15 @@ def measure_tier_throughput(tier: str, device, dtype=torch.bfloat16, *, disk_dir
                            cpu_bytes=2 * nbytes if tier == "cpu" else 0, fsync=True,
                            remote=remote if tier == "remote" else None,
                            remote_namespace=f"cacheblend-calibration-{os.getpid()}")
-        key = store.put("calibration", kv, torch.arange(tokens))
+        scope = "calibration"  # a scope of its own: no request ever looks it up
+        key = store.put("calibration", kv, torch.arange(tokens), scope=scope)
         del kv
         times = []
         try:
             for _ in range(reps):
                 if tier == "disk":
-                    drop_page_cache(store.chunk_path(key))
-                handle = store.open(key)
+                    drop_page_cache(store.chunk_path(key, scope=scope))
+                handle = store.open(key, scope=scope)
                 if handle is None:
                     raise RuntimeError(f"the {tier} tier did not return the calibration chunk")
                 _sync(device)
@@ -363,7 +364,7 @@ def measure_tier_throughput(tier: str, device, dtype=torch.bfloat16, *, disk_dir
                 times.append(time.perf_counter() - t0)
                 source.close()
         finally:
-            store.remove(key)
+            store.remove(key, scope=scope)
             store.close()
     return nbytes / statistics.median(times) / 1e9
 

@@ -1,8 +1,10 @@
 """The chunk store's disk tier: one checksummed file per chunk, shared by processes.
 
-Files live at ``<root>/<key[:2]>/<key>.cbkv`` in the format of
-:mod:`cacheblend_ext.store.chunk_format`. Several processes (and threads) may use one
-directory at once:
+Files live at ``<root>/<scope>/<key[:2]>/<key>.cbkv`` in the format of
+:mod:`cacheblend_ext.store.chunk_format` (the header repeats the scope and the key, and is
+checked on every read, so a file copied into another scope's folder is refused). Several
+processes (and threads) may use one directory at once, and every scope shares its byte
+budget:
 
 * **Atomic publication.** A chunk is written to a temporary file in the same folder and
   published with ``os.replace``: readers never see a partial file, and writers racing on
@@ -27,7 +29,9 @@ directory at once:
   removes its temporary file.
 
 Recency is the file's modification time (touched on every hit), shared by every process
-and kept across restarts.
+and kept across restarts. Files of format version 1 (``<root>/<key[:2]>/<key>.cbkv``, no
+scope) are never read; they count against the budget until the first scan of a store
+that opens the directory removes them.
 """
 
 from __future__ import annotations
@@ -147,8 +151,8 @@ class FileReader:
 
     tier = "disk"
 
-    def __init__(self, disk: "DiskTier", key: str, f, header: Header):
-        self.disk, self.key, self.file, self.header = disk, key, f, header
+    def __init__(self, disk: "DiskTier", scope: str, key: str, f, header: Header):
+        self.disk, self.scope, self.key, self.file, self.header = disk, scope, key, f, header
 
     def read_layer(self, l: int, out: torch.Tensor) -> None:
         """Read layer ``l`` into the contiguous CPU tensor ``out`` and verify its crc."""
@@ -162,8 +166,8 @@ class FileReader:
         return decode_tail(self.header, data)
 
     def discard(self) -> None:
-        """The file is corrupt: remove it (if it is still this file)."""
-        self.disk.remove_if_same(self.key, self.file)
+        """The file is corrupt or forged: remove it (if it is still this file)."""
+        self.disk.remove_if_same(self.scope, self.key, self.file)
 
     def close(self) -> None:
         if self.file is not None:
@@ -179,13 +183,14 @@ class FileReader:
 class DiskTier:
     """A directory of chunk files (see the module docstring)."""
 
-    def __init__(self, root, budget: int | None, model_id: str, rope_id: str, fsync: bool = False):
+    def __init__(self, root, budget: int | None, model_id: str, rope_id: str, fsync: bool = False, mac=None):
         if budget is not None and budget < 0:
             raise ValueError(f"disk_bytes must be non-negative or None, got {budget}")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.budget = budget
         self.model_id, self.rope_id = model_id, rope_id
+        self.mac = mac  # ChunkMac or None
         self.fsync = fsync
         self.evicted = 0
         if budget is None:
@@ -195,29 +200,43 @@ class DiskTier:
                 usage.write(self.scan(clean=True)[0])
 
     # -- paths and scans -------------------------------------------------------
-    def path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}{FILE_SUFFIX}"
+    def path(self, scope: str, key: str) -> Path:
+        return self.root / scope / key[:2] / f"{key}{FILE_SUFFIX}"
 
-    def _dir_entries(self):
-        try:
-            subdirs = list(os.scandir(self.root))
-        except FileNotFoundError:
-            return
-        for d in subdirs:
-            if not d.is_dir(follow_symlinks=False):
-                continue
+    def _dir_entries(self, scope: str | None = None):
+        """``(entry, current)`` of every file in the key-prefix folders of every scope folder
+        (or of ``scope``'s) with ``current=True``, and of the files directly in a scope
+        folder with ``current=False`` (format version 1 kept its files there)."""
+        if scope is not None:
+            tops = [self.root / scope]
+        else:
             try:
-                yield from os.scandir(d.path)
+                tops = [d.path for d in os.scandir(self.root) if d.is_dir(follow_symlinks=False)]
             except FileNotFoundError:
+                return
+        for top in tops:
+            try:
+                subs = list(os.scandir(top))
+            except (FileNotFoundError, NotADirectoryError):
                 continue
+            for d in subs:
+                if not d.is_dir(follow_symlinks=False):
+                    yield d, False
+                    continue
+                try:
+                    for e in os.scandir(d.path):
+                        yield e, True
+                except FileNotFoundError:
+                    continue
 
-    def scan(self, clean: bool = False) -> tuple[int, list[tuple[float, int, str]]]:
+    def scan(self, clean: bool = False, scope: str | None = None) -> tuple[int, list[tuple[float, int, str]]]:
         """``(bytes in use, chunk files)``: chunk files and temporary files count; with
-        ``clean`` the temporary files of dead writers are removed first (and not counted).
-        Chunk files are ``(mtime, size, path)``, least recently used first."""
+        ``clean`` the temporary files of dead writers and the files of format version 1 are
+        removed first (and not counted). Chunk files are ``(mtime, size, path)``, least
+        recently used first (old-format files among them). ``scope``: only its folder."""
         now = time.time()
         used, files = 0, []
-        for e in self._dir_entries():
+        for e, current in self._dir_entries(scope):
             try:
                 st = e.stat(follow_symlinks=False)
             except OSError:
@@ -229,21 +248,26 @@ class DiskTier:
                     continue
                 used += st.st_size
             elif e.name.endswith(FILE_SUFFIX):
+                if clean and not current:
+                    with contextlib.suppress(OSError):
+                        os.unlink(e.path)
+                    continue
                 used += st.st_size
                 files.append((st.st_mtime, st.st_size, e.path))
         files.sort()
         return used, files
 
-    def entries(self) -> list[tuple[float, int, str]]:
-        """``(mtime, size, path)`` of every chunk file, oldest first."""
-        return self.scan()[1]
+    def entries(self, scope: str | None = None) -> list[tuple[float, int, str]]:
+        """``(mtime, size, path)`` of every chunk file (of ``scope``, when given), oldest first."""
+        return self.scan(scope=scope)[1]
 
     def total_bytes(self) -> int:
         """Bytes in the directory: chunk files and temporary files of live writers."""
         return self.scan()[0]
 
-    def keys(self) -> list[str]:
-        return [os.path.basename(p)[: -len(FILE_SUFFIX)] for _, _, p in self.entries()]
+    def keys(self, scope: str) -> list[str]:
+        """Keys of ``scope``'s files, least recently used first."""
+        return [os.path.basename(p)[: -len(FILE_SUFFIX)] for _, _, p in self.entries(scope)]
 
     # -- shared budget -----------------------------------------------------------
     @contextlib.contextmanager
@@ -279,14 +303,14 @@ class DiskTier:
         return fd
 
     def _evict(self, nbytes: int, protect: str) -> int:
-        """Rescan and remove LRU files until ``nbytes`` more fit under ``EVICT_TO`` of the
-        budget (lock held); returns the bytes left in use."""
+        """Rescan and remove LRU files (except the file at path ``protect``) until ``nbytes``
+        more fit under ``EVICT_TO`` of the budget (lock held); returns the bytes left in use."""
         used, files = self.scan(clean=True)
         target = max(0, min(self.budget - nbytes, int(self.budget * EVICT_TO) - nbytes))
         for _, size, p in files:
             if used <= target:
                 break
-            if os.path.basename(p)[: -len(FILE_SUFFIX)] == protect:
+            if p == protect:
                 continue
             try:
                 os.unlink(p)
@@ -316,27 +340,28 @@ class DiskTier:
         return self.evicted - before
 
     # -- writing -------------------------------------------------------------------
-    def has_valid(self, key: str) -> bool:
-        """A readable file with a valid header for ``key`` exists (and is touched)."""
+    def has_valid(self, scope: str, key: str) -> bool:
+        """A readable file with a valid header (and header MAC) for ``key`` of ``scope``
+        exists (and is touched)."""
         try:
-            with open(self.path(key), "rb", buffering=0) as f:
-                self._read_header(f, key)
+            with open(self.path(scope, key), "rb", buffering=0) as f:
+                self._read_header(f, scope, key)
         except (FormatError, OSError):
             return False
-        self.touch(key)
+        self.touch(scope, key)
         return True
 
-    def write(self, key: str, encoded) -> str:
-        """Publish ``encoded`` (:class:`chunk_format.Encoded`) as ``key``'s file.
+    def write(self, scope: str, key: str, encoded) -> str:
+        """Publish ``encoded`` (:class:`chunk_format.Encoded`) as the file of ``key`` in ``scope``.
 
         Returns ``"exists"`` (a valid file was there), ``"written"`` or ``"no_room"``
         (larger than what the budget can free)."""
-        path = self.path(key)
-        if path.exists() and self.has_valid(key):
+        path = self.path(scope, key)
+        if path.exists() and self.has_valid(scope, key):
             return "exists"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / tmp_name(key)
-        fd = self._create_reserved(tmp, encoded.size, protect=key)
+        fd = self._create_reserved(tmp, encoded.size, protect=str(path))
         if fd is None:
             return "no_room"
         try:
@@ -356,8 +381,8 @@ class DiskTier:
         return "written"
 
     # -- removal ---------------------------------------------------------------------
-    def remove(self, key: str) -> None:
-        p = self.path(key)
+    def remove(self, scope: str, key: str) -> None:
+        p = self.path(scope, key)
         size = _size_or_zero(p)
         try:
             os.unlink(p)
@@ -365,9 +390,10 @@ class DiskTier:
             return
         self._release(size)
 
-    def remove_if_same(self, key: str, f) -> None:
-        """Unlink ``key``'s file if it is still the file ``f`` (not a newer replacement)."""
-        p = self.path(key)
+    def remove_if_same(self, scope: str, key: str, f) -> None:
+        """Unlink the file of ``key`` in ``scope`` if it is still the file ``f`` (not a newer
+        replacement)."""
+        p = self.path(scope, key)
         try:
             st = os.stat(p)
             if f is None or st.st_ino == os.fstat(f.fileno()).st_ino:
@@ -376,8 +402,9 @@ class DiskTier:
         except OSError:
             pass
 
-    def clear(self) -> None:
-        for _, _, p in self.entries():
+    def clear(self, scope: str | None = None) -> None:
+        """Remove every chunk file (of ``scope`` only, when given)."""
+        for _, _, p in self.entries(scope):
             with contextlib.suppress(OSError):
                 os.unlink(p)
         if self.budget is not None:
@@ -385,30 +412,32 @@ class DiskTier:
                 usage.write(self.scan()[0])
 
     # -- reading -----------------------------------------------------------------------
-    def touch(self, key: str) -> None:
+    def touch(self, scope: str, key: str) -> None:
         with contextlib.suppress(OSError):
-            os.utime(self.path(key))
+            os.utime(self.path(scope, key))
 
-    def _read_header(self, f, key: str) -> Header:
-        first = f.read(4096)
+    def _read_header(self, f, scope: str, key: str) -> Header:
+        first = f.read(8192)
         span = header_span(first)
         if span > len(first):
             first += f.read(span - len(first))
-        return decode_header(first, key, self.model_id, self.rope_id, os.fstat(f.fileno()).st_size)
+        return decode_header(first, key, scope, self.model_id, self.rope_id, os.fstat(f.fileno()).st_size,
+                             mac=self.mac)
 
-    def open(self, key: str) -> tuple[FileReader | None, bool]:
-        """``(reader, corrupt)``: a reader over ``key``'s verified header, or ``None`` (missing,
-        or corrupt: then the file was removed and ``corrupt`` is True)."""
+    def open(self, scope: str, key: str) -> tuple[FileReader | None, Exception | None]:
+        """``(reader, refused)``: a reader over the verified header of ``key``'s file in
+        ``scope``, or ``(None, None)`` when there is none, or ``(None, error)`` when the file
+        was refused (corrupt, or a bad MAC: a :class:`~.chunk_format.MacError`) and removed."""
         try:
-            f = open(self.path(key), "rb", buffering=0)
+            f = open(self.path(scope, key), "rb", buffering=0)
         except OSError:
-            return None, False
+            return None, None
         try:
-            return FileReader(self, key, f, self._read_header(f, key)), False
-        except (FormatError, OSError):
-            self.remove_if_same(key, f)
+            return FileReader(self, scope, key, f, self._read_header(f, scope, key)), None
+        except (FormatError, OSError) as exc:
+            self.remove_if_same(scope, key, f)
             f.close()
-            return None, True
+            return None, exc
 
 
 class _Usage:

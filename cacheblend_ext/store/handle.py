@@ -16,44 +16,49 @@ if TYPE_CHECKING:
 
 
 class ChunkLoadError(RuntimeError):
-    """A stored chunk could not be loaded while it was being streamed layer by layer; the
-    request should be retried with the chunk treated as uncached."""
+    """A stored chunk (``key`` in ``scope``) could not be loaded while it was being streamed
+    layer by layer; the request should be retried with the chunk treated as uncached."""
 
-    def __init__(self, key: str, reason: str, message: str):
+    def __init__(self, key: str, reason: str, message: str, scope: str | None = None):
         super().__init__(message)
         self.key = key
+        self.scope = scope
         self.reason = reason
 
 
 class ChunkCorruptError(ChunkLoadError):
-    """A stored chunk failed a checksum while it was being loaded layer by layer.
+    """A stored chunk failed a checksum or its MAC while it was being loaded layer by layer.
 
     The file or remote value has already been removed.
     """
 
-    def __init__(self, key: str, reason: str):
-        super().__init__(key, reason, f"stored chunk {key} is corrupt ({reason}); it was removed from the store")
+    def __init__(self, key: str, reason: str, scope: str | None = None):
+        super().__init__(key, reason, f"stored chunk {key} (scope {scope}) is corrupt or forged ({reason}); it was "
+                         f"removed from the store", scope)
 
 
 class ChunkUnavailableError(ChunkLoadError):
     """A remote chunk could not be read to the end (server gone, timeout, value evicted)."""
 
-    def __init__(self, key: str, reason: str):
-        super().__init__(key, reason, f"stored chunk {key} could not be loaded from the remote store ({reason})")
+    def __init__(self, key: str, reason: str, scope: str | None = None):
+        super().__init__(key, reason, f"stored chunk {key} (scope {scope}) could not be loaded from the remote "
+                         f"store ({reason})", scope)
 
 
 class ChunkHandle:
     """One chunk opened for layer-by-layer loading (see :mod:`cacheblend_ext.store.pipeline`).
 
-    ``tier`` is where it was found. Memory tiers expose ``kv`` directly; a disk or remote
-    handle reads layer ``l`` into ``host_kv[l]`` (pinned when CUDA is available) with
-    :meth:`load_layer`, verifying its checksum, and :meth:`finish` promotes the fully
-    loaded chunk into the CPU tier. Always :meth:`close` a handle (or use ``with``).
+    ``scope`` and ``key`` say which chunk it is, ``tier`` where it was found. Memory tiers
+    expose ``kv`` directly; a disk or remote handle reads layer ``l`` into ``host_kv[l]``
+    (pinned when CUDA is available) with :meth:`load_layer`, verifying its checksum or MAC,
+    and :meth:`finish` promotes the fully loaded chunk into the CPU tier. Always
+    :meth:`close` a handle (or use ``with``).
     """
 
-    def __init__(self, store: "ChunkStore", key: str, tier: str, *, chunk: StoredChunk | None = None,
+    def __init__(self, store: "ChunkStore", scope: str, key: str, tier: str, *, chunk: StoredChunk | None = None,
                  reader=None, positions=None, token_ids=None):
         self.store = store
+        self.scope = scope
         self.key = key
         self.tier = tier
         self.reader = reader  # disk.FileReader or remote.RemoteChunk; None for memory tiers
@@ -106,8 +111,8 @@ class ChunkHandle:
 
     def load_layer(self, l: int) -> torch.Tensor:
         """Layer ``l`` ``[2, T, H, D]``, read and verified (one thread per handle). Raises
-        :class:`ChunkCorruptError` on a bad checksum, :class:`ChunkUnavailableError` when a
-        remote value cannot be read."""
+        :class:`ChunkCorruptError` on a bad checksum or MAC, :class:`ChunkUnavailableError`
+        when a remote value cannot be read."""
         if self.reader is None:
             return self.kv[l]
         out = self.host_kv[l]
@@ -123,24 +128,25 @@ class ChunkHandle:
         self._loaded += 1
 
     def failure(self, exc: BaseException) -> BaseException:
-        """The exception to raise for a failed layer load: a corrupt payload is removed from
-        its tier and reported as :class:`ChunkCorruptError`; a remote that cannot answer as
-        :class:`ChunkUnavailableError`; anything else is returned unchanged."""
+        """The exception to raise for a failed layer load: a corrupt or forged payload is
+        removed from its tier and reported as :class:`ChunkCorruptError`; a remote that
+        cannot answer as :class:`ChunkUnavailableError`; anything else is returned unchanged."""
         from .remote import RemoteError
 
         self._failed = True
         if isinstance(exc, RemoteError):
             self.store.record_load_failure()
-            return ChunkUnavailableError(self.key, str(exc))
+            return ChunkUnavailableError(self.key, str(exc), self.scope)
         if isinstance(exc, (FormatError, OSError)):
-            self.store.discard_corrupt(self.reader)
-            return ChunkCorruptError(self.key, str(exc))
+            self.store.discard_corrupt(self.reader, exc)
+            return ChunkCorruptError(self.key, str(exc), self.scope)
         return exc
 
     def finish(self) -> None:
         """After every layer was loaded: promote the chunk into the CPU tier."""
         if self.reader is not None and not self._failed and self._loaded >= self.num_layers:
-            self.store.promote(StoredChunk(self.key, self.host_kv, self.positions, self.token_ids, self.meta))
+            self.store.promote(StoredChunk(self.key, self.host_kv, self.positions, self.token_ids, self.meta,
+                                           scope=self.scope))
 
     def close(self) -> None:
         if self.reader is not None:

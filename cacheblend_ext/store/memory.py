@@ -1,5 +1,6 @@
 """The chunk store's memory tiers (GPU and CPU): the :class:`StoredChunk` they hold and a
-least-recently-used map of them under a byte budget (:class:`MemoryTier`)."""
+least-recently-used map of them under a byte budget (:class:`MemoryTier`), addressed by
+``(scope, key)``."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ class StoredChunk:
     """A chunk's KV as held by the store.
 
     ``kv`` ``[L, 2, T, H, D]`` (K after RoPE, then V), ``positions`` int64 ``[T]`` on the
-    CPU, ``token_ids`` int64 ``[T']`` on the CPU (may be empty), ``meta`` a JSON-able dict.
+    CPU, ``token_ids`` int64 ``[T']`` on the CPU (may be empty), ``meta`` a JSON-able dict,
+    ``scope`` (keyword only) the scope it is stored in.
     Tensors returned by :meth:`ChunkStore.get` are the store's own copies: read them, do
     not modify them in place.
     """
@@ -24,6 +26,12 @@ class StoredChunk:
     positions: torch.Tensor
     token_ids: torch.Tensor
     meta: dict = field(default_factory=dict)
+    scope: str = field(kw_only=True)
+
+    @property
+    def address(self) -> tuple[str, str]:
+        """``(scope, key)``: where the store keeps it."""
+        return self.scope, self.key
 
     @property
     def nbytes(self) -> int:
@@ -39,18 +47,18 @@ class StoredChunk:
 
 
 class MemoryTier:
-    """LRU map key -> StoredChunk under a byte budget (callers hold the store lock)."""
+    """LRU map (scope, key) -> StoredChunk under a byte budget (callers hold the store lock)."""
 
     def __init__(self, name: str, budget: int):
         self.name = name
         self.budget = int(budget)
-        self.items: OrderedDict[str, StoredChunk] = OrderedDict()
+        self.items: OrderedDict[tuple[str, str], StoredChunk] = OrderedDict()
         self.bytes = 0
 
-    def get(self, key: str) -> StoredChunk | None:
-        item = self.items.get(key)
+    def get(self, address: tuple[str, str]) -> StoredChunk | None:
+        item = self.items.get(address)
         if item is not None:
-            self.items.move_to_end(key)
+            self.items.move_to_end(address)
         return item
 
     def fits(self, nbytes: int) -> bool:
@@ -58,10 +66,10 @@ class MemoryTier:
 
     def insert(self, item: StoredChunk) -> list[StoredChunk]:
         """Insert (or refresh) ``item``; returns the evicted items, oldest first."""
-        old = self.items.pop(item.key, None)
+        old = self.items.pop(item.address, None)
         if old is not None:
             self.bytes -= old.nbytes
-        self.items[item.key] = item
+        self.items[item.address] = item
         self.bytes += item.nbytes
         evicted = []
         while self.bytes > self.budget and self.items:
@@ -70,12 +78,17 @@ class MemoryTier:
             evicted.append(victim)
         return evicted
 
-    def clear(self) -> None:
-        self.items.clear()
-        self.bytes = 0
+    def clear(self, scope: str | None = None) -> None:
+        """Drop every item (of ``scope`` only, when given)."""
+        if scope is None:
+            self.items.clear()
+            self.bytes = 0
+            return
+        for address in [a for a in self.items if a[0] == scope]:
+            self.remove(address)
 
-    def remove(self, key: str) -> StoredChunk | None:
-        item = self.items.pop(key, None)
+    def remove(self, address: tuple[str, str]) -> StoredChunk | None:
+        item = self.items.pop(address, None)
         if item is not None:
             self.bytes -= item.nbytes
         return item

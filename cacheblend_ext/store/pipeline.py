@@ -18,7 +18,9 @@ A *layer source* hands the blend engine the reused KV one layer at a time (the p
   :class:`cacheblend_ext.store.remote_stream.RemoteLayerStream`: the requests of the next
   ``remote_in_flight`` layers (a store setting) are pipelined on one connection per
   server, and each layer is handed over as soon as its replies arrived and passed their
-  checksums. A fully loaded disk or remote chunk is promoted to the CPU tier.
+  checksums (or, with a MAC key, their MAC tags: verified here, on the loader thread,
+  while the engine computes). A fully loaded disk or remote chunk is promoted to the CPU
+  tier.
 
 With ``pipelined=False`` every layer is loaded when it is asked for and the host waits
 for it (the per-layer synchronisation of public implementations; remote requests are
@@ -151,6 +153,7 @@ class StoreLayerSource:
         self.depth = max(1, int(depth))
         self.positions = [h.positions for h in self.handles]
         self.keys = [h.key for h in self.handles]
+        self.scopes = [h.scope for h in self.handles]
         layers = {h.num_layers for h in self.handles}
         if len(layers) > 1:
             raise ValueError(f"chunks have different numbers of layers: {sorted(layers)}")
@@ -263,9 +266,10 @@ class StoreLayerSource:
     def layer(self, l: int) -> list[torch.Tensor]:
         """Layer ``l`` of every chunk, ``[2, T_i, H, D]`` on the compute device.
 
-        Raises :class:`ChunkCorruptError` if a stored chunk fails its checksum (the file
-        or value has been removed) and :class:`ChunkUnavailableError` if a remote chunk
-        cannot be read to the end: retry the request with that chunk treated as uncached."""
+        Raises :class:`ChunkCorruptError` if a stored chunk fails its checksum or MAC (the
+        file or value has been removed) and :class:`ChunkUnavailableError` if a remote
+        chunk cannot be read to the end: retry the request with that chunk treated as
+        uncached."""
         if not 0 <= l < self.num_layers:
             raise IndexError(f"layer {l} out of range [0, {self.num_layers})")
         cur = torch.cuda.current_stream(self.device) if self.cuda else None
@@ -372,14 +376,16 @@ class StoreLayerSource:
         )
 
 
-def open_layer_source(store: ChunkStore, keys: Sequence[str], device, *, pipelined: bool = True,
+def open_layer_source(store: ChunkStore, keys: Sequence[str], device, *, scope, pipelined: bool = True,
                       depth: int = 1) -> tuple[StoreLayerSource, list[int]]:
-    """Open ``keys`` in ``store`` and build a layer source over the ones found.
+    """Open ``keys`` of ``scope`` (one scope, or one per key) in ``store`` and build a layer
+    source over the ones found.
 
     Returns ``(source, missing)`` where ``missing`` lists the indices of ``keys`` that were
-    not in the store (or were corrupt); the source's chunks are the remaining keys, in order.
+    not in the store (or were corrupt or forged); the source's chunks are the remaining
+    keys, in order.
     """
-    opened = store.open_many(keys)
+    opened = store.open_many(keys, scope=scope)
     handles = [h for h in opened if h is not None]
     missing = [i for i, h in enumerate(opened) if h is None]
     return StoreLayerSource(handles, device, pipelined=pipelined, depth=depth), missing

@@ -4,10 +4,22 @@ Redis (or Valkey), single server or Redis Cluster.
 Values
 ------
 One chunk is one Redis string holding the bytes of :mod:`cacheblend_ext.store.chunk_format`
-(the disk file format: header with a crc32 per layer, then the layers, then positions and
-token ids) under ``<namespace>:v<format version>:<model id>:<rope id>:<chunk key>``. A
+(the disk file format: header with a crc32 per layer and, with a MAC key, MAC tags; then
+the layers, then positions and token ids) under
+``<namespace>:v<format version>:<scope>:<model id>:<rope id>:<chunk key>``. A scope,
 model, RoPE configuration or format version never reads another one's values; a value
-that is there anyway (copied, or written by a buggy client) fails the header check.
+that is there anyway (copied, or written by a buggy or hostile client) fails the header
+check (or the MAC). The scope comes right after the version, so a Redis ACL can confine
+a client to its scopes (``~cacheblend:v2:tenant-a:*``, ``%R~cacheblend:v2:public:*``).
+
+Connections
+-----------
+``redis://[user:password@]host:port/db``, ``rediss://`` (TLS), ``unix:///path``,
+``redis+cluster://`` and ``rediss+cluster://`` (a Redis Cluster over TLS; any node is the
+entry point), or a client object. TLS and other client settings go in the URL's query
+(``?ssl_ca_certs=/etc/cacheblend/ca.pem``) or in ``options`` (``ChunkStore(remote_options=
+{"ssl_ca_certs": ..., "ssl_certfile": ..., "ssl_keyfile": ...})``): redis-py's keyword
+arguments, for a lone server or every node of a cluster.
 
 * Reads: a batch of ``STRLEN`` + ``GETRANGE`` of the header for every chunk of a request
   (one round trip), one batch for positions and token ids, then one ``GETRANGE`` per
@@ -46,7 +58,7 @@ import torch
 from .chunk_format import (FORMAT_VERSION, FormatError, Header, byte_view, check_layer, decode_header,
                            decode_tail, header_span)
 
-HEAD_PROBE = 4096  # bytes of a value read to find its header (headers are far smaller)
+HEAD_PROBE = 8192  # bytes of a value read to find its header (headers are usually smaller)
 
 _COMPARE_AND_DELETE = """
 if redis.call('GETRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1) == ARGV[1] then
@@ -68,30 +80,55 @@ def _redis():
     return redis
 
 
-def connect(remote, timeout_s: float = 2.0, connect_timeout_s: float = 1.0):
-    """A Redis client for ``remote``: a URL (``redis://host:port/db``, ``rediss://...``,
-    ``unix:///path``; ``redis+cluster://host:port`` for Redis Cluster, any node as the
-    entry point) or a client object (``redis.Redis`` / ``redis.cluster.RedisCluster``,
-    used as is: give it a ``socket_timeout``)."""
+SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+def check_url(remote: str) -> str:
+    """The scheme of a remote URL (``ValueError`` naming ``remote`` for any other)."""
+    scheme = urlsplit(remote).scheme
+    if scheme not in SCHEMES:
+        raise ValueError(f"remote URL must start with redis://, rediss://, unix://, redis+cluster:// or "
+                         f"rediss+cluster://, got {_redact(remote)!r}")
+    return scheme
+
+
+def _redact(url: str) -> str:
+    """``url`` without its password (for error messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc) + tuple(parts[2:]))
+
+
+def connect(remote, timeout_s: float = 2.0, connect_timeout_s: float = 1.0, options: dict | None = None):
+    """A Redis client for ``remote``: a URL (see the module docstring: ``redis://``,
+    ``rediss://``, ``unix://``, ``redis+cluster://``, ``rediss+cluster://``; a user and
+    password in the URL authenticate, as an ACL user or the default one) with the client
+    keyword arguments ``options`` (e.g. ``ssl_ca_certs``), or a client object
+    (``redis.Redis`` / ``redis.cluster.RedisCluster``, used as is: give it a
+    ``socket_timeout``)."""
     redis = _redis()
     if not isinstance(remote, str):
         if not (hasattr(remote, "connection_pool") or hasattr(remote, "get_node_from_key")):
             raise TypeError(f"remote must be a redis URL or a redis client, got {type(remote).__name__}")
+        if options:
+            raise ValueError("remote_options apply to a remote URL; configure a client object yourself")
         if _decodes_responses(remote):
             raise ValueError("remote: the redis client must return bytes (decode_responses=False)")
         return remote
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    parts = urlsplit(remote)
+    scheme = check_url(remote)
     opts = dict(socket_timeout=timeout_s, socket_connect_timeout=connect_timeout_s, retry=Retry(NoBackoff(), 0))
-    if parts.scheme == "redis+cluster":
+    opts.update(options or {})
+    if scheme.endswith("+cluster"):
         from redis.cluster import RedisCluster
 
-        url = urlunsplit(("redis",) + tuple(parts[1:]))
+        parts = urlsplit(remote)
+        url = urlunsplit((scheme[: -len("+cluster")],) + tuple(parts[1:]))
         return RedisCluster.from_url(url, **opts)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"remote URL must start with redis://, rediss://, unix:// or redis+cluster://, got {remote!r}")
     return redis.Redis.from_url(remote, **opts)
 
 
@@ -111,23 +148,27 @@ class RedisTier:
 
     def __init__(self, remote, model_id: str, rope_id: str, *, namespace: str = "cacheblend",
                  timeout_s: float = 2.0, connect_timeout_s: float = 1.0, retry_after_s: float = 5.0,
-                 ttl_s: int | None = None, in_flight: int = 4):
+                 ttl_s: int | None = None, in_flight: int = 4, options: dict | None = None, mac=None):
         if ttl_s is not None and int(ttl_s) <= 0:
             raise ValueError(f"remote_ttl_s must be a positive number of seconds or None, got {ttl_s}")
         if int(in_flight) < 1:
             raise ValueError(f"remote_in_flight must be at least 1, got {in_flight}")
-        if not namespace or any(c in namespace for c in " \r\n"):
-            raise ValueError(f"remote_namespace must be a non-empty word, got {namespace!r}")
+        if not namespace or any(c in namespace for c in " \r\n*?[]\\"):
+            raise ValueError(f"remote_namespace must be a non-empty word without glob characters, got {namespace!r}")
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"remote_options must be a dict of redis client keyword arguments, "
+                            f"got {type(options).__name__}")
         self.redis = _redis()
         # A cluster client contacts its nodes when it is made: make it on first use, so a
         # cluster that is down when the store opens is a counted miss like a lone server.
-        self._spec = (remote, timeout_s, connect_timeout_s)
-        lazy = isinstance(remote, str) and urlsplit(remote).scheme == "redis+cluster"
+        self._spec = (remote, timeout_s, connect_timeout_s, options)
+        lazy = isinstance(remote, str) and check_url(remote).endswith("+cluster")
         self._client = None if lazy else connect(*self._spec)
         self._client_lock = threading.Lock()
         self.cluster = lazy or hasattr(self._client, "get_node_from_key")
-        self.prefix = f"{namespace}:v{FORMAT_VERSION}:{model_id}:{rope_id}:"
+        self.namespace = f"{namespace}:v{FORMAT_VERSION}"
         self.model_id, self.rope_id = model_id, rope_id
+        self.mac = mac  # ChunkMac or None
         self.ttl_s = int(ttl_s) if ttl_s is not None else None
         self.in_flight = int(in_flight)
         self.retry_after_s = float(retry_after_s)
@@ -146,8 +187,12 @@ class RedisTier:
                     self._client = connect(*self._spec)
         return self._client
 
-    def redis_key(self, key: str) -> str:
-        return self.prefix + key
+    def prefix(self, scope: str) -> str:
+        """What every Redis key of ``scope``'s chunks (of this model and RoPE) starts with."""
+        return f"{self.namespace}:{scope}:{self.model_id}:{self.rope_id}:"
+
+    def redis_key(self, scope: str, key: str) -> str:
+        return self.prefix(scope) + key
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -178,40 +223,43 @@ class RedisTier:
             return dict(self.counters)
 
     # -- lookups -----------------------------------------------------------------
-    def exists(self, key: str) -> bool:
+    def exists(self, scope: str, key: str) -> bool:
         if self.is_down():
             self.count("skipped_down")
             return False
         try:
-            return bool(self.client.exists(self.redis_key(key)))
+            return bool(self.client.exists(self.redis_key(scope, key)))
         except self.errors() as exc:
             self.failed(exc)
             return False
 
-    def open_many(self, keys: list[str]) -> list:
-        """For each key a :class:`RemoteChunk` (header and positions verified), ``None`` (a
-        miss) or ``"corrupt"`` (a bad value, deleted). Two round trips for all keys."""
-        if not keys:
+    def open_many(self, addresses: list[tuple[str, str]]) -> list:
+        """For each ``(scope, key)`` a :class:`RemoteChunk` (header and positions verified),
+        ``None`` (a miss) or the :class:`~.chunk_format.FormatError` that refused the value
+        (corrupt, or a bad MAC; the value was deleted). Two round trips for all of them."""
+        if not addresses:
             return []
         if self.is_down():
-            self.count("skipped_down", len(keys))
-            return [None] * len(keys)
+            self.count("skipped_down", len(addresses))
+            return [None] * len(addresses)
+        n = len(addresses)
         try:
-            heads = self._batch([("strlen", (self.redis_key(k),)) for k in keys]
-                                + [("getrange", (self.redis_key(k), 0, HEAD_PROBE - 1)) for k in keys])
-            out = [self._parse_head(k, heads[i], heads[len(keys) + i]) for i, k in enumerate(keys)]
+            rkeys = [self.redis_key(s, k) for s, k in addresses]
+            heads = self._batch([("strlen", (r,)) for r in rkeys]
+                                + [("getrange", (r, 0, HEAD_PROBE - 1)) for r in rkeys])
+            out = [self._parse_head(s, k, heads[i], heads[n + i]) for i, (s, k) in enumerate(addresses)]
             opened = [i for i, c in enumerate(out) if isinstance(c, RemoteChunk)]
             tails = self._batch([("getrange", (c.rkey, c.header.tail_offset, c.header.total_size - 1))
                                  for c in (out[i] for i in opened)])
         except self.errors() as exc:
             self.failed(exc)
-            return [None] * len(keys)
+            return [None] * n
         for i, data in zip(opened, tails):
             chunk = out[i]
             try:
                 chunk.positions, chunk.token_ids = decode_tail(chunk.header, data)
-            except FormatError:
-                out[i] = self._corrupt(chunk.rkey, chunk.head)
+            except FormatError as exc:
+                out[i] = self._refuse(chunk.rkey, chunk.head, exc)
         return out
 
     def _batch(self, commands: list) -> list:
@@ -224,8 +272,8 @@ class RedisTier:
                 raise r
         return results
 
-    def _parse_head(self, key: str, size: int, head: bytes):
-        rkey = self.redis_key(key)
+    def _parse_head(self, scope: str, key: str, size: int, head: bytes):
+        rkey = self.redis_key(scope, key)
         if not size:
             self.count("misses")
             return None
@@ -233,21 +281,24 @@ class RedisTier:
             span = header_span(head)
             if span > len(head) and size >= span:
                 head = self.client.getrange(rkey, 0, span - 1)
-            header = decode_header(head, key, self.model_id, self.rope_id, int(size))
-        except FormatError:
-            return self._corrupt(rkey, head)
-        return RemoteChunk(self, key, header, head)
+            header = decode_header(head, key, scope, self.model_id, self.rope_id, int(size), mac=self.mac)
+        except FormatError as exc:
+            return self._refuse(rkey, head, exc)
+        # the header alone identifies the value later (a probe may reach into the layers,
+        # which a corruption found while streaming has changed)
+        return RemoteChunk(self, scope, key, header, bytes(head[:span]))
 
-    def _corrupt(self, rkey: str, head: bytes) -> str:
+    def _refuse(self, rkey: str, head: bytes, exc: FormatError) -> FormatError:
         self.delete_if_same(rkey, head)
-        return "corrupt"
+        return exc
 
-    def read_whole(self, key: str):
-        """``(header, value bytes)`` of a verified chunk, ``None`` on a miss, ``"corrupt"``."""
+    def read_whole(self, scope: str, key: str):
+        """``(header, value bytes)`` of a verified chunk, ``None`` on a miss, or the
+        :class:`~.chunk_format.FormatError` that refused it (the value was deleted)."""
         if self.is_down():
             self.count("skipped_down")
             return None
-        rkey = self.redis_key(key)
+        rkey = self.redis_key(scope, key)
         try:
             data = self.client.get(rkey)
         except self.errors() as exc:
@@ -257,12 +308,12 @@ class RedisTier:
             self.count("misses")
             return None
         try:
-            header = decode_header(data, key, self.model_id, self.rope_id, len(data))
+            header = decode_header(data, key, scope, self.model_id, self.rope_id, len(data), mac=self.mac)
             view = memoryview(data)
             for l in range(header.num_layers):
                 check_layer(header, l, view[header.layer_offset(l):header.layer_offset(l) + header.layer_nbytes])
-        except FormatError:
-            return self._corrupt(rkey, data[:HEAD_PROBE])
+        except FormatError as exc:
+            return self._refuse(rkey, data[:HEAD_PROBE], exc)
         self.count("bytes_read", len(data))
         return header, data
 
@@ -274,14 +325,14 @@ class RedisTier:
             self.failed(exc)
 
     # -- writes --------------------------------------------------------------------
-    def write(self, key: str, value: bytes) -> str:
+    def write(self, scope: str, key: str, value: bytes) -> str:
         """``SET NX`` one chunk value: ``"written"``, ``"exists"`` or ``"skipped"`` (server
-        down). Raises :class:`RemoteError` if the server fails."""
+        down). Raises :class:`RemoteError` if the server fails (or refuses: an ACL)."""
         if self.is_down():
             self.count("skipped_down")
             return "skipped"
         try:
-            done = self.client.set(self.redis_key(key), value, nx=True, ex=self.ttl_s)
+            done = self.client.set(self.redis_key(scope, key), value, nx=True, ex=self.ttl_s)
         except self.errors() as exc:
             self.count("write_errors")
             raise self.failed(exc) from None
@@ -292,24 +343,32 @@ class RedisTier:
         self.count("already_present")
         return "exists"
 
-    def delete(self, key: str) -> None:
+    def delete(self, scope: str, key: str) -> None:
         try:
-            self.client.delete(self.redis_key(key))
+            self.client.delete(self.redis_key(scope, key))
         except self.errors() as exc:
             self.failed(exc)
 
-    def keys(self) -> list[str]:
-        """Chunk keys of this namespace (a ``SCAN`` over every server)."""
+    def _scan(self, pattern: str) -> list[str]:
         try:
-            return sorted(k.decode()[len(self.prefix):] for k in self.client.scan_iter(match=self.prefix + "*",
-                                                                                        count=1000))
+            return sorted(k.decode() for k in self.client.scan_iter(match=pattern, count=1000))
         except self.errors() as exc:
             self.failed(exc)
             return []
 
-    def clear(self) -> None:
-        for k in self.keys():
-            self.delete(k)
+    def keys(self, scope: str) -> list[str]:
+        """Chunk keys of ``scope`` in this namespace (a ``SCAN`` over every server)."""
+        prefix = self.prefix(scope)
+        return [k[len(prefix):] for k in self._scan(prefix + "*")]
+
+    def clear(self, scope: str | None = None) -> None:
+        """Delete the values of ``scope`` (of every scope when ``None``) of this model and RoPE."""
+        pattern = self.prefix(scope) + "*" if scope is not None else self.prefix("*") + "*"
+        for rkey in self._scan(pattern):
+            try:
+                self.client.delete(rkey)
+            except self.errors() as exc:
+                self.failed(exc)
 
     # -- layer streaming -------------------------------------------------------------
     def pool_for(self, rkey: str):
@@ -324,9 +383,9 @@ class RemoteChunk:
 
     tier = "remote"
 
-    def __init__(self, remote: RedisTier, key: str, header: Header, head: bytes):
-        self.remote, self.key, self.header, self.head = remote, key, header, head
-        self.rkey = remote.redis_key(key)
+    def __init__(self, remote: RedisTier, scope: str, key: str, header: Header, head: bytes):
+        self.remote, self.scope, self.key, self.header, self.head = remote, scope, key, header, head
+        self.rkey = remote.redis_key(scope, key)
         self.positions = self.token_ids = None
 
     def layer_range(self, l: int) -> tuple[int, int]:
@@ -379,13 +438,13 @@ class WriteBack:
         self._thread = threading.Thread(target=self._run, name="cacheblend-remote-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, key: str, value: bytes) -> None:
+    def submit(self, scope: str, key: str, value: bytes) -> None:
         with self._cond:
             while self._queue and self._queued_bytes + len(value) > self.max_bytes and not self._closed:
                 self._cond.wait()
             if self._closed:
                 raise RuntimeError("the store was closed")
-            self._queue.append((key, value))
+            self._queue.append((scope, key, value))
             self._queued_bytes += len(value)
             self._cond.notify_all()
 
@@ -400,10 +459,10 @@ class WriteBack:
                     self._cond.wait()
                 if not self._queue:
                     return
-                key, value = self._queue[0]
+                scope, key, value = self._queue[0]
                 self._busy = True
             try:
-                self.remote.write(key, value)
+                self.remote.write(scope, key, value)
             except RemoteError:
                 pass  # counted in write_errors; the chunk stays in the local tiers
             with self._cond:
@@ -431,4 +490,4 @@ class WriteBack:
         self._thread.join()
 
 
-__all__ = ["RedisTier", "RemoteChunk", "RemoteError", "WriteBack", "connect"]
+__all__ = ["SCHEMES", "RedisTier", "RemoteChunk", "RemoteError", "WriteBack", "check_url", "connect"]
