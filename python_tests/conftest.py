@@ -141,6 +141,20 @@ def private_redis(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A throw-away CA with a server (127.0.0.1) and a client certificate, made by openssl."""
+    _need_redis()
+    from cacheblend_ext.testing.tls import OPENSSL_HINT, find_openssl, make_test_certificates
+
+    if find_openssl() is None:
+        reason = f"the openssl command is not installed: {OPENSSL_HINT}"
+        if _redis_required():
+            pytest.fail(f"TLS tests are required here (CI / CACHEBLEND_REQUIRE_REDIS) but {reason}")
+        pytest.skip(reason)
+    return make_test_certificates(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory):
     """A 3-node Redis Cluster on 127.0.0.1 for the session."""
     _need_redis()

@@ -65,7 +65,7 @@ import torch
 
 from ..identity import ModelIdentity, check_scope, hash_hex, scope_list
 from . import chunk_format
-from .chunk_format import FORMAT_VERSION, MAGIC, FormatError, MacError, byte_view, decode_tail, dtype_name
+from .chunk_format import FORMAT_VERSION, MAGIC, FormatError, MacError, byte_view, dtype_name
 from .disk import FILE_SUFFIX, DiskTier
 from .handle import ChunkCorruptError, ChunkHandle, ChunkLoadError, ChunkUnavailableError
 from .integrity import make_mac
@@ -450,10 +450,9 @@ class ChunkStore:
             return None
         if found is None:
             return None
-        h, data = found
+        h, data, positions, token_ids = found
         kv = torch.empty(h.shape, dtype=h.dtype, pin_memory=self.pin_memory)
         byte_view(kv)[:] = memoryview(data)[h.data_offset:h.tail_offset]
-        positions, token_ids = decode_tail(h, memoryview(data)[h.tail_offset:])
         return StoredChunk(key, kv, positions, token_ids, h.meta, scope=scope)
 
     def open(self, key: str, *, scope: str) -> ChunkHandle | None:

@@ -256,6 +256,9 @@ class RedisTier:
             return [None] * n
         for i, data in zip(opened, tails):
             chunk = out[i]
+            if self._refused_command(data):
+                out[i] = None
+                continue
             try:
                 chunk.positions, chunk.token_ids = decode_tail(chunk.header, data)
             except FormatError as exc:
@@ -263,17 +266,30 @@ class RedisTier:
         return out
 
     def _batch(self, commands: list) -> list:
+        """The replies of ``commands`` sent in one pipeline. A command the server refused
+        (e.g. an ACL that denies this client a scope's keys) leaves its error in the list;
+        any other failure raises."""
         pipe = self.client.pipeline(transaction=False)
         for name, args in commands:
             getattr(pipe, name)(*args)
         results = pipe.execute(raise_on_error=False)
         for r in results:
-            if isinstance(r, Exception):
+            if isinstance(r, Exception) and not isinstance(r, self.redis.exceptions.ResponseError):
                 raise r
         return results
 
-    def _parse_head(self, scope: str, key: str, size: int, head: bytes):
+    def _refused_command(self, reply) -> bool:
+        """Whether ``reply`` is an error the server answered one command with: counted in
+        ``errors`` (the chunk is a miss; the connection and the other chunks are fine)."""
+        if isinstance(reply, Exception):
+            self.count("errors")
+            return True
+        return False
+
+    def _parse_head(self, scope: str, key: str, size, head):
         rkey = self.redis_key(scope, key)
+        if self._refused_command(size) or self._refused_command(head):
+            return None
         if not size:
             self.count("misses")
             return None
@@ -293,7 +309,8 @@ class RedisTier:
         return exc
 
     def read_whole(self, scope: str, key: str):
-        """``(header, value bytes)`` of a verified chunk, ``None`` on a miss, or the
+        """``(header, value bytes, positions, token ids)`` of a verified chunk, ``None`` on a
+        miss, or the
         :class:`~.chunk_format.FormatError` that refused it (the value was deleted)."""
         if self.is_down():
             self.count("skipped_down")
@@ -312,10 +329,11 @@ class RedisTier:
             view = memoryview(data)
             for l in range(header.num_layers):
                 check_layer(header, l, view[header.layer_offset(l):header.layer_offset(l) + header.layer_nbytes])
+            positions, token_ids = decode_tail(header, view[header.tail_offset:])
         except FormatError as exc:
             return self._refuse(rkey, data[:HEAD_PROBE], exc)
         self.count("bytes_read", len(data))
-        return header, data
+        return header, data, positions, token_ids
 
     def delete_if_same(self, rkey: str, head: bytes) -> None:
         """Delete ``rkey`` if its value still starts with ``head`` (not a newer value)."""

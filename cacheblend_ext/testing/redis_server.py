@@ -2,10 +2,12 @@
 
 :class:`RedisServer` starts ``redis-server`` (Debian package ``redis-server``) on a free
 loopback port with its own data directory, no persistence and, optionally, a
-``maxmemory`` with an LRU policy; :class:`RedisTestCluster` starts three such servers as
-a Redis Cluster (all 16,384 slots spread over them, no replicas). Both stop their
-processes on :meth:`stop` (or at the end of a ``with`` block) and never touch a server
-that was already running on the machine.
+``maxmemory`` with an LRU policy, TLS only (certificates from
+:func:`cacheblend_ext.testing.tls.make_test_certificates`), a password for the default
+user and ACL users; :class:`RedisTestCluster` starts three such servers as a Redis Cluster
+(all 16,384 slots spread over them, no replicas; over TLS too, bus included). Both stop
+their processes on :meth:`stop` (or at the end of a ``with`` block) and never touch a
+server that was already running on the machine.
 """
 
 from __future__ import annotations
@@ -75,11 +77,18 @@ class RedisServer:
         data_dir: its working directory (default: a new temporary directory, removed on stop).
         maxmemory: e.g. ``"4mb"``; with ``policy`` (default ``allkeys-lru``).
         cluster: run with ``cluster-enabled yes`` (used by :class:`RedisTestCluster`).
+        tls: a :class:`~cacheblend_ext.testing.tls.TLSFiles`: serve TLS only (the plain
+            port is closed), clients must trust ``tls.ca``; with ``tls_client_auth`` they
+            must also present a certificate it signed.
+        password: the default user's password (``None``: no password).
+        users: ACL users, one rule line each (``"alice on >secret ~cacheblend:v2:alice:*
+            +@all -@dangerous"``), written to the server's config file.
         extra: further ``--option value`` arguments.
     """
 
     def __init__(self, data_dir: str | os.PathLike | None = None, *, port: int | None = None,
                  maxmemory: str | None = None, policy: str = "allkeys-lru", cluster: bool = False,
+                 tls=None, tls_client_auth: bool = False, password: str | None = None, users: tuple = (),
                  extra: tuple = ()):
         exe = find_redis_server()
         if exe is None:
@@ -88,9 +97,26 @@ class RedisServer:
         self.data_dir = Path(tempfile.mkdtemp(prefix="cacheblend-redis-") if data_dir is None else data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port(with_bus=cluster)
-        self.args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-                     "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
-                     "--logfile", str(self.data_dir / "redis.log")]
+        self.tls, self.password = tls, password
+        self.args = [exe]
+        if users or password is not None:  # ACL rules go in a config file (one line per user)
+            conf = self.data_dir / "redis.conf"
+            secret = f">{password}" if password is not None else "nopass"
+            lines = [f"user default on {secret} ~* &* +@all"] + [f"user {u}" for u in users]
+            conf.write_text("\n".join(lines) + "\n")
+            conf.chmod(0o600)
+            self.args.append(str(conf))
+        if tls is None:
+            self.args += ["--port", str(self.port)]
+        else:
+            self.args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(tls.cert),
+                          "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
+                          "--tls-auth-clients", "yes" if tls_client_auth else "no"]
+            if cluster:
+                self.args += ["--tls-cluster", "yes"]
+        self.args += ["--bind", "127.0.0.1", "--dir", str(self.data_dir),
+                      "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
+                      "--logfile", str(self.data_dir / "redis.log")]
         if maxmemory is not None:
             self.args += ["--maxmemory", str(maxmemory), "--maxmemory-policy", policy]
         if cluster:
@@ -99,14 +125,35 @@ class RedisServer:
         self.args += [str(a) for a in extra]
         self.proc: subprocess.Popen | None = None
 
+    def url_for(self, user: str | None = None, password: str | None = None, db: int = 0) -> str:
+        """``redis://`` (``rediss://`` with TLS) URL of the server, with ``user`` and
+        ``password`` in it when given."""
+        auth = f"{user or ''}:{password}@" if password is not None else (f"{user}@" if user else "")
+        return f"{'rediss' if self.tls else 'redis'}://{auth}127.0.0.1:{self.port}/{db}"
+
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL without credentials (TLS clients also need :attr:`client_options`)."""
+        return self.url_for()
+
+    @property
+    def client_options(self) -> dict:
+        """redis-py keyword arguments a client needs besides the URL (the test CA with TLS;
+        a client certificate when the server asks for one)."""
+        if self.tls is None:
+            return {}
+        return self.tls.client_options("--tls-auth-clients" in self.args
+                                       and self.args[self.args.index("--tls-auth-clients") + 1] == "yes")
 
     def client(self, **kwargs):
+        """An administrator's client (the default user, its password, TLS settings)."""
         import redis
 
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)
+        opts = dict(self.client_options, password=self.password)
+        if self.tls is not None:
+            opts["ssl"] = True
+        opts.update(kwargs)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **opts)
 
     def start(self, timeout: float = 15.0) -> "RedisServer":
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -166,17 +213,30 @@ def _as_dict(info) -> dict:
 
 
 class RedisTestCluster:
-    """Three cluster-enabled servers on 127.0.0.1 sharing all slots (no replicas)."""
+    """Three cluster-enabled servers on 127.0.0.1 sharing all slots (no replicas); ``tls``,
+    ``password`` and ``users`` as for :class:`RedisServer`, on every node (with TLS the
+    cluster bus is TLS too)."""
 
-    def __init__(self, data_dir: str | os.PathLike | None = None, nodes: int = 3):
+    def __init__(self, data_dir: str | os.PathLike | None = None, nodes: int = 3, *, tls=None,
+                 password: str | None = None, users: tuple = ()):
         self._own_dir = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="cacheblend-rcluster-") if data_dir is None else data_dir)
-        self.nodes = [RedisServer(self.data_dir / f"node{i}", cluster=True) for i in range(nodes)]
+        self.tls = tls
+        self.nodes = [RedisServer(self.data_dir / f"node{i}", cluster=True, tls=tls, password=password, users=users)
+                      for i in range(nodes)]
+
+    def url_for(self, user: str | None = None, password: str | None = None) -> str:
+        """``redis+cluster://`` (``rediss+cluster://`` with TLS) URL of the first node (any
+        node works as the entry point), with ``user`` and ``password`` when given."""
+        return self.nodes[0].url_for(user, password).replace("://", "+cluster://", 1).rsplit("/", 1)[0]
 
     @property
     def url(self) -> str:
-        """``redis+cluster://`` URL of the first node (any node works as the entry point)."""
-        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+        return self.url_for()
+
+    @property
+    def client_options(self) -> dict:
+        return self.nodes[0].client_options
 
     def start(self, timeout: float = 30.0) -> "RedisTestCluster":
         try:
