@@ -30,7 +30,9 @@ SOURCES = {"memory": lambda engine, chunks, args: None}
 # Chunk store sources (cacheblend_ext.store / pipeline): the reused KV streamed layer by
 # layer from the store's CPU tier ("ram"), its files ("disk", read cold) or its remote
 # tier ("redis", nothing local), pipelined behind the recompute, or loaded on demand with a
-# wait per layer ("ram-sync", "disk-sync", "redis-sync").
+# wait per layer ("ram-sync", "disk-sync", "redis-sync"); "disk-mac" and "redis-mac" (and
+# their "-sync" variants) add the keyed MAC, verified as each layer loads
+# (`--source redis,redis-mac` gives the MAC's cost as paired per-round ratios).
 from bench.load import e2e_sources  # noqa: E402
 
 SOURCES.update(e2e_sources())
