@@ -154,11 +154,12 @@ def _run(args) -> dict:
             timings[name] = common.time_fn(fn, args.device, 0, iters, flush_l2=False)
             torch.cuda.empty_cache()
     else:
-        # CPU: round-robin over the methods so load from other processes hits them alike
+        # CPU: round-robin over the methods so load from other processes hits them alike,
+        # in reverse order every other round (a drift within a round favours no method)
         samples = {name: [] for name, _, _ in methods}
         for i in range(iters):
             common.progress(f"round {i + 1}/{iters}")
-            for name, _, fn in methods:
+            for name, _, fn in (methods if i % 2 == 0 else methods[::-1]):
                 t0 = time.perf_counter()
                 fn()
                 samples[name].append((time.perf_counter() - t0) * 1e3)
