@@ -310,8 +310,8 @@ class RedisTier:
 
     def read_whole(self, scope: str, key: str):
         """``(header, value bytes, positions, token ids)`` of a verified chunk, ``None`` on a
-        miss, or the
-        :class:`~.chunk_format.FormatError` that refused it (the value was deleted)."""
+        miss, or the :class:`~.chunk_format.FormatError` that refused it (the value was
+        deleted)."""
         if self.is_down():
             self.count("skipped_down")
             return None
