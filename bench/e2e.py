@@ -11,6 +11,7 @@ round-robin in one process, so the sources can be compared directly.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -179,8 +180,8 @@ def _run(args) -> dict:
     print(table.render())
     paired = paired_ratios(timings, source_names)
     for name, p in paired.items():
-        print(f"{name}: median per-round ratio {p['median']:.3f} (min {p['min']:.3f}, max {p['max']:.3f}, "
-              f"{p['rounds']} rounds)")
+        print(f"{name}: median per-round ratio {p['median']:.3f} (95% interval {p['ci95'][0]:.3f} to "
+              f"{p['ci95'][1]:.3f}; min {p['min']:.3f}, max {p['max']:.3f}, {p['rounds']} rounds)")
     loads = {}
     for name, m in made.items():  # store sources: load time and how much of it was hidden
         load = m.summary() if hasattr(m, "summary") else None
@@ -201,7 +202,7 @@ def _run(args) -> dict:
 def paired_ratios(timings: dict, source_names: list) -> dict:
     """With several sources: for each row of a non-first source, the median over rounds of
     its time divided by the first source's time in the same round (robust to load that
-    drifts between rounds)."""
+    drifts between rounds), with a 95% bootstrap interval of that median (``ci95``)."""
     if len(source_names) < 2:
         return {}
     first = f"[{source_names[0]}]"
@@ -214,5 +215,24 @@ def paired_ratios(timings: dict, source_names: list) -> dict:
             continue
         ratios = [a / b for a, b in zip(t["samples_ms"], base["samples_ms"])]
         out[f"{name} / {first}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
-                                    "rounds": len(ratios)}
+                                    "rounds": len(ratios), "ci95": bootstrap_median_ci(ratios)}
     return out
+
+
+def bootstrap_median_ci(xs: list, resamples: int = 5000, seed: int = 0) -> list:
+    """95% percentile-bootstrap interval of the median of ``xs`` (seeded: reproducible)."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
+
+
+def paired_ratios_of(path: str) -> dict:
+    """:func:`paired_ratios` of a JSON file this command wrote (for files written before
+    the interval was added): ``python -c "from bench.e2e import paired_ratios_of;
+    print(paired_ratios_of('result.json'))"``."""
+    import json
+
+    with open(path) as f:
+        result = json.load(f)
+    timings = {row["method"]: row for row in result["rows"]}
+    return paired_ratios(timings, result["sources"])

@@ -3,16 +3,18 @@
 Tenant A stores a chunk; the store then answers three lookups, round-robin so machine
 noise hits them alike: A's own chunk from scope A (a hit), A's chunk from scope B (what
 an attacker in scope B would time), and a chunk nobody stored, from scope B (a plain
-miss); the order rotates every round. Per tier (``cpu``, ``disk``, ``redis``) the store
+miss); every round takes the next of the six orders, so each lookup comes before and
+after each other one equally often. Per tier (``cpu``, ``disk``, ``redis``) the store
 holds the chunk only there, and a lookup is ``ChunkStore.open`` (what a request does
 first: memory lookup, or the file's or value's header, positions and token ids) followed
-by closing the handle. Reported:
-median microseconds of each, and per-round ratios against the plain miss: a hit stands
-out (that is the timing channel scopes close); another scope's chunk should not.
+by closing the handle. Reported: median microseconds of each, and per-round ratios
+against the plain miss: a hit stands out (that is the timing channel scopes close);
+another scope's chunk should not.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import tempfile
 import time
@@ -73,9 +75,9 @@ def run(args) -> dict:
                           scope="tenant-a")
                 found = {name: store.open(key, scope=s) is not None for name, (s, key) in lookups.items()}
                 samples = {name: [] for name in lookups}
-                names = list(lookups)
+                orders = list(itertools.permutations(lookups))  # each lookup before and after each other
                 for it in range(warmup + iters):
-                    for name in names[it % 3:] + names[:it % 3]:  # each lookup first, second, third in turn
+                    for name in orders[it % len(orders)]:
                         scope, key = lookups[name]
                         us = _lookup(store, key, scope)
                         if it >= warmup:

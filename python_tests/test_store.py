@@ -357,6 +357,18 @@ def test_corrupt_file_not_removed_if_replaced(tmp_path):
     assert ChunkStore("m", "r", disk_dir=tmp_path).get("k", scope=S) is not None
 
 
+def test_files_of_format_1_are_removed_when_a_store_opens_the_directory(tmp_path):
+    """Format 1 kept files at <root>/<key[:2]>/<key>.cbkv (no scope); this version never
+    reads them, and does not let them hold the budget."""
+    old = tmp_path / "ab" / f"ab{'0' * 38}{FILE_SUFFIX}"
+    old.parent.mkdir()
+    old.write_bytes(b"x" * 1000)
+    store = ChunkStore("m", "r", disk_dir=tmp_path, disk_bytes=10_000)
+    assert not old.exists() and store.stats()["bytes"]["disk"] == 0
+    store.put("k", make_kv(), torch.arange(T), scope=S)
+    assert store.keys("disk", scope=S) == ["k"]
+
+
 def test_stale_temp_files_are_cleaned(tmp_path):
     store = ChunkStore("m", "r", disk_dir=tmp_path)
     store.put("k", make_kv(), torch.arange(T), scope=S)
