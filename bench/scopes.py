@@ -22,6 +22,7 @@ import time
 import torch
 
 from bench import common
+from bench.e2e import bootstrap_median_ci
 from bench.load import RedisForBench
 from cacheblend_ext.store import ChunkStore
 
@@ -59,13 +60,14 @@ def run(args) -> dict:
     if not tiers or any(t not in TIERS for t in tiers):
         raise SystemExit(f"--tiers must list {', '.join(TIERS)}, got {args.tiers!r}")
     warmup = args.warmup if args.warmup is not None else 20
-    iters = args.iters if args.iters is not None else 300
+    iters = args.iters if args.iters is not None else 3000
     kv = torch.randn(30, 2, args.tokens, 3, 64)  # SmolLM2-135M: 30 layers, 3 KV heads x 64
     redis = RedisForBench(args.redis_url) if "redis" in tiers else None
     lookups = {"own chunk (hit)": ("tenant-a", "secret-doc"), "another scope's chunk": ("tenant-b", "secret-doc"),
-               "chunk nobody stored": ("tenant-b", "never-stored")}
+               "chunk nobody stored": ("tenant-b", "absent-doc")}  # a key of the same length
     table = common.Table(f"Chunk lookup (open + close) on {common.device_name('cpu')}, a {args.tokens}-token chunk, "
-                         f"{iters} rounds", ["tier", "lookup", "median us", "x nobody's (paired median)", "found"])
+                         f"{iters} rounds", ["tier", "lookup", "median us", "x nobody's (paired median)",
+                                             "95% interval", "found"])
     results = {}
     try:
         with tempfile.TemporaryDirectory(prefix="cacheblend-scopes-") as tmp:
@@ -85,10 +87,13 @@ def run(args) -> dict:
                 base = samples["chunk nobody stored"]
                 results[tier] = {}
                 for name, xs in samples.items():
-                    paired = statistics.median(a / b for a, b in zip(xs, base))
+                    ratios = [a / b for a, b in zip(xs, base)]
+                    paired, ci = statistics.median(ratios), bootstrap_median_ci(ratios)
                     results[tier][name] = {"median_us": statistics.median(xs), "min_us": min(xs),
-                                           "paired_ratio_vs_nobody": paired, "found": found[name], "samples_us": xs}
-                    table.add(tier, name, statistics.median(xs), paired, str(found[name]))
+                                           "paired_ratio_vs_nobody": paired, "ci95": ci, "found": found[name],
+                                           "samples_us": xs}
+                    table.add(tier, name, statistics.median(xs), paired, f"{ci[0]:.3f} to {ci[1]:.3f}",
+                              str(found[name]))
                 store.clear(("cpu", "disk"))
                 common.progress(f"{tier}: done")
     finally:
