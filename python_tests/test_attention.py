@@ -16,14 +16,14 @@ from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, poison_
 _cuda_skip = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (or CUDA kernels not built)")
 
 # (device, CUDA kernel choice): CUDA runs every case through the default dispatch (the
-# flash kernel for fp16/bf16 with head_dim 64/128), the flash kernel's other shape
-# (flash_m32) with a small fixed key split (so the combine kernel runs on every shape),
-# the first tensor-core kernel (mma_v1) and the simple SIMT kernel.
+# flash kernel for fp16/bf16 with head_dim 64/128), the flash kernel's other shapes with a
+# small fixed key split (so the combine kernel runs on every shape) and the SIMT kernel.
 TARGETS = [
     pytest.param(("cpu", None), id="cpu"),
     pytest.param(("cuda", None), id="cuda", marks=_cuda_skip),
     pytest.param(("cuda", ("flash_m32", 2)), id="cuda-flash-m32-split2", marks=_cuda_skip),
-    pytest.param(("cuda", ("mma_v1", 0)), id="cuda-mma-v1", marks=_cuda_skip),
+    pytest.param(("cuda", ("flash_s2", 3)), id="cuda-flash-s2-split3", marks=_cuda_skip),
+    pytest.param(("cuda", ("flash_s3", 1)), id="cuda-flash-s3-split1", marks=_cuda_skip),
     pytest.param(("cuda", ("simt", 0)), id="cuda-simt", marks=_cuda_skip),
 ]
 

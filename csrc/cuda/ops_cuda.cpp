@@ -57,7 +57,7 @@ namespace {
 CudaLauncher current_stream_launcher() { return CudaLauncher(c10::cuda::getCurrentCUDAStream()); }
 
 // The kernel sparse_query_attention(_paged) runs for fp16 / bf16: CACHEBLEND_ATTENTION_IMPL
-// (flash, the default; flash_s3; flash_m32; mma_v1; simt) and CACHEBLEND_ATTENTION_TILES_PER_SPLIT (0: the
+// (flash, the default; flash_s2; flash_s3; flash_m32; simt) and CACHEBLEND_ATTENTION_TILES_PER_SPLIT (0: the
 // planned key split), read once, at the first call; set_attention_kernel changes both.
 struct AttentionKernelState {
   std::atomic<int> impl;
