@@ -7,6 +7,11 @@ for a GPU); anything else is the bundled model or a local Hugging Face directory
 ``--source`` picks where the blend reads the reused per-layer KV from (see ``SOURCES``); a
 comma-separated list (``--source ram,redis``) times the CacheBlend rows once per source,
 round-robin in one process, so the sources can be compared directly.
+
+``--cuda-graph`` (CUDA only) runs the CacheBlend rows' selective layers from CUDA graphs
+(:class:`cacheblend_ext.blend.step.CUDAGraphStep`, captured during the warm-up, one per
+row): ``on`` times them that way, ``both`` times each row eagerly and with graphs side by
+side, and checks that both give the same first token.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ def add_arguments(parser) -> None:
                              "'x full prefill' column is then relative to the first row)")
     parser.add_argument("--redis-url", default=None,
                         help="Redis for --source redis (default: a private redis-server on 127.0.0.1 for the run)")
+    parser.add_argument("--cuda-graph", default="off", choices=["off", "on", "both"],
+                        help="CUDA only: replay the CacheBlend rows' selective layers from CUDA graphs (on), or "
+                             "time each row without and with them (both)")
 
 
 def random_7b(device, dtype):
@@ -77,10 +85,20 @@ def run(args) -> dict:
         return _run(args)
 
 
+def graph_modes(args) -> list[bool]:
+    """Whether each CacheBlend row runs eagerly (False) and / or from CUDA graphs (True)."""
+    mode = getattr(args, "cuda_graph", "off")
+    if mode != "off" and not args.device.startswith("cuda"):
+        raise SystemExit(f"--cuda-graph {mode} needs --device cuda (CUDA graphs), got --device {args.device}")
+    return {"off": [False], "on": [True], "both": [False, True]}[mode]
+
+
 def _run(args) -> dict:
     from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
     from cacheblend_ext.blend.models import load_model
+    from cacheblend_ext.blend.step import CUDAGraphStep
 
+    graphs = graph_modes(args)
     dtype = common.resolve_dtype(args)
     gpu = args.device.startswith("cuda")
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
@@ -126,26 +144,35 @@ def _run(args) -> dict:
                 lambda: engine.blend(prefix_segments, config(0.0)))]
     if args.no_baselines:
         methods = []
+    graph_rows = {}  # name of a row run from CUDA graphs -> (its CUDAGraphStep, ratio, source, eager row name)
     for r in [float(x) / 100 for x in args.ratios.split(",") if x.strip()]:
         cfg = config(r)
         for src in source_names:
-            name = "full KV reuse" if r == 0 else f"CacheBlend {r:.0%}"
-            if len(source_names) > 1:
-                name += f" [{src}]"
-            methods.append((name, r, lambda cfg=cfg, src=src: engine.blend(segments, cfg, source=source(src))))
+            for graph in graphs:
+                base = "full KV reuse" if r == 0 else f"CacheBlend {r:.0%}"
+                tags = [src] if len(source_names) > 1 else []
+                eager_name = base + (f" [{', '.join(tags)}]" if tags else "")
+                name = f"{base} [{', '.join(tags + ['graph'])}]" if graph else eager_name
+                step = CUDAGraphStep(engine.device) if graph else None
+                if graph:
+                    graph_rows[name] = (step, r, src, eager_name)
+                methods.append((name, r, lambda cfg=cfg, src=src, step=step:
+                                engine.blend(segments, cfg, source=source(src), step=step)))
 
     table = common.Table(
         f"TTFT, {args.model} ({dtype}) on {common.device_name(args.device)}: {args.chunks} x {args.chunk_tokens}-token "
         f"chunks + query = {n} tokens, reused KV from {', '.join(source_names)}"
         + (" (no baselines: 'x full prefill' is relative to the first row)" if args.no_baselines else ""),
         ["method", "recomputed", "TTFT ms", "x full prefill", "speed-up", "min ms", "x full (min)"])
-    recomputed = {}
+    recomputed, first_tokens = {}, {}
     for name, ratio, fn in methods:
         common.progress(f"{name}: warm-up")
         res = fn()
         recomputed[name] = res.recomputed_fraction() if ratio is not None else (n - first.num_tokens) / n
         for _ in range(warmup - 1):
-            fn()
+            res = fn()
+        first_tokens[name] = res.logits.float().cpu()  # of the last warm-up (graph rows: replayed, not captured)
+    graph_check = check_graph_rows(engine, segments, config, source, graph_rows, first_tokens)
     timings = {}
     if gpu:
         for name, _, fn in methods:
@@ -178,6 +205,13 @@ def _run(args) -> dict:
     for name, p in paired.items():
         print(f"{name}: median per-round ratio {p['median']:.3f} (min {p['min']:.3f}, max {p['max']:.3f}, "
               f"{p['rounds']} rounds)")
+    for name, c in graph_check.items():
+        eager = timings.get(c["eager_row"])
+        if eager is not None:
+            c["graph_over_eager"] = timings[name]["median_ms"] / eager["median_ms"]
+        print(f"{name}: {c['captures']} layer graphs, same first token as eager: {c['same_token']}, "
+              f"max |logit diff| {c['max_abs_logit_diff']:.3g}"
+              + (f", TTFT graph / eager {c['graph_over_eager']:.3f}" if "graph_over_eager" in c else ""))
     loads = {}
     for name, m in made.items():  # store sources: load time and how much of it was hidden
         load = m.summary() if hasattr(m, "summary") else None
@@ -192,7 +226,25 @@ def _run(args) -> dict:
     return {"command": COMMAND, "load": load, "sources": source_names,
             "environment": common.environment(args.device), "kernels": common.engine_op_backends(),
             "model": args.model, "dtype": str(dtype), "tokens": n, "warmup": warmup, "iters": iters,
-            "table": table.as_dict(), "rows": rows, "paired_ratios": paired}
+            "table": table.as_dict(), "rows": rows, "paired_ratios": paired,
+            "cuda_graph": getattr(args, "cuda_graph", "off"), "graph_check": graph_check}
+
+
+def check_graph_rows(engine, segments, config, source, graph_rows: dict, first_tokens: dict) -> dict:
+    """For each row run from CUDA graphs: its first-token logits (of its last warm-up blend)
+    against those of an eager blend of the same request, ratio and source, and how
+    many layer graphs it captured and replayed."""
+    out = {}
+    for name, (step, ratio, src, eager_row) in graph_rows.items():
+        if eager_row in first_tokens:  # --cuda-graph both: the eager row's own warm-up
+            ref = first_tokens[eager_row]
+        else:
+            ref = engine.blend(segments, config(ratio), source=source(src)).logits.float().cpu()
+        got = first_tokens[name]
+        out[name] = {"eager_row": eager_row, "captures": step.captures, "replays": step.replays,
+                     "same_token": int(got.argmax()) == int(ref.argmax()),
+                     "max_abs_logit_diff": float((got - ref).abs().max())}
+    return out
 
 
 def paired_ratios(timings: dict, source_names: list) -> dict:

@@ -9,6 +9,8 @@ The engine and its steps, in the order a request meets them:
   the reused KV) and its result;
 - ``selection``: the probe pass (step 3) and the ranking and selection schemes (step 5);
 - ``attention``: the full and the sparse-query attention of the computed rows (steps 4, 6);
+- ``step``: the selective layers' step as one function of static-shaped tensors, run
+  eagerly or replayed from CUDA graphs (``CUDAGraphStep``);
 - ``hf``: the Hugging Face modules and transformers details the engine depends on;
 - ``models``: the bundled SmolLM2 model and local Hugging Face model directories.
 """

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from .step import host_to_device
 
 
 def attend(decoder, states: list, l: int, qkv: list) -> list:
@@ -33,8 +34,8 @@ def attend(decoder, states: list, l: int, qkv: list) -> list:
     if len(sparse) > 1 and len(sparse) == len(states):  # one ragged call over the batch buffer
         kbig, vbig = states[0].batch_kv
         counts = torch.tensor([0] + [s.sel.numel() for s in states])
-        q_indptr = counts.cumsum(0).to(decoder.device)
-        kv_indptr = torch.tensor([s.batch_offset for s in states] + [kbig.shape[2]], device=decoder.device)
+        q_indptr = host_to_device(counts.cumsum(0), decoder.device)
+        kv_indptr = host_to_device(torch.tensor([s.batch_offset for s in states] + [kbig.shape[2]]), decoder.device)
         o = ops.sparse_query_attention(
             torch.cat([q for q, _, _ in qkv]), kbig[l].transpose(0, 1), vbig[l].transpose(0, 1),
             torch.cat([s.sel for s in states]), decoder.scaling, q_indptr=q_indptr, kv_indptr=kv_indptr)

@@ -62,6 +62,7 @@ from .config import BlendConfig
 from .hf import HFDecoder, cache_layers, make_dynamic_cache, out_cache
 from .request import BlendResult, BlendState, RequestPlan
 from .selection import run_probe, select
+from .step import EagerStep, SelectiveRows
 
 
 class BlendEngine:
@@ -247,7 +248,7 @@ class BlendEngine:
 
     @torch.inference_mode()
     def blend(self, segments, config: BlendConfig | None = None, source: LayerSource | None = None,
-              rank_scores: torch.Tensor | None = None) -> BlendResult:
+              rank_scores: torch.Tensor | None = None, step=None) -> BlendResult:
         """Blend ``segments`` (``ChunkKV`` reused; text / ids forced) into a prefill.
 
         ``config`` overrides the engine's :class:`BlendConfig` for this call. ``source``
@@ -255,7 +256,9 @@ class BlendEngine:
         protocol in :mod:`cacheblend_ext.layer_source`); by default the chunks' own tensors.
         ``rank_scores`` ``[N]``, if given, ranks the candidates at every check layer in
         place of the configured deviation (for experiments with other rankings, such as
-        the hindsight yardstick of ``bench quality``).
+        the hindsight yardstick of ``bench quality``). ``step``: how the selective layers
+        run, a :class:`~cacheblend_ext.blend.step.CUDAGraphStep` to replay them from CUDA
+        graphs (the blend then runs in its KV buffers); eager by default.
         """
         cfg = config or self.config
         cfg.validate(self.num_layers)
@@ -263,13 +266,14 @@ class BlendEngine:
         plan = self.plan_request(segments, cfg)
         if source is None:
             source = MemoryLayerSource.of_chunks(plan.chunks, self.device, self.dtype)
-        state = self._start(plan)
+        shape = (self.num_layers, self.num_kv_heads, plan.num_tokens, self.head_dim)
+        state = self._start(plan, *(step.kv_buffers(shape, self.dtype) if step is not None else ()))
         if rank_scores is not None:
             if rank_scores.shape != (plan.num_tokens,):
                 raise ValueError(f"rank_scores must be [{plan.num_tokens}], got {tuple(rank_scores.shape)}")
             state.rank_scores = rank_scores.to(self.device, torch.float32)
         try:
-            self._run_layers([state], [source])
+            self._run_layers([state], [source], step)
         finally:
             close = getattr(source, "close", None)
             if close is not None:
@@ -344,19 +348,32 @@ class BlendEngine:
         max_src = int(plan.src_pos.max()) + 1 if plan.chunks else 0
         return BlendState.start(plan, self.decoder, self.rope(max(plan.num_tokens, max_src)), kbuf, vbuf)
 
-    def _run_layers(self, states: list, sources: list) -> None:
+    def _run_layers(self, states: list, sources: list, step=None) -> None:
         """The probe (where planned), then every layer for all ``states`` together: their
-        rows share the projection and MLP calls; ranking and selection stay per request."""
+        rows share the projection and MLP calls; ranking and selection stay per request.
+        Once every request is selective and past its last check layer, each layer is one
+        :func:`~cacheblend_ext.blend.step.selective_layer` call through ``step`` (a step
+        runner; :class:`EagerStep` by default)."""
         probed = [s.plan.probe_rows.numel() > 0 for s in states]
         if any(probed):  # the probe reads every layer's reused KV and leaves it in place
             run_probe(self.decoder, [s for s, p in zip(states, probed) if p],
                       [src for src, p in zip(sources, probed) if p])
+        rows = None
+        kbig, vbig = states[0].batch_kv or (states[0].kbuf, states[0].vbuf)
         for l, layer in enumerate(self.layers):
             for state, source, placed in zip(states, sources, probed):
                 if not placed:
                     reused = source.layer(l) if state.plan.chunks else []
                     if state.plan.chunks and (state.sel is not None or l in state.plan.check):
                         state.place_reused(l, reused)
+            if rows is None and all(s.sel is not None and l > max(s.plan.check) for s in states):
+                rows, step = SelectiveRows.of_states(states), step or EagerStep()
+                step.start(self.decoder, rows)
+            if rows is not None:
+                step.layer(l, kbig[l].transpose(0, 1), vbig[l].transpose(0, 1))
+                for state in states:
+                    state.selected.append(state.sel)
+                continue
             qkv = self.decoder.rows_qkv(layer, [s.hidden for s in states], [s.rotary() for s in states])
             for i, state in enumerate(states):
                 if l in state.plan.check:
@@ -364,6 +381,9 @@ class BlendEngine:
             outs = attend(self.decoder, states, l, qkv)
             hidden = self.decoder.o_proj_mlp(layer, [s.hidden for s in states], outs)
             for state, h in zip(states, hidden):
+                state.hidden = h
+        if rows is not None:
+            for state, h in zip(states, step.hidden().split(rows.sizes)):
                 state.hidden = h
 
     def _finish(self, state: BlendState) -> BlendResult:
