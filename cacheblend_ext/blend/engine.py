@@ -47,6 +47,7 @@ tensors.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Sequence
@@ -60,7 +61,7 @@ from ..rope import rope_spec_from_config
 from .attention import attend
 from .config import BlendConfig
 from .hf import HFDecoder, cache_layers, make_dynamic_cache, out_cache
-from .request import BlendResult, BlendState, RequestPlan
+from .request import BlendResult, BlendState, RequestPlan, host_to_device
 from .selection import run_probe, select
 from .step import EagerStep, SelectiveRows
 
@@ -305,13 +306,15 @@ class BlendEngine:
         shape = (self.num_layers, self.num_kv_heads, total, self.head_dim)
         kbig = torch.empty(shape, device=self.device, dtype=self.dtype)
         vbig = torch.empty_like(kbig)
-        states, offset = [], 0
-        for plan in plans:  # each request's KV: a slice of the batch buffer (a view)
+        offsets = [0, *itertools.accumulate(p.num_tokens for p in plans)]
+        rows = torch.tensor([[0] * self.num_layers] + [p.layer_rows(self.num_layers) for p in plans]).cumsum(0)
+        indptr = host_to_device(torch.cat([rows.T, torch.tensor([offsets])]), self.device)  # [L + 1, B + 1]
+        states = []
+        for plan, offset in zip(plans, offsets):  # each request's KV: a slice of the batch buffer (a view)
             n = plan.num_tokens
             state = self._start(plan, kbig[:, :, offset:offset + n], vbig[:, :, offset:offset + n])
-            state.batch_kv, state.batch_offset = (kbig, vbig), offset
+            state.batch_kv, state.batch_offset, state.batch_indptr = (kbig, vbig), offset, (indptr[:-1], indptr[-1])
             states.append(state)
-            offset += n
         self._run_layers(states, [MemoryLayerSource.of_chunks(p.chunks, self.device, self.dtype) for p in plans])
         results = [self._finish(state) for state in states]
         elapsed = (time.perf_counter() - t_start) * 1e3
@@ -367,7 +370,7 @@ class BlendEngine:
                     if state.plan.chunks and (state.sel is not None or l in state.plan.check):
                         state.place_reused(l, reused)
             if rows is None and all(s.sel is not None and l > max(s.plan.check) for s in states):
-                rows, step = SelectiveRows.of_states(states), step or EagerStep()
+                rows, step = SelectiveRows.of_states(states, l), step or EagerStep()
                 step.start(self.decoder, rows)
             if rows is not None:
                 step.layer(l, kbig[l].transpose(0, 1), vbig[l].transpose(0, 1))

@@ -17,6 +17,15 @@ from .config import BlendConfig
 from .schedule import selection_schedule
 
 
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` (made on the host) on ``device`` without making the host wait for the device:
+    on CUDA an asynchronous copy from pinned memory (a copy from pageable memory, or a
+    blocking one, synchronises with the stream)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class BlendResult:
     """What one blended (or full) prefill returns.
@@ -61,7 +70,9 @@ class RequestPlan:
     token); ``chunks`` the reused chunks in request order, ``spans`` their ``(start, end)``
     positions and ``src_pos`` the positions their K was rotated at (concatenated);
     ``check`` maps each check layer to the number of non-forced tokens it keeps;
-    ``probe_rows`` the positions the probe pass runs (empty: no probe).
+    ``probe_rows`` the positions the probe pass runs (empty: no probe). Everything here
+    lives on the host: the number of rows every layer computes is known before the
+    layers run.
     """
 
     config: BlendConfig
@@ -72,10 +83,33 @@ class RequestPlan:
     src_pos: torch.Tensor | None
     check: dict
     probe_rows: torch.Tensor
+    num_forced: int
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def check_rows(self) -> dict:
+        """``{check layer: (rows it ranks, non-forced rows it keeps)}``: the first check
+        layer ranks every token, each later one the previous one's selection (every forced
+        token stays selected)."""
+        out, candidates = {}, self.num_tokens - self.num_forced
+        for l in sorted(self.check):
+            kept = min(self.check[l], candidates)
+            out[l] = (self.num_forced + candidates, kept)
+            candidates = kept
+        return out
+
+    def layer_rows(self, num_layers: int) -> list[int]:
+        """Rows computed at each layer: every token before the first check layer, then what
+        the latest check layer kept (every token where it kept them all)."""
+        out, rows = [], self.num_tokens
+        sizes = self.check_rows()
+        for l in range(num_layers):
+            if l in sizes:
+                rows = self.num_forced + sizes[l][1]
+            out.append(rows)
+        return out
 
     @classmethod
     def lay_out(cls, config: BlendConfig, parts: Sequence, num_layers: int) -> "RequestPlan":
@@ -103,17 +137,20 @@ class RequestPlan:
         probe = torch.zeros(0, dtype=torch.int64)
         if chunks and config.selection == "probe":  # the query: forced tokens after the last chunk's start
             probe = forced[spans[-1][0]:].nonzero().flatten()[-config.probe_tokens:] + spans[-1][0]
-        schedule = selection_schedule(config, n, int(forced.sum()), num_layers, probe.numel())
+        num_forced = int(forced.sum())
+        schedule = selection_schedule(config, n, num_forced, num_layers, probe.numel())
         return cls(config, torch.cat(ids_parts), forced, chunks, spans,
                    torch.cat(src_pos) if chunks else None, dict(zip(schedule.layers, schedule.picks)),
-                   probe[: schedule.probe_rows] if schedule.probe_rows else probe[:0])
+                   probe[: schedule.probe_rows] if schedule.probe_rows else probe[:0], num_forced)
 
 
 @dataclass
 class BlendState:
     """Per-request state while the layers run: the request's KV buffers, the hidden states
     of the rows still computed (``sel``: their positions, ``None`` for all) and timings.
-    :meth:`start` makes it; :meth:`place_reused` is step 2 of the blend."""
+    :meth:`start` makes it, with everything the layer loop needs from the host already on
+    the device (``select_args``: each check layer's ``(indptr, k)`` of
+    ``select_hkvd_batched``); :meth:`place_reused` is step 2 of the blend."""
 
     plan: RequestPlan
     rope: object
@@ -127,10 +164,12 @@ class BlendState:
     src_pos: torch.Tensor | None
     dst_pos: torch.Tensor | None
     sel: torch.Tensor | None = None
+    select_args: dict = field(default_factory=dict)
     rank_scores: torch.Tensor | None = None
     probe_mass: torch.Tensor | None = None  # [L, N] (probe selection)
     batch_kv: tuple | None = None  # in a batched blend: the batch's (K, V) buffers kbuf / vbuf are slices of
     batch_offset: int = 0  # where this request's tokens start in them
+    batch_indptr: tuple | None = None  # the batch's q_indptr per layer [L, B + 1] and kv_indptr [B + 1]
     selected: list = field(default_factory=list)
     timings: dict = field(default_factory=lambda: {"concat_ms": 0.0, "select_ms": 0.0})
 
@@ -159,11 +198,14 @@ class BlendState:
                                dtype=decoder.dtype)
             vbuf = torch.empty_like(kbuf)
         positions = torch.arange(n, device=device)
-        hidden = decoder.embed(plan.input_ids.to(device))  # [N, hidden]
+        hidden = decoder.embed(host_to_device(plan.input_ids, device))  # [N, hidden]
         cos, sin = decoder.rotary_angles(hidden, positions)
-        dst = torch.cat([torch.arange(a, b) for a, b in plan.spans]).to(device) if plan.chunks else None
-        return cls(plan, rope, kbuf, vbuf, positions, plan.forced.to(device), hidden, cos, sin,
-                   plan.src_pos.to(device) if plan.chunks else None, dst)
+        dst = host_to_device(torch.cat([torch.arange(a, b) for a, b in plan.spans]), device) if plan.chunks else None
+        sizes = plan.check_rows()
+        packed = host_to_device(torch.tensor([[0, rows, kept] for rows, kept in sizes.values()]), device)
+        return cls(plan, rope, kbuf, vbuf, positions, host_to_device(plan.forced, device), hidden, cos, sin,
+                   host_to_device(plan.src_pos, device) if plan.chunks else None, dst,
+                   select_args={l: (packed[i, :2], packed[i, 2:]) for i, l in enumerate(sizes)})
 
     def place_reused(self, l: int, reused: Sequence[torch.Tensor]) -> None:
         """Step 2: gather the reused chunks' layer-``l`` KV into the request at their new

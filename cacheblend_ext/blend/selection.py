@@ -13,7 +13,7 @@ import torch
 
 from .. import ops
 from .config import BlendConfig
-from .request import BlendState, RequestPlan
+from .request import BlendState, RequestPlan, host_to_device
 
 
 def run_probe(decoder, states: list, sources: list) -> None:
@@ -22,7 +22,7 @@ def run_probe(decoder, states: list, sources: list) -> None:
     is the attention they pay each position at layer ``l``, summed over rows and heads.
     Every layer's reused KV is left placed in the request's buffers for the main pass."""
     t0, concat0 = time.perf_counter(), [s.timings["concat_ms"] for s in states]
-    rows = [s.plan.probe_rows.to(decoder.device) for s in states]
+    rows = [host_to_device(s.plan.probe_rows, decoder.device) for s in states]
     hidden = [s.hidden[r] for s, r in zip(states, rows)]
     rotary = [(s.cos[r], s.sin[r]) for s, r in zip(states, rows)]
     group = decoder.num_heads // decoder.num_kv_heads
@@ -30,12 +30,13 @@ def run_probe(decoder, states: list, sources: list) -> None:
     for state, r in zip(states, rows):
         # The probe sees the reused KV and its own rows (exact position-causal mask); other
         # tokens without cached KV (the prefix, the start of a long query) have no KV yet.
-        known = ~state.forced
-        known[r] = True
-        visible.append((state.positions[None, :] <= r[:, None]) & known[None, :])  # [P, N]
-        unknown = (~known).nonzero().flatten()
-        state.kbuf[:, :, unknown] = 0  # masked out, but 0 * NaN would still reach the output
-        state.vbuf[:, :, unknown] = 0
+        # Which tokens those are is known on the host, from the plan.
+        known = ~state.plan.forced
+        known[state.plan.probe_rows] = True
+        unknown = host_to_device((~known).nonzero().flatten(), decoder.device)
+        visible.append((state.positions[None, :] <= r[:, None]) & host_to_device(known, decoder.device)[None, :])
+        state.kbuf.index_fill_(2, unknown, 0)  # masked out, but 0 * NaN would still reach the output
+        state.vbuf.index_fill_(2, unknown, 0)
         state.probe_mass = torch.zeros(decoder.num_layers, state.plan.num_tokens, device=decoder.device,
                                        dtype=torch.float32)
     for l, layer in enumerate(decoder.layers):
@@ -59,31 +60,42 @@ def run_probe(decoder, states: list, sources: list) -> None:
 
 def select(decoder, state: BlendState, l: int, q, k, v):
     """Step 5, at a check layer: rank the candidates (the rows computed so far that are not
-    forced) and keep the top ones plus every forced row; returns the kept rows' Q/K/V."""
+    forced) and keep the top ones plus every forced row; returns the kept rows' Q/K/V.
+
+    How many rows are kept is known on the host (every forced row plus the layer's
+    budget: :meth:`RequestPlan.check_rows`), so the ranking over the whole request
+    (``quota="global"``, no boundary tokens) runs without waiting for the device
+    (``select_hkvd_batched`` with a fixed output size, its arguments made when the blend
+    started); per-chunk quotas and boundary tokens read the candidates back."""
     t0 = time.perf_counter()
     cfg, plan = state.plan.config, state.plan
     k_tok, v_tok = state.layer_kv(l)
     rows = state.rows()
-    rows_forced = state.forced[rows]
-    cand = (~rows_forced).nonzero().flatten()
-    budget = min(plan.check[l], cand.numel())
-    if budget > 0:
-        cand_pos = rows[cand]
-        if state.rank_scores is not None:
-            score = state.rank_scores[cand_pos].contiguous()
+    rows_forced = state.forced if state.sel is None else state.forced[rows]
+    num_rows, budget = plan.check_rows()[l]
+    keep = None  # None: every row
+    if budget < num_rows - plan.num_forced:
+        if budget == 0:
+            score = torch.zeros(rows.shape, device=rows.device)
+        elif state.rank_scores is not None:
+            score = state.rank_scores[rows]
         elif state.probe_mass is not None:  # the probe's attention where this selection takes effect
-            score = state.probe_mass[l:].sum(0)[cand_pos]
+            score = state.probe_mass[l:].sum(0)[rows]
         else:
-            score = deviation(cfg, k[cand], v[cand], k_tok, v_tok, cand_pos)
-        if cfg.selection == "impact" and state.rank_scores is None:
-            score = score * query_attention_mass(decoder, state, l, q, k, rows)[cand_pos]
-        pick = top_candidates(cfg, plan, score, cand_pos, budget)
-        keep = torch.cat([rows_forced.nonzero().flatten(), cand[pick]]).sort().values
-    else:
-        keep = rows_forced.nonzero().flatten()
+            score = deviation(cfg, k, v, k_tok, v_tok, rows)
+        if budget and cfg.selection == "impact" and state.rank_scores is None:
+            score = score * query_attention_mass(decoder, state, l, q, k, rows)[rows]
+        if budget == 0 or (cfg.quota == "global" and not cfg.boundary_tokens):
+            indptr, k_dev = state.select_args[l]
+            keep = ops.select_hkvd_batched(score.float(), indptr, k_dev, rows_forced, None,
+                                           plan.num_forced + budget)[0][0]
+        else:
+            cand = (~rows_forced).nonzero().flatten()
+            pick = top_candidates(cfg, plan, score[cand], rows[cand], budget)
+            keep = torch.cat([rows_forced.nonzero().flatten(), cand[pick]]).sort().values
     if cfg.fresh_check_kv:  # after the deviation above has read the reused K/V
         k_tok[rows], v_tok[rows] = k, v
-    if not (state.sel is None and keep.numel() == plan.num_tokens):  # all kept: stay on the full path
+    if keep is not None:  # all kept: stay on the path the rows are on (all tokens: the full path)
         state.sel = rows[keep]
         q, k, v, state.hidden = q[keep], k[keep], v[keep], state.hidden[keep]
     state.timings["select_ms"] += (time.perf_counter() - t0) * 1e3

@@ -38,15 +38,6 @@ def selective_layer(decoder, layer, hidden: torch.Tensor, cos: torch.Tensor, sin
     return decoder.o_proj_mlp(layer, [hidden], [o])[0]
 
 
-def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` (made on the host) on ``device`` without waiting for the device: on CUDA
-    through pinned memory with an asynchronous copy (a copy from pageable memory may
-    synchronise)."""
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
-
-
 @dataclass
 class SelectiveRows:
     """The inputs of :func:`selective_layer` for a blend's selective layers, gathered once
@@ -63,25 +54,20 @@ class SelectiveRows:
     sizes: tuple
 
     @classmethod
-    def of_states(cls, states: list) -> "SelectiveRows":
-        """The rows of ``states`` (each selective: ``state.sel`` set); a batch's requests are
-        slices of one KV buffer (``state.batch_kv`` / ``batch_offset``). Index pointers are
-        made on the host from sizes the host knows, then copied once."""
+    def of_states(cls, states: list, l: int) -> "SelectiveRows":
+        """The rows of ``states`` (each selective: ``state.sel`` set) at layer ``l``; a
+        batch's requests are slices of one KV buffer (``state.batch_kv`` /
+        ``batch_offset``), with index pointers made when the batch started
+        (``batch_indptr``)."""
         sizes = tuple(int(s.sel.numel()) for s in states)
         if len(states) == 1:
             s = states[0]
             return cls(s.hidden, s.cos[s.sel], s.sin[s.sel], s.sel, s.sel, None, None, sizes)
-        device = states[0].hidden.device
-        q_indptr = host_to_device(torch.tensor([0, *sizes]).cumsum(0), device)
-        kv_indptr = host_to_device(torch.tensor([s.batch_offset for s in states] + [states[0].batch_kv[0].shape[2]]),
-                                   device)
+        q_indptr, kv_indptr = states[0].batch_indptr
+        q_indptr = q_indptr[l]
         return cls(torch.cat([s.hidden for s in states]), torch.cat([s.cos[s.sel] for s in states]),
                    torch.cat([s.sin[s.sel] for s in states]), torch.cat([s.sel for s in states]),
                    torch.cat([s.sel + s.batch_offset for s in states]), q_indptr, kv_indptr, sizes)
-
-    def split_hidden(self) -> list:
-        """Each request's rows of ``hidden``."""
-        return list(self.hidden.split(self.sizes)) if len(self.sizes) > 1 else [self.hidden]
 
 
 class EagerStep:
