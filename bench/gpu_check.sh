@@ -14,7 +14,7 @@
 # Mistral-7B-shaped model: full prefill, prefix caching, ratios 0 / 15 / 100 with KV in GPU
 # memory and pipelined from CPU memory, with and without CUDA-graph capture when the bench
 # offers it), sanitizer (memcheck and racecheck of python -m bench.kernel_smoke), rest (the other
-# CUDA tests). Files under $OUT (at most 8): gpu_check.log (everything), build.log,
+# CUDA tests), errors (the CUDA bad-argument tests, in their own process). Files under $OUT (at most 8): gpu_check.log (everything), build.log,
 # pytest.log, sanitizer.log, results.json (every bench's JSON), summary.txt.
 #
 # --dry-run runs each stage's CPU equivalent (an incremental in-place build, CPU tests, the
@@ -150,12 +150,19 @@ else
 fi
 
 # ---- the rest of the CUDA tests, in the time left
+ERRORS="(argument_errors or bad_inputs or bad_arguments or errors)"
 if ((DRY)); then
   REST=(-k "cpu and not emulated and not fuzz" python_tests/test_select.py python_tests/test_kv_concat.py)
 else
-  REST=(-k "cuda or gpu or CUDA" --ignore=python_tests/test_attention_emulated.py python_tests)
+  REST=(-k "(cuda or gpu or CUDA) and not $ERRORS" --ignore=python_tests/test_attention_emulated.py python_tests)
 fi
 stage rest 600 "${PYTEST[@]}" "${REST[@]}" 2>&1 | tee -a "$OUT/pytest.log" | tail -n 15
+# The bad-argument tests last, in their own process: a crash there must not hide the
+# other results.
+if ((!DRY)); then
+  stage errors 60 "${PYTEST[@]}" -k "(cuda or gpu or CUDA) and $ERRORS" --ignore=python_tests/test_attention_emulated.py \
+    python_tests 2>&1 | tee -a "$OUT/pytest.log" | tail -n 15
+fi
 
 # ---- results and summary
 "$PY" - "$OUT" "$DEVICE" <<'PY' >>"$SUMMARY"

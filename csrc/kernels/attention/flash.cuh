@@ -36,6 +36,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/attention/params.h"
 #include "kernels/attention/primitives.cuh"
@@ -90,22 +91,21 @@ struct ContiguousKeys {
 struct PagedKeys {
   const int64_t* pages;  // the request's page ids (kv_indices + kv_indptr[b])
   bool bad_page = false;
-  // 32-bit division: a request's keys (and so page_size) are below 2^31 (checked on the
-  // host); a 64-bit division would be a slow, register-hungry subroutine.
+  // Key j's page, -1 when the id is outside the cache. 32-bit division: a request's keys
+  // (and so page_size) are below 2^31 (checked on the host); a 64-bit division would be a
+  // slow, register-hungry subroutine.
   CB_DEVICE int64_t page_of(const PagedKV& p, int j) {
     const int64_t page = pages[j / static_cast<int>(p.page_size)];
     const bool ok = page >= 0 && page < p.num_pages;
     bad_page |= !ok;
     return ok ? page : -1;
   }
-  CB_DEVICE int64_t k_row(const AttentionArgs& a, const PagedKV& p, int kv_head, int j) {
-    const int64_t page = page_of(p, j);
+  CB_DEVICE int64_t k_row(const AttentionArgs& a, const PagedKV& p, int kv_head, int j, int64_t page) const {
     return page < 0 ? -1
                     : page * p.k_page_stride + (j % static_cast<int>(p.page_size)) * p.k_offset_stride +
                           kv_head * a.k_s1;
   }
-  CB_DEVICE int64_t v_row(const AttentionArgs& a, const PagedKV& p, int kv_head, int j) {
-    const int64_t page = page_of(p, j);
+  CB_DEVICE int64_t v_row(const AttentionArgs& a, const PagedKV& p, int kv_head, int j, int64_t page) const {
     return page < 0 ? -1
                     : page * p.v_page_stride + (j % static_cast<int>(p.page_size)) * p.v_offset_stride +
                           kv_head * a.v_s1;
@@ -344,19 +344,12 @@ __global__ void __launch_bounds__(FlashTraits<D, kRowsPerWarp, kStages>::kThread
     // The K and V tiles of key tile `tile` into stage `stage`, one cp.async group (committed
     // even when empty, so that group counts stay uniform). Keys past the request (and
     // unreadable ones, reported after the loop) are zero-filled (plain stores): they are
-    // masked, and zeros keep 0 * V finite. Not unrolled: unrolled, the compiler keeps one
-    // 64-bit address per row live across the tile loop, and those registers are what the
-    // accumulators need (spills); the address math is a few integer instructions per
-    // 16-byte copy.
+    // masked, and zeros keep 0 * V finite.
     auto load_tiles = [&](int tile, int stage) {
       if (tile < tile_end) {
         uint16_t* const dK = sStages + stage * kStageElems + copy_offset;
         uint16_t* const dV = dK + kKeys * D;
-#pragma unroll 1
-        for (int i = 0; i < kKeys / kRowsPerPass; ++i) {
-          const int key = tile * kKeys + copy_row + i * kRowsPerPass;
-          const int64_t k_row = key < req.kv_len ? req.keys.k_row(a, paged, kv_head, key) : -1;
-          const int64_t v_row = key < req.kv_len ? req.keys.v_row(a, paged, kv_head, key) : -1;
+        auto copy_row_pair = [&](int i, int64_t k_row, int64_t v_row) {
           const int off = i * kRowsPerPass * D;
           if (k_row >= 0)
             ptx::cp_async16(dK + off, static_cast<const uint16_t*>(a.k) + k_row + copy_chunk * 8);
@@ -366,6 +359,34 @@ __global__ void __launch_bounds__(FlashTraits<D, kRowsPerWarp, kStages>::kThread
             ptx::cp_async16(dV + off, static_cast<const uint16_t*>(a.v) + v_row + copy_chunk * 8);
           else
             *reinterpret_cast<uint4*>(dV + off) = make_uint4(0u, 0u, 0u, 0u);
+        };
+        constexpr int kPasses = kKeys / kRowsPerPass;
+        if constexpr (std::is_same_v<Keys, PagedKeys>) {
+          // Every row's page id is loaded first, then the copies issued: one wait for the
+          // page table per tile instead of one per row.
+          int64_t pages[kPasses];
+#pragma unroll
+          for (int i = 0; i < kPasses; ++i) {
+            const int key = tile * kKeys + copy_row + i * kRowsPerPass;
+            pages[i] = key < req.kv_len ? req.keys.page_of(paged, key) : -1;
+          }
+#pragma unroll
+          for (int i = 0; i < kPasses; ++i) {
+            const int key = tile * kKeys + copy_row + i * kRowsPerPass;
+            copy_row_pair(i, req.keys.k_row(a, paged, kv_head, key, pages[i]),
+                          req.keys.v_row(a, paged, kv_head, key, pages[i]));
+          }
+        } else {
+          // Not unrolled: unrolled, the compiler keeps one 64-bit address per row live
+          // across the tile loop, and those registers are what the accumulators need
+          // (spills); the address math is a few integer instructions per 16-byte copy.
+#pragma unroll 1
+          for (int i = 0; i < kPasses; ++i) {
+            const int key = tile * kKeys + copy_row + i * kRowsPerPass;
+            const bool in = key < req.kv_len;
+            copy_row_pair(i, in ? req.keys.k_row(a, paged, kv_head, key) : -1,
+                          in ? req.keys.v_row(a, paged, kv_head, key) : -1);
+          }
         }
       }
       ptx::cp_async_commit();
