@@ -64,6 +64,7 @@ from .hf import HFDecoder, cache_layers, make_dynamic_cache, out_cache
 from .request import BlendResult, BlendState, RequestPlan, host_to_device
 from .selection import run_probe, select
 from .step import EagerStep, SelectiveRows
+from .timing import DEFAULT_SPANS, StepTimer
 
 
 class BlendEngine:
@@ -249,7 +250,7 @@ class BlendEngine:
 
     @torch.inference_mode()
     def blend(self, segments, config: BlendConfig | None = None, source: LayerSource | None = None,
-              rank_scores: torch.Tensor | None = None, step=None) -> BlendResult:
+              rank_scores: torch.Tensor | None = None, step=None, profile: bool = False) -> BlendResult:
         """Blend ``segments`` (``ChunkKV`` reused; text / ids forced) into a prefill.
 
         ``config`` overrides the engine's :class:`BlendConfig` for this call. ``source``
@@ -259,20 +260,23 @@ class BlendEngine:
         place of the configured deviation (for experiments with other rankings, such as
         the hindsight yardstick of ``bench quality``). ``step``: how the selective layers
         run, a :class:`~cacheblend_ext.blend.step.CUDAGraphStep` to replay them from CUDA
-        graphs (the blend then runs in its KV buffers); eager by default.
+        graphs (the blend then runs in its KV buffers); eager by default. ``profile``
+        times every step (see :class:`BlendResult` for the ``timings``).
         """
         cfg = config or self.config
         cfg.validate(self.num_layers)
         t_start = time.perf_counter()
-        plan = self.plan_request(segments, cfg)
+        timer = StepTimer(self.device, None if profile else DEFAULT_SPANS)
+        with timer.span("plan"):
+            plan = self.plan_request(segments, cfg)
+            shape = (self.num_layers, self.num_kv_heads, plan.num_tokens, self.head_dim)
+            state = self._start(plan, timer, *(step.kv_buffers(shape, self.dtype) if step is not None else ()))
+            if rank_scores is not None:
+                if rank_scores.shape != (plan.num_tokens,):
+                    raise ValueError(f"rank_scores must be [{plan.num_tokens}], got {tuple(rank_scores.shape)}")
+                state.rank_scores = rank_scores.to(self.device, torch.float32)
         if source is None:
             source = MemoryLayerSource.of_chunks(plan.chunks, self.device, self.dtype)
-        shape = (self.num_layers, self.num_kv_heads, plan.num_tokens, self.head_dim)
-        state = self._start(plan, *(step.kv_buffers(shape, self.dtype) if step is not None else ()))
-        if rank_scores is not None:
-            if rank_scores.shape != (plan.num_tokens,):
-                raise ValueError(f"rank_scores must be [{plan.num_tokens}], got {tuple(rank_scores.shape)}")
-            state.rank_scores = rank_scores.to(self.device, torch.float32)
         try:
             self._run_layers([state], [source], step)
         finally:
@@ -280,7 +284,7 @@ class BlendEngine:
             if close is not None:
                 close()
         result = self._finish(state)
-        result.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+        result.timings = {**timer.result(), "total_ms": (time.perf_counter() - t_start) * 1e3}
         return result
 
     @torch.inference_mode()
@@ -293,14 +297,15 @@ class BlendEngine:
         memory); ``config`` applies to all. Each request is planned, ranked and selected on
         its own, so each result is the one :meth:`blend` gives it (selections identical,
         logits equal up to the rounding of the larger matrix products). The results' caches
-        are views of one KV buffer of the whole batch. ``timings["total_ms"]`` is the
-        batch's time.
+        are views of one KV buffer of the whole batch. Every result's ``timings`` are the
+        batch's.
         """
         cfg = config or self.config
         cfg.validate(self.num_layers)
         if not requests:
             raise ValueError("requests must hold at least one request")
         t_start = time.perf_counter()
+        timer = StepTimer(self.device, DEFAULT_SPANS)
         plans = [self.plan_request(segments, cfg) for segments in requests]
         total = sum(p.num_tokens for p in plans)
         shape = (self.num_layers, self.num_kv_heads, total, self.head_dim)
@@ -312,15 +317,14 @@ class BlendEngine:
         states = []
         for plan, offset in zip(plans, offsets):  # each request's KV: a slice of the batch buffer (a view)
             n = plan.num_tokens
-            state = self._start(plan, kbig[:, :, offset:offset + n], vbig[:, :, offset:offset + n])
+            state = self._start(plan, timer, kbig[:, :, offset:offset + n], vbig[:, :, offset:offset + n])
             state.batch_kv, state.batch_offset, state.batch_indptr = (kbig, vbig), offset, (indptr[:-1], indptr[-1])
             states.append(state)
         self._run_layers(states, [MemoryLayerSource.of_chunks(p.chunks, self.device, self.dtype) for p in plans])
         results = [self._finish(state) for state in states]
-        elapsed = (time.perf_counter() - t_start) * 1e3
+        timings = {**timer.result(), "total_ms": (time.perf_counter() - t_start) * 1e3, "batch_size": len(results)}
         for result in results:
-            result.timings["total_ms"] = elapsed
-            result.timings["batch_size"] = len(results)
+            result.timings = dict(timings)
         return results
 
     # -- the blend's steps, in order
@@ -346,10 +350,10 @@ class BlendEngine:
                              "sliding-window attention is not supported")
         return RequestPlan.lay_out(cfg, parts, self.num_layers)
 
-    def _start(self, plan: RequestPlan, kbuf: torch.Tensor | None = None,
+    def _start(self, plan: RequestPlan, timer: StepTimer, kbuf: torch.Tensor | None = None,
                vbuf: torch.Tensor | None = None) -> BlendState:
         max_src = int(plan.src_pos.max()) + 1 if plan.chunks else 0
-        return BlendState.start(plan, self.decoder, self.rope(max(plan.num_tokens, max_src)), kbuf, vbuf)
+        return BlendState.start(plan, self.decoder, self.rope(max(plan.num_tokens, max_src)), timer, kbuf, vbuf)
 
     def _run_layers(self, states: list, sources: list, step=None) -> None:
         """The probe (where planned), then every layer for all ``states`` together: their
@@ -361,7 +365,7 @@ class BlendEngine:
         if any(probed):  # the probe reads every layer's reused KV and leaves it in place
             run_probe(self.decoder, [s for s, p in zip(states, probed) if p],
                       [src for src, p in zip(sources, probed) if p])
-        rows = None
+        rows, timer = None, states[0].timer
         kbig, vbig = states[0].batch_kv or (states[0].kbuf, states[0].vbuf)
         for l, layer in enumerate(self.layers):
             for state, source, placed in zip(states, sources, probed):
@@ -373,16 +377,18 @@ class BlendEngine:
                 rows, step = SelectiveRows.of_states(states, l), step or EagerStep()
                 step.start(self.decoder, rows)
             if rows is not None:
-                step.layer(l, kbig[l].transpose(0, 1), vbig[l].transpose(0, 1))
+                with timer.span("step"):
+                    step.layer(l, kbig[l].transpose(0, 1), vbig[l].transpose(0, 1))
                 for state in states:
                     state.selected.append(state.sel)
                 continue
-            qkv = self.decoder.rows_qkv(layer, [s.hidden for s in states], [s.rotary() for s in states])
-            for i, state in enumerate(states):
-                if l in state.plan.check:
-                    qkv[i] = select(self.decoder, state, l, *qkv[i])
-            outs = attend(self.decoder, states, l, qkv)
-            hidden = self.decoder.o_proj_mlp(layer, [s.hidden for s in states], outs)
+            with timer.span("layers", exclusive=True):  # selection is timed on its own
+                qkv = self.decoder.rows_qkv(layer, [s.hidden for s in states], [s.rotary() for s in states])
+                for i, state in enumerate(states):
+                    if l in state.plan.check:
+                        qkv[i] = select(self.decoder, state, l, *qkv[i])
+                outs = attend(self.decoder, states, l, qkv)
+                hidden = self.decoder.o_proj_mlp(layer, [s.hidden for s in states], outs)
             for state, h in zip(states, hidden):
                 state.hidden = h
         if rows is not None:
@@ -390,13 +396,15 @@ class BlendEngine:
                 state.hidden = h
 
     def _finish(self, state: BlendState) -> BlendResult:
-        """First-token logits from the last token; the blended KV as a ``DynamicCache`` (views)."""
-        logits = self.decoder.logits(state.hidden[-1:])
-        cache = make_dynamic_cache(self.model, [state.kbuf[l][None] for l in range(self.num_layers)],
-                                   [state.vbuf[l][None] for l in range(self.num_layers)])
+        """First-token logits from the last token; the blended KV as a ``DynamicCache``
+        (views). Ends with a device synchronisation; the caller fills ``timings``."""
+        with state.timer.span("finish"):
+            logits = self.decoder.logits(state.hidden[-1:])
+            cache = make_dynamic_cache(self.model, [state.kbuf[l][None] for l in range(self.num_layers)],
+                                       [state.vbuf[l][None] for l in range(self.num_layers)])
         self._sync()
         plan = state.plan
-        return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, state.timings,
+        return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, {},
                            int(plan.probe_rows.numel()))
 
     # ------------------------------------------------------------------ decoding

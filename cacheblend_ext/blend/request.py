@@ -5,7 +5,6 @@ computed) and the :class:`BlendResult` it ends with."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -15,6 +14,7 @@ from .. import ops
 from ..chunk import ChunkKV
 from .config import BlendConfig
 from .schedule import selection_schedule
+from .timing import StepTimer
 
 
 def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
@@ -33,7 +33,22 @@ class BlendResult:
     ``logits`` ``[vocab]`` float32 of the first output token; ``cache`` a ``DynamicCache``
     over all ``N`` request tokens that Hugging Face can continue from (feed the next token
     at position ``N``); ``input_ids`` ``[N]``; ``selected[l]`` the token indices computed
-    at layer ``l`` (``None``: all tokens); ``forced`` ``[N]`` bool; ``timings`` in ms.
+    at layer ``l`` (``None``: all tokens); ``forced`` ``[N]`` bool.
+
+    ``timings``, in ms (:mod:`cacheblend_ext.blend.timing`: CUDA events on a GPU, host
+    clocks on the CPU; in a batch every result carries the batch's):
+
+    - ``total_ms``: host wall-clock time of the call, from planning to the first-token
+      logits on the device (the call ends with a device synchronisation): the time to
+      first token;
+    - ``probe_ms``: the probe pass, without placing the reused KV it leaves in place for
+      the main pass (that is in ``concat_ms``);
+    - ``concat_ms``: placing the reused chunks' KV into the request, every layer;
+    - ``select_ms``: ranking and selection at the check layers;
+    - with ``blend(..., profile=True)`` also ``plan_ms`` (planning, buffers, embeddings),
+      ``layers_ms`` (the layers up to the last check layer, without concatenation and
+      selection), ``step_ms`` (the selective layers after it, without concatenation) and
+      ``finish_ms`` (logits and cache).
     """
 
     logits: torch.Tensor
@@ -150,7 +165,8 @@ class BlendState:
     of the rows still computed (``sel``: their positions, ``None`` for all) and timings.
     :meth:`start` makes it, with everything the layer loop needs from the host already on
     the device (``select_args``: each check layer's ``(indptr, k)`` of
-    ``select_hkvd_batched``); :meth:`place_reused` is step 2 of the blend."""
+    ``select_hkvd_batched``); :meth:`place_reused` is step 2 of the blend. ``timer``
+    times the steps (shared by the requests of a batch)."""
 
     plan: RequestPlan
     rope: object
@@ -171,7 +187,7 @@ class BlendState:
     batch_offset: int = 0  # where this request's tokens start in them
     batch_indptr: tuple | None = None  # the batch's q_indptr per layer [L, B + 1] and kv_indptr [B + 1]
     selected: list = field(default_factory=list)
-    timings: dict = field(default_factory=lambda: {"concat_ms": 0.0, "select_ms": 0.0})
+    timer: StepTimer | None = None
 
     def rows(self) -> torch.Tensor:
         """Positions of the rows computed at the current layer."""
@@ -185,7 +201,7 @@ class BlendState:
         return self.kbuf[l].transpose(0, 1), self.vbuf[l].transpose(0, 1)
 
     @classmethod
-    def start(cls, plan: RequestPlan, decoder, rope, kbuf: torch.Tensor | None = None,
+    def start(cls, plan: RequestPlan, decoder, rope, timer: StepTimer, kbuf: torch.Tensor | None = None,
               vbuf: torch.Tensor | None = None) -> "BlendState":
         """Buffers for the request's KV (``kbuf`` / ``vbuf`` if given: views of a batch's
         buffer), the embeddings and the RoPE angles of every position. ``decoder`` is the
@@ -205,13 +221,12 @@ class BlendState:
         packed = host_to_device(torch.tensor([[0, rows, kept] for rows, kept in sizes.values()]), device)
         return cls(plan, rope, kbuf, vbuf, positions, host_to_device(plan.forced, device), hidden, cos, sin,
                    host_to_device(plan.src_pos, device) if plan.chunks else None, dst,
-                   select_args={l: (packed[i, :2], packed[i, 2:]) for i, l in enumerate(sizes)})
+                   select_args={l: (packed[i, :2], packed[i, 2:]) for i, l in enumerate(sizes)}, timer=timer)
 
     def place_reused(self, l: int, reused: Sequence[torch.Tensor]) -> None:
         """Step 2: gather the reused chunks' layer-``l`` KV into the request at their new
         positions (K re-rotated)."""
-        t0 = time.perf_counter()
-        k_tok, v_tok = self.layer_kv(l)
-        ops.fused_kv_concat([c[None] for c in reused], self.src_pos, self.dst_pos, self.dst_pos,
-                            self.rope.cos_sin_cache, self.rope.is_neox, [k_tok], [v_tok])
-        self.timings["concat_ms"] += (time.perf_counter() - t0) * 1e3
+        with self.timer.span("concat"):
+            k_tok, v_tok = self.layer_kv(l)
+            ops.fused_kv_concat([c[None] for c in reused], self.src_pos, self.dst_pos, self.dst_pos,
+                                self.rope.cos_sin_cache, self.rope.is_neox, [k_tok], [v_tok])

@@ -7,8 +7,6 @@ first, over the request or per chunk (``quota``). See
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .. import ops
@@ -21,7 +19,11 @@ def run_probe(decoder, states: list, sources: list) -> None:
     every layer over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]``
     is the attention they pay each position at layer ``l``, summed over rows and heads.
     Every layer's reused KV is left placed in the request's buffers for the main pass."""
-    t0, concat0 = time.perf_counter(), [s.timings["concat_ms"] for s in states]
+    with states[0].timer.span("probe", exclusive=True):  # the reused KV it places counts as concatenation
+        probe_layers(decoder, states, sources)
+
+
+def probe_layers(decoder, states: list, sources: list) -> None:
     rows = [host_to_device(s.plan.probe_rows, decoder.device) for s in states]
     hidden = [s.hidden[r] for s, r in zip(states, rows)]
     rotary = [(s.cos[r], s.sin[r]) for s, r in zip(states, rows)]
@@ -52,10 +54,6 @@ def run_probe(decoder, states: list, sources: list) -> None:
             state.probe_mass[l] = probs.sum((0, 1, 2))
             outs.append(torch.einsum("phgn,nhd->phgd", probs, v_tok.float()).to(q.dtype))
         hidden = decoder.o_proj_mlp(layer, hidden, outs)
-    elapsed = (time.perf_counter() - t0) * 1e3
-    for state, c0 in zip(states, concat0):
-        # the probe's own time: placing the reused KV is the main pass's work done early
-        state.timings["probe_ms"] = elapsed - (state.timings["concat_ms"] - c0)
 
 
 def select(decoder, state: BlendState, l: int, q, k, v):
@@ -67,7 +65,11 @@ def select(decoder, state: BlendState, l: int, q, k, v):
     (``quota="global"``, no boundary tokens) runs without waiting for the device
     (``select_hkvd_batched`` with a fixed output size, its arguments made when the blend
     started); per-chunk quotas and boundary tokens read the candidates back."""
-    t0 = time.perf_counter()
+    with state.timer.span("select"):
+        return select_rows(decoder, state, l, q, k, v)
+
+
+def select_rows(decoder, state: BlendState, l: int, q, k, v):
     cfg, plan = state.plan.config, state.plan
     k_tok, v_tok = state.layer_kv(l)
     rows = state.rows()
@@ -98,7 +100,6 @@ def select(decoder, state: BlendState, l: int, q, k, v):
     if keep is not None:  # all kept: stay on the path the rows are on (all tokens: the full path)
         state.sel = rows[keep]
         q, k, v, state.hidden = q[keep], k[keep], v[keep], state.hidden[keep]
-    state.timings["select_ms"] += (time.perf_counter() - t0) * 1e3
     return q, k, v
 
 
