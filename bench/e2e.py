@@ -60,6 +60,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cuda-graph", default="off", choices=["off", "on", "both"],
                         help="CUDA only: replay the CacheBlend rows' selective layers from CUDA graphs (on), or "
                              "time each row without and with them (both)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also a per-step breakdown of every CacheBlend row (blend(profile=True), medians) and, "
+                             "on the CPU, of its operations by kind beside full prefill's")
+    parser.add_argument("--sizes", default=None,
+                        help="a size sweep instead: requests of these many tokens (e.g. 500,1000,2000,4000,8000), "
+                             "chunks of --chunk-tokens; TTFT / full prefill beside the compute fraction at each "
+                             "--ratios, a table and a PNG (--plot)")
+    parser.add_argument("--plot", default=None, help="PNG of the size sweep (default: next to --json)")
 
 
 def random_7b(device, dtype):
@@ -83,6 +91,41 @@ def random_7b(device, dtype):
 def run(args) -> dict:
     with torch.inference_mode():
         return _run(args)
+
+
+def make_request(engine, chunk_sizes: list, query_tokens: int, seed: int = 0):
+    """A random RAG request: a prefix (BOS + 7 tokens), chunks of ``chunk_sizes`` tokens
+    (encoded), a query. Returns ``(prefix, chunk_ids, chunks, query)``."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model.config.vocab_size
+    prefix = torch.tensor(engine.bos_ids() + torch.randint(100, vocab, (7,), generator=g).tolist())
+    chunk_ids = [torch.randint(100, vocab, (t,), generator=g) for t in chunk_sizes]
+    query = torch.randint(100, vocab, (query_tokens,), generator=g)
+    chunks = engine.encode_chunks(chunk_ids, context=engine.chunk_context(prefix))
+    return prefix, chunk_ids, chunks, query
+
+
+def time_methods(methods: list, device: str, iters: int) -> dict:
+    """``{name: {median_ms, min_ms, max_ms, iters[, samples_ms]}}`` of each ``(name, ratio,
+    fn)``: CUDA events per method on a GPU; on the CPU round-robin over the methods, so
+    that load from other processes hits them alike (samples kept for paired ratios)."""
+    timings = {}
+    if device.startswith("cuda"):
+        for name, _, fn in methods:
+            timings[name] = common.time_fn(fn, device, 0, iters, flush_l2=False)
+            torch.cuda.empty_cache()
+        return timings
+    samples = {name: [] for name, _, _ in methods}
+    for i in range(iters):
+        common.progress(f"round {i + 1}/{iters}")
+        for name, _, fn in methods:
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    for name, xs in samples.items():
+        timings[name] = {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "iters": iters,
+                         "samples_ms": xs}
+    return timings
 
 
 def graph_modes(args) -> list[bool]:
@@ -113,14 +156,12 @@ def _run(args) -> dict:
     engine = BlendEngine(model, tok, config(0.15))
     common.progress(f"kernels: {common.engine_op_backends()}")
 
-    g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    bos = engine.bos_ids()
-    prefix = torch.tensor(bos + torch.randint(100, vocab, (7,), generator=g).tolist())
-    chunk_ids = [torch.randint(100, vocab, (args.chunk_tokens,), generator=g) for _ in range(args.chunks)]
-    query = torch.randint(100, vocab, (args.query_tokens,), generator=g)
+    if args.sizes:
+        from bench.sweep import run_sweep
+
+        return run_sweep(args, engine, config, warmup, iters)
     common.progress(f"encoding {args.chunks} chunks x {args.chunk_tokens} tokens")
-    chunks = engine.encode_chunks(chunk_ids, context=engine.chunk_context(prefix))
+    prefix, chunk_ids, chunks, query = make_request(engine, [args.chunk_tokens] * args.chunks, args.query_tokens)
     first = engine.encode_prefix([prefix, chunk_ids[0]])  # exact-prefix KV for prefix caching
     segments = [prefix, *chunks, query]
     n = prefix.numel() + sum(c.numel() for c in chunk_ids) + query.numel()
@@ -144,6 +185,7 @@ def _run(args) -> dict:
                 lambda: engine.blend(prefix_segments, config(0.0)))]
     if args.no_baselines:
         methods = []
+    blend_rows = []  # the CacheBlend rows (their functions take blend's keyword arguments)
     graph_rows = {}  # name of a row run from CUDA graphs -> (its CUDAGraphStep, ratio, source, eager row name)
     for r in [float(x) / 100 for x in args.ratios.split(",") if x.strip()]:
         cfg = config(r)
@@ -156,8 +198,9 @@ def _run(args) -> dict:
                 step = CUDAGraphStep(engine.device) if graph else None
                 if graph:
                     graph_rows[name] = (step, r, src, eager_name)
-                methods.append((name, r, lambda cfg=cfg, src=src, step=step:
-                                engine.blend(segments, cfg, source=source(src), step=step)))
+                methods.append((name, r, lambda cfg=cfg, src=src, step=step, **kw:
+                                engine.blend(segments, cfg, source=source(src), step=step, **kw)))
+                blend_rows.append(name)
 
     table = common.Table(
         f"TTFT, {args.model} ({dtype}) on {common.device_name(args.device)}: {args.chunks} x {args.chunk_tokens}-token "
@@ -173,23 +216,7 @@ def _run(args) -> dict:
             res = fn()
         first_tokens[name] = res.logits.float().cpu()  # of the last warm-up (graph rows: replayed, not captured)
     graph_check = check_graph_rows(engine, segments, config, source, graph_rows, first_tokens)
-    timings = {}
-    if gpu:
-        for name, _, fn in methods:
-            timings[name] = common.time_fn(fn, args.device, 0, iters, flush_l2=False)
-            torch.cuda.empty_cache()
-    else:
-        # CPU: round-robin over the methods so load from other processes hits them alike
-        samples = {name: [] for name, _, _ in methods}
-        for i in range(iters):
-            common.progress(f"round {i + 1}/{iters}")
-            for name, _, fn in methods:
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-        for name, xs in samples.items():
-            timings[name] = {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "iters": iters,
-                             "samples_ms": xs}
+    timings = time_methods(methods, args.device, iters)
     rows, base, base_min = [], None, None
     for name, ratio, fn in methods:
         t = timings[name]
@@ -223,7 +250,13 @@ def _run(args) -> dict:
                   f"{load['load_ms']:.1f} ms per blend, exposed {load['exposed_ms']:.1f} ms, "
                   f"hidden {load['hidden_fraction']:.0%} (medians over {load['blends']} blends)")
     load = loads.get(source_names[0]) if len(source_names) == 1 else loads
-    return {"command": COMMAND, "load": load, "sources": source_names,
+    profile = None
+    if args.profile:
+        from bench.profile_ops import profile_rows
+
+        profile = profile_rows([(name, fn) for name, _, fn in methods if name in blend_rows],
+                               methods[0] if not args.no_baselines else None, iters, args.device)
+    return {"command": COMMAND, "load": load, "sources": source_names, "profile": profile,
             "environment": common.environment(args.device), "kernels": common.engine_op_backends(),
             "model": args.model, "dtype": str(dtype), "tokens": n, "warmup": warmup, "iters": iters,
             "table": table.as_dict(), "rows": rows, "paired_ratios": paired,

@@ -47,6 +47,7 @@ tensors.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -58,6 +59,7 @@ from ..chunk import ChunkKV
 from ..identity import ModelIdentity
 from ..layer_source import LayerSource, MemoryLayerSource
 from ..rope import rope_spec_from_config
+from ..threads import CoreMonitor, intra_op_threads
 from .attention import attend
 from .config import BlendConfig
 from .hf import HFDecoder, cache_layers, make_dynamic_cache, out_cache
@@ -67,10 +69,32 @@ from .step import EagerStep, SelectiveRows
 from .timing import DEFAULT_SPANS, StepTimer
 
 
-class BlendEngine:
-    """CacheBlend over one Hugging Face causal LM (see the module docstring)."""
+def threaded(method):
+    """Run ``method`` under the engine's CPU thread policy (:meth:`BlendEngine.threads`)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.threads():
+            return method(self, *args, **kwargs)
+    return wrapper
 
-    def __init__(self, model, tokenizer=None, config: BlendConfig | None = None, model_id: str | None = None):
+
+class BlendEngine:
+    """CacheBlend over one Hugging Face causal LM (see the module docstring).
+
+    ``cpu_threads`` (on the CPU): ``"auto"`` (default) runs each blend, prefill and decode
+    with as many intra-op threads as cores other processes leave free (measured between
+    calls, :mod:`cacheblend_ext.threads`; at most torch's thread count when the engine was
+    made); an int runs them with that many; None leaves torch's setting alone. A blend's
+    many small operators each wait for all their threads, so threads on busy cores cost it
+    far more than a full prefill.
+    """
+
+    def __init__(self, model, tokenizer=None, config: BlendConfig | None = None, model_id: str | None = None,
+                 cpu_threads: int | str | None = "auto"):
+        if not (cpu_threads is None or cpu_threads == "auto" or (isinstance(cpu_threads, int) and cpu_threads > 0)):
+            raise ValueError(f"cpu_threads must be 'auto', a positive int or None, got {cpu_threads!r}")
+        self.cpu_threads, self.max_threads = cpu_threads, torch.get_num_threads()
+        self.cores = CoreMonitor() if cpu_threads == "auto" else None
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or BlendConfig()
@@ -86,6 +110,13 @@ class BlendEngine:
         self.model_id = self.identity.model_id
 
     # ------------------------------------------------------------------ setup
+
+    def threads(self):
+        """Context: the intra-op threads of one call (``cpu_threads``; nothing on a GPU)."""
+        if self.cpu_threads is None or self.device.type != "cpu":
+            return intra_op_threads(None)
+        n = self.cores.threads(self.max_threads) if self.cpu_threads == "auto" else self.cpu_threads
+        return intra_op_threads(n)
 
     @property
     def device(self) -> torch.device:
@@ -148,6 +179,7 @@ class BlendEngine:
 
     # ------------------------------------------------------------------ chunks
 
+    @threaded
     @torch.inference_mode()
     def encode_chunk(self, segment, context=None) -> ChunkKV:
         """Prefill one chunk after a context whose KV is dropped.
@@ -181,6 +213,7 @@ class BlendEngine:
 
     # ------------------------------------------------------------------ full prefill baselines
 
+    @threaded
     @torch.inference_mode()
     def full_prefill(self, segments, reuse_prefix: ChunkKV | None = None) -> BlendResult:
         """Hugging Face prefill of the whole request (the quality and speed reference).
@@ -209,7 +242,7 @@ class BlendEngine:
         t = (time.perf_counter() - t0) * 1e3
         cache_out = out_cache(out)
         return BlendResult(logits, cache_out, ids, [None] * self.num_layers,
-                           torch.ones(ids.numel(), dtype=torch.bool), {"total_ms": t})
+                           torch.ones(ids.numel(), dtype=torch.bool), {"total_ms": t, "threads": torch.get_num_threads()})
 
     @torch.inference_mode()
     def encode_prefix(self, segments) -> ChunkKV:
@@ -248,6 +281,7 @@ class BlendEngine:
 
     # ------------------------------------------------------------------ blend
 
+    @threaded
     @torch.inference_mode()
     def blend(self, segments, config: BlendConfig | None = None, source: LayerSource | None = None,
               rank_scores: torch.Tensor | None = None, step=None, profile: bool = False) -> BlendResult:
@@ -284,9 +318,11 @@ class BlendEngine:
             if close is not None:
                 close()
         result = self._finish(state)
-        result.timings = {**timer.result(), "total_ms": (time.perf_counter() - t_start) * 1e3}
+        result.timings = {**timer.result(), "total_ms": (time.perf_counter() - t_start) * 1e3,
+                          "threads": torch.get_num_threads()}
         return result
 
+    @threaded
     @torch.inference_mode()
     def blend_batch(self, requests: Sequence, config: BlendConfig | None = None) -> list[BlendResult]:
         """Blend several requests in one pass: a ragged batch whose rows share every
@@ -322,7 +358,8 @@ class BlendEngine:
             states.append(state)
         self._run_layers(states, [MemoryLayerSource.of_chunks(p.chunks, self.device, self.dtype) for p in plans])
         results = [self._finish(state) for state in states]
-        timings = {**timer.result(), "total_ms": (time.perf_counter() - t_start) * 1e3, "batch_size": len(results)}
+        timings = {**timer.result(), "total_ms": (time.perf_counter() - t_start) * 1e3, "batch_size": len(results),
+                   "threads": torch.get_num_threads()}
         for result in results:
             result.timings = dict(timings)
         return results
@@ -409,6 +446,7 @@ class BlendEngine:
 
     # ------------------------------------------------------------------ decoding
 
+    @threaded
     @torch.inference_mode()
     def generate(self, result: BlendResult, max_new_tokens: int = 32, stop_at_eos: bool = True,
                  return_logits: bool = False):

@@ -48,7 +48,9 @@ class BlendResult:
     - with ``blend(..., profile=True)`` also ``plan_ms`` (planning, buffers, embeddings),
       ``layers_ms`` (the layers up to the last check layer, without concatenation and
       selection), ``step_ms`` (the selective layers after it, without concatenation) and
-      ``finish_ms`` (logits and cache).
+      ``finish_ms`` (logits and cache);
+    - ``threads``: the intra-op threads the call ran with (``BlendEngine(cpu_threads=...)``),
+      and ``batch_size`` in a batch.
     """
 
     logits: torch.Tensor
