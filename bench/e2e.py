@@ -108,7 +108,8 @@ def make_request(engine, chunk_sizes: list, query_tokens: int, seed: int = 0):
 def time_methods(methods: list, device: str, iters: int) -> dict:
     """``{name: {median_ms, min_ms, max_ms, iters[, samples_ms]}}`` of each ``(name, ratio,
     fn)``: CUDA events per method on a GPU; on the CPU round-robin over the methods, so
-    that load from other processes hits them alike (samples kept for paired ratios)."""
+    that load from other processes hits them alike (samples kept for paired ratios, and
+    each call's ``BlendResult.timings`` as ``results``)."""
     timings = {}
     if device.startswith("cuda"):
         for name, _, fn in methods:
@@ -116,15 +117,17 @@ def time_methods(methods: list, device: str, iters: int) -> dict:
             torch.cuda.empty_cache()
         return timings
     samples = {name: [] for name, _, _ in methods}
+    results = {name: [] for name, _, _ in methods}
     for i in range(iters):
         common.progress(f"round {i + 1}/{iters}")
         for name, _, fn in methods:
             t0 = time.perf_counter()
-            fn()
+            res = fn()
             samples[name].append((time.perf_counter() - t0) * 1e3)
+            results[name].append(dict(getattr(res, "timings", {})))
     for name, xs in samples.items():
         timings[name] = {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "iters": iters,
-                         "samples_ms": xs}
+                         "samples_ms": xs, "results": results[name]}
     return timings
 
 
