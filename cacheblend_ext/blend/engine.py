@@ -398,15 +398,15 @@ class BlendEngine:
         Once every request is selective and past its last check layer, each layer is one
         :func:`~cacheblend_ext.blend.step.selective_layer` call through ``step`` (a step
         runner; :class:`EagerStep` by default)."""
-        probed = [s.plan.probe_rows.numel() > 0 for s in states]
-        if any(probed):  # the probe reads every layer's reused KV and leaves it in place
+        probed = [s.plan.config.probe_depth(self.num_layers) if s.plan.probe_rows.numel() else 0 for s in states]
+        if any(probed):  # the probe places the reused KV of the layers it runs
             run_probe(self.decoder, [s for s, p in zip(states, probed) if p],
                       [src for src, p in zip(sources, probed) if p])
         rows, timer = None, states[0].timer
         kbig, vbig = states[0].batch_kv or (states[0].kbuf, states[0].vbuf)
         for l, layer in enumerate(self.layers):
             for state, source, placed in zip(states, sources, probed):
-                if not placed:
+                if l >= placed:
                     reused = source.layer(l) if state.plan.chunks else []
                     if state.plan.chunks and (state.sel is not None or l in state.plan.check):
                         state.place_reused(l, reused)
@@ -441,8 +441,9 @@ class BlendEngine:
                                        [state.vbuf[l][None] for l in range(self.num_layers)])
         self._sync()
         plan = state.plan
+        probe_layers = 0 if state.probe_mass is None else int(state.probe_mass.shape[0])
         return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, {},
-                           int(plan.probe_rows.numel()))
+                           int(plan.probe_rows.numel()), probe_layers)
 
     # ------------------------------------------------------------------ decoding
 

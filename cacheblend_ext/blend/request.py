@@ -60,6 +60,7 @@ class BlendResult:
     forced: torch.Tensor
     timings: dict = field(default_factory=dict)
     probe_tokens: int = 0
+    probe_layers: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -71,12 +72,13 @@ class BlendResult:
         return 1.0 if sel is None else sel.numel() / self.num_tokens
 
     def compute_fraction(self) -> float:
-        """Token-layers computed (attention and MLP, the probe pass's rows included) over
+        """Token-layers computed (attention and MLP, the probe pass's rows at the layers it
+        ran included) over
         ``N * L``: the share of a full prefill's compute this blend spent (a check layer's
         Q/K/V of its rejected candidates is not counted)."""
         n, layers = self.num_tokens, len(self.selected)
         main = sum(n if s is None else s.numel() for s in self.selected)
-        return (main + self.probe_tokens * layers) / (n * layers)
+        return (main + self.probe_tokens * self.probe_layers) / (n * layers)
 
 
 @dataclass
@@ -184,7 +186,7 @@ class BlendState:
     sel: torch.Tensor | None = None
     select_args: dict = field(default_factory=dict)
     rank_scores: torch.Tensor | None = None
-    probe_mass: torch.Tensor | None = None  # [L, N] (probe selection)
+    probe_mass: torch.Tensor | None = None  # [probe layers, N] (probe selection)
     batch_kv: tuple | None = None  # in a batched blend: the batch's (K, V) buffers kbuf / vbuf are slices of
     batch_offset: int = 0  # where this request's tokens start in them
     batch_indptr: tuple | None = None  # the batch's q_indptr per layer [L, B + 1] and kv_indptr [B + 1]

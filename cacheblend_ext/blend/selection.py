@@ -15,19 +15,21 @@ from .request import BlendState, RequestPlan, host_to_device
 
 
 def run_probe(decoder, states: list, sources: list) -> None:
-    """Step 3, the probe pass (``selection="probe"``): each request's probe rows (its last query tokens) run through
-    every layer over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]``
-    is the attention they pay each position at layer ``l``, summed over rows and heads.
-    Every layer's reused KV is left placed in the request's buffers for the main pass."""
+    """Step 3, the probe pass (``selection="probe"``): each request's probe rows (its last
+    query tokens) run through the first ``probe_layers`` layers over the reused KV alone,
+    as in full KV reuse; ``state.probe_mass[l]`` is the attention they pay each position
+    at layer ``l``, summed over rows and heads. The reused KV of those layers is left
+    placed in the request's buffers for the main pass."""
     with states[0].timer.span("probe", exclusive=True):  # the reused KV it places counts as concatenation
-        probe_layers(decoder, states, sources)
+        probe_pass(decoder, states, sources)
 
 
-def probe_layers(decoder, states: list, sources: list) -> None:
+def probe_pass(decoder, states: list, sources: list) -> None:
     rows = [host_to_device(s.plan.probe_rows, decoder.device) for s in states]
     hidden = [s.hidden[r] for s, r in zip(states, rows)]
     rotary = [(s.cos[r], s.sin[r]) for s, r in zip(states, rows)]
     group = decoder.num_heads // decoder.num_kv_heads
+    depth = states[0].plan.config.probe_depth(decoder.num_layers)
     visible = []
     for state, r in zip(states, rows):
         # The probe sees the reused KV and its own rows (exact position-causal mask); other
@@ -37,11 +39,10 @@ def probe_layers(decoder, states: list, sources: list) -> None:
         known[state.plan.probe_rows] = True
         unknown = host_to_device((~known).nonzero().flatten(), decoder.device)
         visible.append((state.positions[None, :] <= r[:, None]) & host_to_device(known, decoder.device)[None, :])
-        state.kbuf.index_fill_(2, unknown, 0)  # masked out, but 0 * NaN would still reach the output
-        state.vbuf.index_fill_(2, unknown, 0)
-        state.probe_mass = torch.zeros(decoder.num_layers, state.plan.num_tokens, device=decoder.device,
-                                       dtype=torch.float32)
-    for l, layer in enumerate(decoder.layers):
+        state.kbuf[:depth].index_fill_(2, unknown, 0)  # masked out, but 0 * NaN would still reach the output
+        state.vbuf[:depth].index_fill_(2, unknown, 0)
+        state.probe_mass = torch.zeros(depth, state.plan.num_tokens, device=decoder.device, dtype=torch.float32)
+    for l, layer in enumerate(decoder.layers[:depth]):
         outs = []
         for state, source, r, vis, (q, k, v) in zip(states, sources, rows, visible,
                                                      decoder.rows_qkv(layer, hidden, rotary)):
