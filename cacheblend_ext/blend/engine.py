@@ -64,7 +64,7 @@ from .attention import attend
 from .config import BlendConfig
 from .hf import HFDecoder, cache_layers, make_dynamic_cache, out_cache
 from .request import BlendResult, BlendState, RequestPlan, host_to_device
-from .selection import run_probe, select
+from .selection import ranks_without_projections, run_probe, select
 from .step import EagerStep, SelectiveRows
 from .timing import DEFAULT_SPANS, StepTimer
 
@@ -395,9 +395,10 @@ class BlendEngine:
     def _run_layers(self, states: list, sources: list, step=None) -> None:
         """The probe (where planned), then every layer for all ``states`` together: their
         rows share the projection and MLP calls; ranking and selection stay per request.
-        Once every request is selective and past its last check layer, each layer is one
-        :func:`~cacheblend_ext.blend.step.selective_layer` call through ``step`` (a step
-        runner; :class:`EagerStep` by default)."""
+        A check layer whose ranking needs no fresh Q/K/V (the probe's, or none to make)
+        selects before the projections. Once every request is selective and past its last
+        check layer, each layer is one :func:`~cacheblend_ext.blend.step.selective_layer`
+        call through ``step`` (a step runner; :class:`EagerStep` by default)."""
         probed = [s.plan.config.probe_depth(self.num_layers) if s.plan.probe_rows.numel() else 0 for s in states]
         if any(probed):  # the probe places the reused KV of the layers it runs
             run_probe(self.decoder, [s for s, p in zip(states, probed) if p],
@@ -410,7 +411,14 @@ class BlendEngine:
                     reused = source.layer(l) if state.plan.chunks else []
                     if state.plan.chunks and (state.sel is not None or l in state.plan.check):
                         state.place_reused(l, reused)
-            if rows is None and all(s.sel is not None and l > max(s.plan.check) for s in states):
+            pending = set()  # requests selecting at this layer from their fresh Q/K/V
+            for i, state in enumerate(states):
+                if l in state.plan.check:
+                    if ranks_without_projections(state, l):  # select first: project the kept rows only
+                        select(self.decoder, state, l)
+                    else:
+                        pending.add(i)
+            if rows is None and not pending and all(s.sel is not None and l >= max(s.plan.check) for s in states):
                 rows, step = SelectiveRows.of_states(states, l), step or EagerStep()
                 step.start(self.decoder, rows)
             if rows is not None:
@@ -422,7 +430,7 @@ class BlendEngine:
             with timer.span("layers", exclusive=True):  # selection is timed on its own
                 qkv = self.decoder.rows_qkv(layer, [s.hidden for s in states], [s.rotary() for s in states])
                 for i, state in enumerate(states):
-                    if l in state.plan.check:
+                    if i in pending:
                         qkv[i] = select(self.decoder, state, l, *qkv[i])
                 outs = attend(self.decoder, states, l, qkv)
                 hidden = self.decoder.o_proj_mlp(layer, [s.hidden for s in states], outs)

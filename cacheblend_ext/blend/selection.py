@@ -57,9 +57,23 @@ def probe_pass(decoder, states: list, sources: list) -> None:
         hidden = decoder.o_proj_mlp(layer, hidden, outs)
 
 
-def select(decoder, state: BlendState, l: int, q, k, v):
+def ranks_without_projections(state: BlendState, l: int) -> bool:
+    """Whether the selection at check layer ``l`` can run before the layer's projections:
+    its ranking reads no fresh Q/K/V (the probe's attention or given scores, or nothing to
+    rank: all or none of the candidates kept) and ``fresh_check_kv`` is off."""
+    cfg, plan = state.plan.config, state.plan
+    if cfg.fresh_check_kv:
+        return False
+    rows, budget = plan.check_rows()[l]
+    if budget in (0, rows - plan.num_forced):
+        return True
+    return (state.rank_scores is not None or state.probe_mass is not None) and cfg.selection != "impact"
+
+
+def select(decoder, state: BlendState, l: int, q=None, k=None, v=None):
     """Step 5, at a check layer: rank the candidates (the rows computed so far that are not
-    forced) and keep the top ones plus every forced row; returns the kept rows' Q/K/V.
+    forced) and keep the top ones plus every forced row; returns the kept rows' Q/K/V
+    (None before the projections: see :func:`ranks_without_projections`).
 
     How many rows are kept is known on the host (every forced row plus the layer's
     budget: :meth:`RequestPlan.check_rows`), so the ranking over the whole request
@@ -99,8 +113,9 @@ def select_rows(decoder, state: BlendState, l: int, q, k, v):
     if cfg.fresh_check_kv:  # after the deviation above has read the reused K/V
         k_tok[rows], v_tok[rows] = k, v
     if keep is not None:  # all kept: stay on the path the rows are on (all tokens: the full path)
-        state.sel = rows[keep]
-        q, k, v, state.hidden = q[keep], k[keep], v[keep], state.hidden[keep]
+        state.sel, state.hidden = rows[keep], state.hidden[keep]
+        if q is not None:
+            q, k, v = q[keep], k[keep], v[keep]
     return q, k, v
 
 
