@@ -30,7 +30,7 @@ def probe_pass(decoder, states: list, sources: list) -> None:
     rotary = [(s.cos[r], s.sin[r]) for s, r in zip(states, rows)]
     group = decoder.num_heads // decoder.num_kv_heads
     depth = states[0].plan.config.probe_depth(decoder.num_layers)
-    visible = []
+    bias = []  # per request, [P * group, N]: 0 where a probe row sees a key, -inf elsewhere
     for state, r in zip(states, rows):
         # The probe sees the reused KV and its own rows (exact position-causal mask); other
         # tokens without cached KV (the prefix, the start of a long query) have no KV yet.
@@ -38,22 +38,26 @@ def probe_pass(decoder, states: list, sources: list) -> None:
         known = ~state.plan.forced
         known[state.plan.probe_rows] = True
         unknown = host_to_device((~known).nonzero().flatten(), decoder.device)
-        visible.append((state.positions[None, :] <= r[:, None]) & host_to_device(known, decoder.device)[None, :])
+        visible = (state.positions[None, :] <= r[:, None]) & host_to_device(known, decoder.device)[None, :]
+        bias.append(torch.zeros(visible.shape, device=decoder.device).masked_fill_(~visible, float("-inf"))
+                    .repeat_interleave(group, 0))
         state.kbuf[:depth].index_fill_(2, unknown, 0)  # masked out, but 0 * NaN would still reach the output
         state.vbuf[:depth].index_fill_(2, unknown, 0)
         state.probe_mass = torch.zeros(depth, state.plan.num_tokens, device=decoder.device, dtype=torch.float32)
+    hkv, d = decoder.num_kv_heads, decoder.head_dim
     for l, layer in enumerate(decoder.layers[:depth]):
         outs = []
-        for state, source, r, vis, (q, k, v) in zip(states, sources, rows, visible,
-                                                     decoder.rows_qkv(layer, hidden, rotary)):
+        for state, source, r, b, (q, k, v) in zip(states, sources, rows, bias, decoder.rows_qkv(layer, hidden, rotary)):
             state.place_reused(l, source.layer(l))
             k_tok, v_tok = state.layer_kv(l)
             k_tok[r], v_tok[r] = k, v
-            qg = q.float().view(r.numel(), decoder.num_kv_heads, group, decoder.head_dim)
-            scores = torch.einsum("phgd,nhd->phgn", qg, k_tok.float()) * decoder.scaling
-            probs = scores.masked_fill(~vis[:, None, None, :], float("-inf")).softmax(-1)
-            state.probe_mass[l] = probs.sum((0, 1, 2))
-            outs.append(torch.einsum("phgn,nhd->phgd", probs, v_tok.float()).to(q.dtype))
+            # per KV head: its group's query heads of every probe row against the layer's keys
+            # ([H_kv, N, D] as the buffer holds them; fp32 math)
+            qg = q.view(-1, hkv, group, d).transpose(0, 1).reshape(hkv, -1, d).float()
+            probs = torch.baddbmm(b, qg, state.kbuf[l].float().transpose(1, 2), alpha=decoder.scaling).softmax(-1)
+            state.probe_mass[l] = probs.sum((0, 1))
+            o = torch.bmm(probs, state.vbuf[l].float())  # [H_kv, P * group, D]
+            outs.append(o.view(hkv, -1, group, d).transpose(0, 1).reshape(-1, hkv * group, d).to(q.dtype))
         hidden = decoder.o_proj_mlp(layer, hidden, outs)
 
 
