@@ -221,11 +221,18 @@ class BlendState:
         hidden = decoder.embed(host_to_device(plan.input_ids, device))  # [N, hidden]
         cos, sin = decoder.rotary_angles(hidden, positions)
         dst = host_to_device(torch.cat([torch.arange(a, b) for a, b in plan.spans]), device) if plan.chunks else None
-        sizes = plan.check_rows()
-        packed = host_to_device(torch.tensor([[0, rows, kept] for rows, kept in sizes.values()]), device)
-        return cls(plan, rope, kbuf, vbuf, positions, host_to_device(plan.forced, device), hidden, cos, sin,
-                   host_to_device(plan.src_pos, device) if plan.chunks else None, dst,
-                   select_args={l: (packed[i, :2], packed[i, 2:]) for i, l in enumerate(sizes)}, timer=timer)
+        state = cls(plan, rope, kbuf, vbuf, positions, host_to_device(plan.forced, device), hidden, cos, sin,
+                    host_to_device(plan.src_pos, device) if plan.chunks else None, dst, timer=timer)
+        state.make_select_args()
+        return state
+
+    def make_select_args(self) -> None:
+        """``select_args`` from the plan's check layers (again after changing them, as an
+        adaptive budget would, before the layers run)."""
+        sizes = self.plan.check_rows()
+        packed = host_to_device(torch.tensor([[0, rows, kept] for rows, kept in sizes.values()]),
+                                self.positions.device)
+        self.select_args = {l: (packed[i, :2], packed[i, 2:]) for i, l in enumerate(sizes)}
 
     def place_reused(self, l: int, reused: Sequence[torch.Tensor]) -> None:
         """Step 2: gather the reused chunks' layer-``l`` KV into the request at their new
