@@ -15,6 +15,7 @@ threads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 
@@ -83,3 +84,12 @@ def intra_op_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def threaded(method):
+    """Run a method under its object's thread policy: ``with self.threads(): ...``."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.threads():
+            return method(self, *args, **kwargs)
+    return wrapper
