@@ -56,9 +56,11 @@ def probe_pass(decoder, states: list, sources: list) -> None:
             qg = q.view(-1, hkv, group, d).transpose(0, 1).reshape(hkv, -1, d).float()
             probs = torch.baddbmm(b, qg, state.kbuf[l].float().transpose(1, 2), alpha=decoder.scaling).softmax(-1)
             state.probe_mass[l] = probs.sum((0, 1))
-            o = torch.bmm(probs, state.vbuf[l].float())  # [H_kv, P * group, D]
-            outs.append(o.view(hkv, -1, group, d).transpose(0, 1).reshape(-1, hkv * group, d).to(q.dtype))
-        hidden = decoder.o_proj_mlp(layer, hidden, outs)
+            if l + 1 < depth:  # the last layer's output would feed no other layer
+                o = torch.bmm(probs, state.vbuf[l].float())  # [H_kv, P * group, D]
+                outs.append(o.view(hkv, -1, group, d).transpose(0, 1).reshape(-1, hkv * group, d).to(q.dtype))
+        if l + 1 < depth:
+            hidden = decoder.o_proj_mlp(layer, hidden, outs)
 
 
 def ranks_without_projections(state: BlendState, l: int) -> bool:
