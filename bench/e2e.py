@@ -60,6 +60,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cuda-graph", default="off", choices=["off", "on", "both"],
                         help="CUDA only: replay the CacheBlend rows' selective layers from CUDA graphs (on), or "
                              "time each row without and with them (both)")
+    parser.add_argument("--cpu-threads", default="auto",
+                        help="the engine's CPU thread policy: auto (default), torch (torch's setting) or a count")
     parser.add_argument("--profile", action="store_true",
                         help="also a per-step breakdown of every CacheBlend row (blend(profile=True), medians) and, "
                              "on the CPU, of its operations by kind beside full prefill's")
@@ -144,7 +146,9 @@ def _run(args) -> dict:
     from cacheblend_ext.blend.models import load_model
     from cacheblend_ext.blend.step import CUDAGraphStep
 
-    graphs = graph_modes(args)
+    from cacheblend_ext.threads import parse_cpu_threads
+
+    graphs, threads_policy = graph_modes(args), parse_cpu_threads(args.cpu_threads, "--cpu-threads")
     dtype = common.resolve_dtype(args)
     gpu = args.device.startswith("cuda")
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
@@ -156,7 +160,7 @@ def _run(args) -> dict:
     def config(r):
         return BlendConfig(recompute_ratio=r) if args.scheme == "default" else BlendConfig.published(r)
 
-    engine = BlendEngine(model, tok, config(0.15))
+    engine = BlendEngine(model, tok, config(0.15), cpu_threads=threads_policy)
     common.progress(f"kernels: {common.engine_op_backends()}")
 
     if args.sizes:

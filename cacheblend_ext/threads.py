@@ -93,3 +93,17 @@ def threaded(method):
         with self.threads():
             return method(self, *args, **kwargs)
     return wrapper
+
+
+def parse_cpu_threads(value: str, name: str = "cpu_threads"):
+    """A command line's thread policy for ``BlendEngine(cpu_threads=...)``: ``"auto"``,
+    ``"torch"`` (None: torch's own setting) or a positive count."""
+    if value in ("auto", "torch"):
+        return None if value == "torch" else "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SystemExit(f"{name} must be auto, torch or a positive count, got {value!r}")
+    return n

@@ -133,7 +133,8 @@ class Prefill:
         t = (time.perf_counter() - t0) * 1e3
         cache_out = out_cache(out)
         return BlendResult(logits, cache_out, ids, [None] * self.num_layers,
-                           torch.ones(ids.numel(), dtype=torch.bool), {"total_ms": t, "threads": torch.get_num_threads()})
+                           torch.ones(ids.numel(), dtype=torch.bool),
+                           {"total_ms": t, "threads": torch.get_num_threads()})
 
     @torch.inference_mode()
     def encode_prefix(self, segments) -> ChunkKV:
