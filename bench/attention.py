@@ -5,7 +5,8 @@ queries at random distinct positions (sorted, as the blend engine passes its sel
 bf16 on a GPU, fp32 on the CPU. Measured in the same run:
 
 - ``cacheblend <kernel>``: ``torch.ops.cacheblend.sparse_query_attention``. On CUDA every
-  kernel side by side (``flash``, the default; ``flash_m32``; ``mma_v1``; ``simt``; see
+  kernel side by side (``flash``, the default; ``flash_s2``; ``flash_s3``; ``flash_m32``;
+  ``simt``; see
   ``cacheblend_ext.ops.attention_kernel``), the flash kernel at fixed key splits
   (``--tiles-per-split``), and ``sparse_query_attention_paged`` with each flash kernel
   over the same K / V scattered in a paged cache (``--page-size``);
