@@ -7,6 +7,11 @@ for a GPU); anything else is the bundled model or a local Hugging Face directory
 ``--source`` picks where the blend reads the reused per-layer KV from (see ``SOURCES``); a
 comma-separated list (``--source ram,redis``) times the CacheBlend rows once per source,
 round-robin in one process, so the sources can be compared directly.
+
+``--cuda-graph`` (CUDA only) runs the CacheBlend rows' selective layers from CUDA graphs
+(:class:`cacheblend_ext.blend.step.CUDAGraphStep`, captured during the warm-up, one per
+row): ``on`` times them that way, ``both`` times each row eagerly and with graphs side by
+side, and checks that both give the same first token.
 """
 
 from __future__ import annotations
@@ -55,6 +60,19 @@ def add_arguments(parser) -> None:
                              "'x full prefill' column is then relative to the first row)")
     parser.add_argument("--redis-url", default=None,
                         help="Redis for --source redis (default: a private redis-server on 127.0.0.1 for the run)")
+    parser.add_argument("--cuda-graph", default="off", choices=["off", "on", "both"],
+                        help="CUDA only: replay the CacheBlend rows' selective layers from CUDA graphs (on), or "
+                             "time each row without and with them (both)")
+    parser.add_argument("--cpu-threads", default="auto",
+                        help="the engine's CPU thread policy: auto (default), torch (torch's setting) or a count")
+    parser.add_argument("--profile", action="store_true",
+                        help="also a per-step breakdown of every CacheBlend row (blend(profile=True), medians) and, "
+                             "on the CPU, of its operations by kind beside full prefill's")
+    parser.add_argument("--sizes", default=None,
+                        help="a size sweep instead: requests of these many tokens (e.g. 500,1000,2000,4000,8000), "
+                             "chunks of --chunk-tokens; TTFT / full prefill beside the compute fraction at each "
+                             "--ratios, a table and a PNG (--plot)")
+    parser.add_argument("--plot", default=None, help="PNG of the size sweep (default: next to --json)")
 
 
 def random_7b(device, dtype):
@@ -80,10 +98,61 @@ def run(args) -> dict:
         return _run(args)
 
 
+def make_request(engine, chunk_sizes: list, query_tokens: int, seed: int = 0):
+    """A random RAG request: a prefix (BOS + 7 tokens), chunks of ``chunk_sizes`` tokens
+    (encoded), a query. Returns ``(prefix, chunk_ids, chunks, query)``."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model.config.vocab_size
+    prefix = torch.tensor(engine.bos_ids() + torch.randint(100, vocab, (7,), generator=g).tolist())
+    chunk_ids = [torch.randint(100, vocab, (t,), generator=g) for t in chunk_sizes]
+    query = torch.randint(100, vocab, (query_tokens,), generator=g)
+    chunks = engine.encode_chunks(chunk_ids, context=engine.chunk_context(prefix))
+    return prefix, chunk_ids, chunks, query
+
+
+def time_methods(methods: list, device: str, iters: int) -> dict:
+    """``{name: {median_ms, min_ms, max_ms, iters[, samples_ms]}}`` of each ``(name, ratio,
+    fn)``: CUDA events per method on a GPU; on the CPU round-robin over the methods, in
+    reverse order every other round, so that load from other processes and a drift within
+    a round favour no method (samples kept for paired ratios, and
+    each call's ``BlendResult.timings`` as ``results``)."""
+    timings = {}
+    if device.startswith("cuda"):
+        for name, _, fn in methods:
+            timings[name] = common.time_fn(fn, device, 0, iters, flush_l2=False)
+            torch.cuda.empty_cache()
+        return timings
+    samples = {name: [] for name, _, _ in methods}
+    results = {name: [] for name, _, _ in methods}
+    for i in range(iters):
+        common.progress(f"round {i + 1}/{iters}")
+        for name, _, fn in (methods if i % 2 == 0 else methods[::-1]):
+            t0 = time.perf_counter()
+            res = fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+            results[name].append(dict(getattr(res, "timings", {})))
+    for name, xs in samples.items():
+        timings[name] = {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "iters": iters,
+                         "samples_ms": xs, "results": results[name]}
+    return timings
+
+
+def graph_modes(args) -> list[bool]:
+    """Whether each CacheBlend row runs eagerly (False) and / or from CUDA graphs (True)."""
+    mode = getattr(args, "cuda_graph", "off")
+    if mode != "off" and not args.device.startswith("cuda"):
+        raise SystemExit(f"--cuda-graph {mode} needs --device cuda (CUDA graphs), got --device {args.device}")
+    return {"off": [False], "on": [True], "both": [False, True]}[mode]
+
+
 def _run(args) -> dict:
     from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
     from cacheblend_ext.blend.models import load_model
+    from cacheblend_ext.blend.step import CUDAGraphStep
 
+    from cacheblend_ext.threads import parse_cpu_threads
+
+    graphs, threads_policy = graph_modes(args), parse_cpu_threads(args.cpu_threads, "--cpu-threads")
     dtype = common.resolve_dtype(args)
     gpu = args.device.startswith("cuda")
     warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
@@ -95,17 +164,15 @@ def _run(args) -> dict:
     def config(r):
         return BlendConfig(recompute_ratio=r) if args.scheme == "default" else BlendConfig.published(r)
 
-    engine = BlendEngine(model, tok, config(0.15))
+    engine = BlendEngine(model, tok, config(0.15), cpu_threads=threads_policy)
     common.progress(f"kernels: {common.engine_op_backends()}")
 
-    g = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    bos = engine.bos_ids()
-    prefix = torch.tensor(bos + torch.randint(100, vocab, (7,), generator=g).tolist())
-    chunk_ids = [torch.randint(100, vocab, (args.chunk_tokens,), generator=g) for _ in range(args.chunks)]
-    query = torch.randint(100, vocab, (args.query_tokens,), generator=g)
+    if args.sizes:
+        from bench.sweep import run_sweep
+
+        return run_sweep(args, engine, config, warmup, iters)
     common.progress(f"encoding {args.chunks} chunks x {args.chunk_tokens} tokens")
-    chunks = engine.encode_chunks(chunk_ids, context=engine.chunk_context(prefix))
+    prefix, chunk_ids, chunks, query = make_request(engine, [args.chunk_tokens] * args.chunks, args.query_tokens)
     first = engine.encode_prefix([prefix, chunk_ids[0]])  # exact-prefix KV for prefix caching
     segments = [prefix, *chunks, query]
     n = prefix.numel() + sum(c.numel() for c in chunk_ids) + query.numel()
@@ -129,44 +196,38 @@ def _run(args) -> dict:
                 lambda: engine.blend(prefix_segments, config(0.0)))]
     if args.no_baselines:
         methods = []
+    blend_rows = []  # the CacheBlend rows (their functions take blend's keyword arguments)
+    graph_rows = {}  # name of a row run from CUDA graphs -> (its CUDAGraphStep, ratio, source, eager row name)
     for r in [float(x) / 100 for x in args.ratios.split(",") if x.strip()]:
         cfg = config(r)
         for src in source_names:
-            name = "full KV reuse" if r == 0 else f"CacheBlend {r:.0%}"
-            if len(source_names) > 1:
-                name += f" [{src}]"
-            methods.append((name, r, lambda cfg=cfg, src=src: engine.blend(segments, cfg, source=source(src))))
+            for graph in graphs:
+                base = "full KV reuse" if r == 0 else f"CacheBlend {r:.0%}"
+                tags = [src] if len(source_names) > 1 else []
+                eager_name = base + (f" [{', '.join(tags)}]" if tags else "")
+                name = f"{base} [{', '.join(tags + ['graph'])}]" if graph else eager_name
+                step = CUDAGraphStep(engine.device) if graph else None
+                if graph:
+                    graph_rows[name] = (step, r, src, eager_name)
+                methods.append((name, r, lambda cfg=cfg, src=src, step=step, **kw:
+                                engine.blend(segments, cfg, source=source(src), step=step, **kw)))
+                blend_rows.append(name)
 
     table = common.Table(
         f"TTFT, {args.model} ({dtype}) on {common.device_name(args.device)}: {args.chunks} x {args.chunk_tokens}-token "
         f"chunks + query = {n} tokens, reused KV from {', '.join(source_names)}"
         + (" (no baselines: 'x full prefill' is relative to the first row)" if args.no_baselines else ""),
         ["method", "recomputed", "TTFT ms", "x full prefill", "speed-up", "min ms", "x full (min)"])
-    recomputed = {}
+    recomputed, first_tokens = {}, {}
     for name, ratio, fn in methods:
         common.progress(f"{name}: warm-up")
         res = fn()
         recomputed[name] = res.recomputed_fraction() if ratio is not None else (n - first.num_tokens) / n
         for _ in range(warmup - 1):
-            fn()
-    timings = {}
-    if gpu:
-        for name, _, fn in methods:
-            timings[name] = common.time_fn(fn, args.device, 0, iters, flush_l2=False)
-            torch.cuda.empty_cache()
-    else:
-        # CPU: round-robin over the methods so load from other processes hits them alike,
-        # in reverse order every other round (a drift within a round favours no method)
-        samples = {name: [] for name, _, _ in methods}
-        for i in range(iters):
-            common.progress(f"round {i + 1}/{iters}")
-            for name, _, fn in (methods if i % 2 == 0 else methods[::-1]):
-                t0 = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-        for name, xs in samples.items():
-            timings[name] = {"median_ms": statistics.median(xs), "min_ms": min(xs), "max_ms": max(xs), "iters": iters,
-                             "samples_ms": xs}
+            res = fn()
+        first_tokens[name] = res.logits.float().cpu()  # of the last warm-up (graph rows: replayed, not captured)
+    graph_check = check_graph_rows(engine, segments, config, source, graph_rows, first_tokens)
+    timings = time_methods(methods, args.device, iters)
     rows, base, base_min = [], None, None
     for name, ratio, fn in methods:
         t = timings[name]
@@ -180,8 +241,15 @@ def _run(args) -> dict:
     print(table.render())
     paired = paired_ratios(timings, source_names)
     for name, p in paired.items():
-        print(f"{name}: median per-round ratio {p['median']:.3f} (95% interval {p['ci95'][0]:.3f} to "
+       print(f"{name}: median per-round ratio {p['median']:.3f} (95% interval {p['ci95'][0]:.3f} to "
               f"{p['ci95'][1]:.3f}; min {p['min']:.3f}, max {p['max']:.3f}, {p['rounds']} rounds)")
+    for name, c in graph_check.items():
+        eager = timings.get(c["eager_row"])
+        if eager is not None:
+            c["graph_over_eager"] = timings[name]["median_ms"] / eager["median_ms"]
+        print(f"{name}: {c['captures']} layer graphs, same first token as eager: {c['same_token']}, "
+              f"max |logit diff| {c['max_abs_logit_diff']:.3g}"
+              + (f", TTFT graph / eager {c['graph_over_eager']:.3f}" if "graph_over_eager" in c else ""))
     loads = {}
     for name, m in made.items():  # store sources: load time and how much of it was hidden
         load = m.summary() if hasattr(m, "summary") else None
@@ -193,10 +261,34 @@ def _run(args) -> dict:
                   f"{load['load_ms']:.1f} ms per blend, exposed {load['exposed_ms']:.1f} ms, "
                   f"hidden {load['hidden_fraction']:.0%} (medians over {load['blends']} blends)")
     load = loads.get(source_names[0]) if len(source_names) == 1 else loads
-    return {"command": COMMAND, "load": load, "sources": source_names,
+    profile = None
+    if args.profile:
+        from bench.profile_ops import profile_rows
+
+        profile = profile_rows([(name, fn) for name, _, fn in methods if name in blend_rows],
+                               methods[0] if not args.no_baselines else None, iters, args.device)
+    return {"command": COMMAND, "load": load, "sources": source_names, "profile": profile,
             "environment": common.environment(args.device), "kernels": common.engine_op_backends(),
             "model": args.model, "dtype": str(dtype), "tokens": n, "warmup": warmup, "iters": iters,
-            "table": table.as_dict(), "rows": rows, "paired_ratios": paired}
+            "table": table.as_dict(), "rows": rows, "paired_ratios": paired,
+            "cuda_graph": getattr(args, "cuda_graph", "off"), "graph_check": graph_check}
+
+
+def check_graph_rows(engine, segments, config, source, graph_rows: dict, first_tokens: dict) -> dict:
+    """For each row run from CUDA graphs: its first-token logits (of its last warm-up blend)
+    against those of an eager blend of the same request, ratio and source, and how
+    many layer graphs it captured and replayed."""
+    out = {}
+    for name, (step, ratio, src, eager_row) in graph_rows.items():
+        if eager_row in first_tokens:  # --cuda-graph both: the eager row's own warm-up
+            ref = first_tokens[eager_row]
+        else:
+            ref = engine.blend(segments, config(ratio), source=source(src)).logits.float().cpu()
+        got = first_tokens[name]
+        out[name] = {"eager_row": eager_row, "captures": step.captures, "replays": step.replays,
+                     "same_token": int(got.argmax()) == int(ref.argmax()),
+                     "max_abs_logit_diff": float((got - ref).abs().max())}
+    return out
 
 
 def paired_ratios(timings: dict, source_names: list) -> dict:

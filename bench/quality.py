@@ -78,6 +78,9 @@ SCHEMES = {
     "deviation-c0-prefix": Scheme("K deviation at check layer 0, chunks encoded after the request's prefix",
                                   (("check_layers", (0,)), ("chunk_prefix", "prefix")), context="prefix"),
     "hindsight": Scheme("yardstick: true KV error over all layers (needs full prefill)", hindsight=True),
+    **{f"probe-layers-{p}": Scheme(f"the default with a probe of the first {p} layers",
+                                   (("selection", "probe"), ("check_layers", (0,)), ("probe_layers", p)))
+       for p in (2, 4, 6, 8, 12, 16)},
 }
 DEFAULT_SCHEME = "default"
 

@@ -9,16 +9,20 @@ import time
 
 import torch
 
+from .threads import parse_cpu_threads
+
 
 def _demo(args) -> int:
     from .blend.engine import BlendConfig, BlendEngine
     from .blend.models import load_model
     from .testing.rag_data import chat_segments, first_clause, make_samples
 
+    threads_policy = parse_cpu_threads(args.cpu_threads, "--cpu-threads")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     print(f"loading {args.model} ({args.dtype}, {args.device}) ...", flush=True)
     model, tok = load_model(args.model, dtype=dtype, device=args.device)
-    engine = BlendEngine(model, tok, BlendConfig(recompute_ratio=args.ratio))
+    engine = BlendEngine(model, tok, BlendConfig(recompute_ratio=args.ratio),
+                         cpu_threads=threads_policy)
     sample = make_samples(1, num_chunks=args.chunks, chunk_words=args.chunk_words, seed=args.seed,
                           two_hop_fraction=1.0)[0]
     prefix, texts, query = chat_segments(tok, sample)
@@ -43,16 +47,20 @@ def _demo(args) -> int:
     print(f"\nquestion: {sample.question}\ngold answer: {sample.answer}   "
           f"(the two facts sit in different chunks; {len(chunks)} chunks + query = "
           f"{engine.tokenize(prefix).numel() + sum(c.num_tokens for c in chunks) + engine.tokenize(query).numel()} tokens)\n")
-    rows, base = [], None
+    rows, base, threads = [], None, []
     for name, fn in runs:
         result = fn()
         ttft = result.timings["total_ms"] / 1e3
         base = base or ttft
         rows.append((name, f"{sample.stem} {answer(result)}", ttft, base / ttft))
+        threads.append(result.timings["threads"])
     w = max(len(r[0]) for r in rows)
     print(f"{'method':<{w}}  {'TTFT':>8}  {'speed-up':>8}  answer")
     for name, text, ttft, speed in rows:
         print(f"{name:<{w}}  {ttft:>7.3f}s  {speed:>7.2f}x  {text}")
+    if args.device == "cpu":
+        print(f"(CPU threads: {', '.join(map(str, threads))}; torch's default {torch.get_num_threads()}, "
+              f"--cpu-threads {args.cpu_threads})")
     return 0
 
 
@@ -68,6 +76,9 @@ def main(argv=None) -> int:
     d.add_argument("--chunk-words", type=int, default=200)
     d.add_argument("--seed", type=int, default=3)
     d.add_argument("--max-new-tokens", type=int, default=12)
+    d.add_argument("--cpu-threads", default="auto",
+                   help="auto (default: as many as the cores other processes leave free), torch (torch's own "
+                        "setting) or a count")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)

@@ -1,7 +1,8 @@
-"""The blend's attention (steps 4 and 6): the computed rows' fresh K/V go into the
-request's KV, then a causal prefill while every token is computed, and exact
-position-causal sparse-query attention (``sparse_query_attention``) once only the selected
-tokens are."""
+"""The blend's attention at the layers up to the last check layer (steps 4 and 5): the
+computed rows' fresh K/V go into the request's KV, then a causal prefill while every
+token is computed, and exact position-causal sparse-query attention
+(``sparse_query_attention``) once only the selected tokens are. The layers after the last
+check layer run :mod:`cacheblend_ext.blend.step` instead."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from .. import ops
 
 
 def attend(decoder, states: list, l: int, qkv: list) -> list:
-    """Steps 4 and 6: write each request's computed rows' fresh K/V into its KV, then
-    attend: causal prefill on the full path, exact position-causal sparse-query attention
-    on the selective path (one ragged call when every request of a batch is selective).
-    Returns each request's attention output ``[rows, Hq, D]``."""
+    """Write each request's computed rows' fresh K/V into its KV, then attend: causal
+    prefill on the full path, exact position-causal sparse-query attention on the
+    selective path (one ragged call when every request of a batch is selective, with the
+    index pointers made when the batch started). Returns each request's attention output
+    ``[rows, Hq, D]``."""
     outs = [None] * len(states)
     for i, (state, (q, k, v)) in enumerate(zip(states, qkv)):
         k_tok, v_tok = state.layer_kv(l)
@@ -29,17 +31,15 @@ def attend(decoder, states: list, l: int, qkv: list) -> list:
             k_tok[state.sel] = k
             v_tok[state.sel] = v
         state.selected.append(state.sel)
-    sparse = [i for i, s in enumerate(states) if s.sel is not None]
-    if len(sparse) > 1 and len(sparse) == len(states):  # one ragged call over the batch buffer
+    if len(states) > 1 and all(s.sel is not None for s in states):  # one ragged call over the batch's KV
         kbig, vbig = states[0].batch_kv
-        counts = torch.tensor([0] + [s.sel.numel() for s in states])
-        q_indptr = counts.cumsum(0).to(decoder.device)
-        kv_indptr = torch.tensor([s.batch_offset for s in states] + [kbig.shape[2]], device=decoder.device)
+        q_indptr, kv_indptr = states[0].batch_indptr
         o = ops.sparse_query_attention(
             torch.cat([q for q, _, _ in qkv]), kbig[l].transpose(0, 1), vbig[l].transpose(0, 1),
-            torch.cat([s.sel for s in states]), decoder.scaling, q_indptr=q_indptr, kv_indptr=kv_indptr)
-        return list(o.split(counts[1:].tolist()))
-    for i in sparse:
-        k_tok, v_tok = states[i].layer_kv(l)
-        outs[i] = ops.sparse_query_attention(qkv[i][0], k_tok, v_tok, states[i].sel, decoder.scaling)
+            torch.cat([s.sel for s in states]), decoder.scaling, q_indptr=q_indptr[l], kv_indptr=kv_indptr)
+        return list(o.split([s.sel.numel() for s in states]))
+    for i, state in enumerate(states):
+        if state.sel is not None:
+            k_tok, v_tok = state.layer_kv(l)
+            outs[i] = ops.sparse_query_attention(qkv[i][0], k_tok, v_tok, state.sel, decoder.scaling)
     return outs

@@ -52,8 +52,12 @@ class BlendConfig:
       tokens are ranked by the attention mass the probe puts on them, summed over the
       layers from the check layer on: the tokens whose KV the query actually reads where
       the selection takes effect. The probe's token-layers are paid from the budget; it
-      needs every layer's reused KV before the first check layer (see the layer-source
-      protocol).
+      needs the reused KV of the layers it runs before the first check layer (see the
+      layer-source protocol).
+    - ``probe_layers``: how many layers the probe runs, from layer 0 (None: every layer).
+      Its cost is a read of those layers' weights for a few rows, so fewer layers make it
+      cheaper, and the rest of the reused KV then loads behind the recompute; the ranking
+      sums the attention of the layers it ran. Must exceed the last check layer.
     - ``quota``: ``"global"`` takes the top tokens of the whole request; ``"per_chunk"``
       gives each reused chunk a share of the budget proportional to its candidates.
     - ``boundary_tokens``: the first ``b`` tokens of each reused chunk are taken first,
@@ -82,6 +86,7 @@ class BlendConfig:
     selection: str = "probe"
     quota: str = "global"
     probe_tokens: int = 8
+    probe_layers: int | None = None
     boundary_tokens: int = 0
     budget: str = "compute"
     chunk_prefix: str = "bos"
@@ -128,6 +133,16 @@ class BlendConfig:
             raise ValueError(f"boundary_tokens must be a non-negative int, got {self.boundary_tokens!r}")
         if not isinstance(self.probe_tokens, int) or self.probe_tokens < 1:
             raise ValueError(f"probe_tokens must be a positive int, got {self.probe_tokens!r}")
+        if self.probe_layers is not None:
+            if not isinstance(self.probe_layers, int) or isinstance(self.probe_layers, bool) or self.probe_layers < 1:
+                raise ValueError(f"probe_layers must be a positive int or None, got {self.probe_layers!r}")
+            if self.selection == "probe" and self.probe_layers <= layers[-1]:
+                raise ValueError(f"probe_layers ({self.probe_layers}) must exceed the last check layer ({layers[-1]}): "
+                                 "the ranking reads the probe's attention from the check layer on")
+
+    def probe_depth(self, num_layers: int) -> int:
+        """The layers the probe runs in a ``num_layers``-layer model."""
+        return num_layers if self.probe_layers is None else min(self.probe_layers, num_layers)
 
 
 def linear_schedule(r: float, n: int) -> tuple[float, ...]:

@@ -38,7 +38,9 @@ are (full KV reuse: the query attends to the re-positioned chunk KV at every lay
 0's fresh KV equals the re-rotated cached KV up to rounding).
 
 The engine runs the steps in order; each one is written in its own module of
-:mod:`cacheblend_ext.blend` (the package docstring lists them).
+:mod:`cacheblend_ext.blend` (the package docstring lists them). Chunk encoding, the
+full-prefill baselines and decoding come from its base class
+:class:`~cacheblend_ext.blend.prefill.Prefill`.
 
 The reused KV arrives one layer at a time through a *layer source* (the protocol:
 :mod:`cacheblend_ext.layer_source`); by default the request's ``ChunkKV`` objects' own
@@ -47,6 +49,7 @@ tensors.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Sequence
@@ -57,17 +60,34 @@ from ..chunk import ChunkKV
 from ..identity import ModelIdentity
 from ..layer_source import LayerSource, MemoryLayerSource
 from ..rope import rope_spec_from_config
+from ..threads import CoreMonitor, intra_op_threads, threaded
 from .attention import attend
 from .config import BlendConfig
-from .hf import HFDecoder, cache_layers, make_dynamic_cache, out_cache
-from .request import BlendResult, BlendState, RequestPlan
-from .selection import run_probe, select
+from .hf import HFDecoder, make_dynamic_cache
+from .request import BlendResult, BlendState, RequestPlan, host_to_device
+from .prefill import Prefill
+from .selection import ranks_without_projections, run_probe, select
+from .step import EagerStep, SelectiveRows
+from .timing import DEFAULT_SPANS, StepTimer
 
 
-class BlendEngine:
-    """CacheBlend over one Hugging Face causal LM (see the module docstring)."""
+class BlendEngine(Prefill):
+    """CacheBlend over one Hugging Face causal LM (see the module docstring).
 
-    def __init__(self, model, tokenizer=None, config: BlendConfig | None = None, model_id: str | None = None):
+    ``cpu_threads`` (on the CPU): ``"auto"`` (default) runs each blend, prefill and decode
+    with as many intra-op threads as cores other processes leave free (measured between
+    calls, :mod:`cacheblend_ext.threads`; at most torch's thread count when the engine was
+    made); an int runs them with that many; None leaves torch's setting alone. A blend's
+    many small operators each wait for all their threads, so threads on busy cores cost it
+    far more than a full prefill.
+    """
+
+    def __init__(self, model, tokenizer=None, config: BlendConfig | None = None, model_id: str | None = None,
+                 cpu_threads: int | str | None = "auto"):
+        if not (cpu_threads is None or cpu_threads == "auto" or (isinstance(cpu_threads, int) and cpu_threads > 0)):
+            raise ValueError(f"cpu_threads must be 'auto', a positive int or None, got {cpu_threads!r}")
+        self.cpu_threads, self.max_threads = cpu_threads, torch.get_num_threads()
+        self.cores = CoreMonitor() if cpu_threads == "auto" else None
         self.model = model
         self.tokenizer = tokenizer
         self.config = config or BlendConfig()
@@ -84,6 +104,13 @@ class BlendEngine:
 
     # ------------------------------------------------------------------ setup
 
+    def threads(self):
+        """Context: the intra-op threads of one call (``cpu_threads``; nothing on a GPU)."""
+        if self.cpu_threads is None or self.device.type != "cpu":
+            return intra_op_threads(None)
+        n = self.cores.threads(self.max_threads) if self.cpu_threads == "auto" else self.cpu_threads
+        return intra_op_threads(n)
+
     @property
     def device(self) -> torch.device:
         return self.decoder.device
@@ -99,155 +126,12 @@ class BlendEngine:
             self._rope = rope_spec_from_config(self.model.config, max_position=size, device=self.device)
         return self._rope
 
-    def chunk_key(self, token_ids, prefix_ids=()) -> str:
-        """Content key of the KV this engine gives ``token_ids`` encoded after ``prefix_ids``
-        (see :mod:`cacheblend_ext.identity`)."""
-        return self.identity.chunk_key(self.dtype, token_ids, prefix_ids)
-
-    def tokenize(self, segment) -> torch.Tensor:
-        if isinstance(segment, str):
-            if self.tokenizer is None:
-                raise ValueError("text segments need a tokenizer")
-            ids = self.tokenizer(segment, add_special_tokens=False)["input_ids"]
-            return torch.tensor(ids, dtype=torch.int64)
-        return torch.as_tensor(segment, dtype=torch.int64).reshape(-1).cpu()
-
-    def bos_ids(self) -> list[int]:
-        """``[bos_token_id]`` of the model (or its tokenizer), ``[]`` when it has none."""
-        bos = getattr(self.model.config, "bos_token_id", None)
-        if bos is None and self.tokenizer is not None:
-            bos = self.tokenizer.bos_token_id
-        if isinstance(bos, (list, tuple)):
-            bos = bos[0]
-        return [] if bos is None else [int(bos)]
-
-    def chunk_context(self, prefix, config: BlendConfig | None = None):
-        """What a chunk used after ``prefix`` (text, ids or None) is encoded after: ``prefix``
-        under ``chunk_prefix="prefix"``, else None (the configured default of
-        :meth:`chunk_prefix_ids`)."""
-        cfg = config or self.config
-        return prefix if cfg.chunk_prefix == "prefix" and prefix is not None else None
-
-    def chunk_prefix_ids(self, context=None) -> list[int]:
-        """The ids a chunk is encoded after (their KV is dropped): ``context`` (text or ids)
-        tokenized, else those of ``config.chunk_prefix`` (``"none"``: nothing; ``"bos"``, and
-        ``"prefix"`` when no request prefix is given: BOS)."""
-        if context is not None:
-            return self.tokenize(context).tolist()
-        return [] if self.config.chunk_prefix == "none" else self.bos_ids()
-
-    # ------------------------------------------------------------------ HF helpers
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache=None, logits_to_keep: int = 1):
-        """The model's forward of ``input_ids`` ``[T]`` at ``position_ids`` ``[T]`` after the
-        KV in ``cache``, with the logits of the last ``logits_to_keep`` positions (0: all)."""
-        return self.decoder.forward(input_ids, position_ids, cache, logits_to_keep)
-
-    # ------------------------------------------------------------------ chunks
-
-    @torch.inference_mode()
-    def encode_chunk(self, segment, context=None) -> ChunkKV:
-        """Prefill one chunk after a context whose KV is dropped.
-
-        ``context`` (text or token ids) is what the chunk is encoded after, e.g. the
-        system prompt the chunk will be used with; by default the configured
-        ``chunk_prefix`` (BOS, or nothing). The context's ids are part of the chunk's key.
-        """
-        ids = self.tokenize(segment)
-        if ids.numel() == 0:
-            raise ValueError("cannot encode an empty chunk")
-        prefix = self.chunk_prefix_ids(context)
-        self._check_positions(len(prefix) + ids.numel(),
-                              f"chunk of {ids.numel()} tokens after {len(prefix)} context tokens")
-        full = torch.tensor(prefix + ids.tolist(), dtype=torch.int64)
-        pos = torch.arange(full.numel(), dtype=torch.int64)
-        out = self.forward(full, pos)
-        p = len(prefix)
-        kv = torch.stack([torch.stack([k[0, :, p:].transpose(0, 1), v[0, :, p:].transpose(0, 1)])
-                          for k, v in cache_layers(out_cache(out))])
-        key = self.chunk_key(ids, prefix)
-        return ChunkKV(kv.contiguous(), pos[p:].clone(), ids, key, tuple(prefix))
-
-    def encode_chunks(self, segments, progress=None, context=None) -> list[ChunkKV]:
-        out = []
-        for i, s in enumerate(segments):
-            out.append(self.encode_chunk(s, context))
-            if progress is not None:
-                progress(i + 1, len(segments), out[-1])
-        return out
-
-    # ------------------------------------------------------------------ full prefill baselines
-
-    @torch.inference_mode()
-    def full_prefill(self, segments, reuse_prefix: ChunkKV | None = None) -> BlendResult:
-        """Hugging Face prefill of the whole request (the quality and speed reference).
-
-        ``reuse_prefix``: a chunk that is an exact prefix of the request (computed at
-        positions ``0..P-1``, e.g. by :meth:`encode_prefix`): its KV is reused and only the
-        rest is prefilled (prefix caching).
-        """
-        ids = torch.cat([s.token_ids if isinstance(s, ChunkKV) else self.tokenize(s) for s in segments])
-        self._check_positions(ids.numel(), f"request of {ids.numel()} tokens")
-        t0 = time.perf_counter()
-        cache, start = None, 0
-        if reuse_prefix is not None:
-            p = reuse_prefix.num_tokens
-            if not torch.equal(reuse_prefix.token_ids, ids[:p]) or int(reuse_prefix.positions[0]) != 0:
-                raise ValueError("reuse_prefix must be an exact prefix of the request computed at position 0")
-            kv = reuse_prefix.kv.to(self.device)
-            # views: Hugging Face's cache concatenates into new tensors, the chunk is not modified
-            cache = make_dynamic_cache(self.model, [kv[l, 0].transpose(0, 1)[None] for l in range(kv.shape[0])],
-                                       [kv[l, 1].transpose(0, 1)[None] for l in range(kv.shape[0])])
-            start = p
-        pos = torch.arange(start, ids.numel(), dtype=torch.int64)
-        out = self.forward(ids[start:], pos, cache)
-        logits = out.logits[0, -1].float()
-        self._sync()
-        t = (time.perf_counter() - t0) * 1e3
-        cache_out = out_cache(out)
-        return BlendResult(logits, cache_out, ids, [None] * self.num_layers,
-                           torch.ones(ids.numel(), dtype=torch.bool), {"total_ms": t})
-
-    @torch.inference_mode()
-    def encode_prefix(self, segments) -> ChunkKV:
-        """KV of ``segments`` prefilled together at position 0 (for prefix caching)."""
-        ids = torch.cat([s.token_ids if isinstance(s, ChunkKV) else self.tokenize(s) for s in segments])
-        pos = torch.arange(ids.numel(), dtype=torch.int64)
-        out = self.forward(ids, pos)
-        cache = out_cache(out)
-        kv = torch.stack([torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]) for k, v in cache_layers(cache)])
-        key = self.chunk_key(ids, ())
-        return ChunkKV(kv.contiguous(), pos, ids, key, ())
-
-    def _check_chunk(self, chunk: ChunkKV, name: str) -> None:
-        """Refuse chunk KV that this model cannot use: wrong shape, or a key that is not the
-        one this model, RoPE configuration and dtype give its tokens (KV of another model
-        would blend into wrong answers without an error)."""
-        want = (self.num_layers, 2, chunk.num_tokens, self.num_kv_heads, self.head_dim)
-        if tuple(chunk.kv.shape) != want:
-            raise ValueError(f"{name}: chunk KV must be [L={want[0]}, 2, T, H_kv={want[3]}, D={want[4]}] "
-                             f"for this model, got {tuple(chunk.kv.shape)}")
-        try:
-            self.identity.check_chunk(chunk, self.dtype)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
-
-    def _check_positions(self, n: int, what: str) -> None:
-        """Refuse work that needs more positions than the model has (its RoPE was not
-        trained past them, and some engines' tables end there)."""
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and n > limit:
-            raise ValueError(f"{what} exceeds the model's max_position_embeddings ({limit})")
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     # ------------------------------------------------------------------ blend
 
+    @threaded
     @torch.inference_mode()
     def blend(self, segments, config: BlendConfig | None = None, source: LayerSource | None = None,
-              rank_scores: torch.Tensor | None = None) -> BlendResult:
+              rank_scores: torch.Tensor | None = None, step=None, profile: bool = False) -> BlendResult:
         """Blend ``segments`` (``ChunkKV`` reused; text / ids forced) into a prefill.
 
         ``config`` overrides the engine's :class:`BlendConfig` for this call. ``source``
@@ -255,29 +139,37 @@ class BlendEngine:
         protocol in :mod:`cacheblend_ext.layer_source`); by default the chunks' own tensors.
         ``rank_scores`` ``[N]``, if given, ranks the candidates at every check layer in
         place of the configured deviation (for experiments with other rankings, such as
-        the hindsight yardstick of ``bench quality``).
+        the hindsight yardstick of ``bench quality``). ``step``: how the selective layers
+        run, a :class:`~cacheblend_ext.blend.step.CUDAGraphStep` to replay them from CUDA
+        graphs (the blend then runs in its KV buffers); eager by default. ``profile``
+        times every step (see :class:`BlendResult` for the ``timings``).
         """
         cfg = config or self.config
         cfg.validate(self.num_layers)
         t_start = time.perf_counter()
-        plan = self.plan_request(segments, cfg)
+        timer = StepTimer(self.device, None if profile else DEFAULT_SPANS)
+        with timer.span("plan"):
+            plan = self.plan_request(segments, cfg)
+            shape = (self.num_layers, self.num_kv_heads, plan.num_tokens, self.head_dim)
+            state = self._start(plan, timer, *(step.kv_buffers(shape, self.dtype) if step is not None else ()))
+            if rank_scores is not None:
+                if rank_scores.shape != (plan.num_tokens,):
+                    raise ValueError(f"rank_scores must be [{plan.num_tokens}], got {tuple(rank_scores.shape)}")
+                state.rank_scores = rank_scores.to(self.device, torch.float32)
         if source is None:
             source = MemoryLayerSource.of_chunks(plan.chunks, self.device, self.dtype)
-        state = self._start(plan)
-        if rank_scores is not None:
-            if rank_scores.shape != (plan.num_tokens,):
-                raise ValueError(f"rank_scores must be [{plan.num_tokens}], got {tuple(rank_scores.shape)}")
-            state.rank_scores = rank_scores.to(self.device, torch.float32)
         try:
-            self._run_layers([state], [source])
+            self._run_layers([state], [source], step)
         finally:
             close = getattr(source, "close", None)
             if close is not None:
                 close()
         result = self._finish(state)
-        result.timings["total_ms"] = (time.perf_counter() - t_start) * 1e3
+        result.timings = {**timer.result(), "total_ms": (time.perf_counter() - t_start) * 1e3,
+                          "threads": torch.get_num_threads()}
         return result
 
+    @threaded
     @torch.inference_mode()
     def blend_batch(self, requests: Sequence, config: BlendConfig | None = None) -> list[BlendResult]:
         """Blend several requests in one pass: a ragged batch whose rows share every
@@ -288,32 +180,35 @@ class BlendEngine:
         memory); ``config`` applies to all. Each request is planned, ranked and selected on
         its own, so each result is the one :meth:`blend` gives it (selections identical,
         logits equal up to the rounding of the larger matrix products). The results' caches
-        are views of one KV buffer of the whole batch. ``timings["total_ms"]`` is the
-        batch's time.
+        are views of one KV buffer of the whole batch. Every result's ``timings`` are the
+        batch's.
         """
         cfg = config or self.config
         cfg.validate(self.num_layers)
         if not requests:
             raise ValueError("requests must hold at least one request")
         t_start = time.perf_counter()
+        timer = StepTimer(self.device, DEFAULT_SPANS)
         plans = [self.plan_request(segments, cfg) for segments in requests]
         total = sum(p.num_tokens for p in plans)
         shape = (self.num_layers, self.num_kv_heads, total, self.head_dim)
         kbig = torch.empty(shape, device=self.device, dtype=self.dtype)
         vbig = torch.empty_like(kbig)
-        states, offset = [], 0
-        for plan in plans:  # each request's KV: a slice of the batch buffer (a view)
+        offsets = [0, *itertools.accumulate(p.num_tokens for p in plans)]
+        rows = torch.tensor([[0] * self.num_layers] + [p.layer_rows(self.num_layers) for p in plans]).cumsum(0)
+        indptr = host_to_device(torch.cat([rows.T, torch.tensor([offsets])]), self.device)  # [L + 1, B + 1]
+        states = []
+        for plan, offset in zip(plans, offsets):  # each request's KV: a slice of the batch buffer (a view)
             n = plan.num_tokens
-            state = self._start(plan, kbig[:, :, offset:offset + n], vbig[:, :, offset:offset + n])
-            state.batch_kv, state.batch_offset = (kbig, vbig), offset
+            state = self._start(plan, timer, kbig[:, :, offset:offset + n], vbig[:, :, offset:offset + n])
+            state.batch_kv, state.batch_offset, state.batch_indptr = (kbig, vbig), offset, (indptr[:-1], indptr[-1])
             states.append(state)
-            offset += n
         self._run_layers(states, [MemoryLayerSource.of_chunks(p.chunks, self.device, self.dtype) for p in plans])
         results = [self._finish(state) for state in states]
-        elapsed = (time.perf_counter() - t_start) * 1e3
+        timings = {**timer.result(), "total_ms": (time.perf_counter() - t_start) * 1e3, "batch_size": len(results),
+                   "threads": torch.get_num_threads()}
         for result in results:
-            result.timings["total_ms"] = elapsed
-            result.timings["batch_size"] = len(results)
+            result.timings = dict(timings)
         return results
 
     # -- the blend's steps, in order
@@ -325,71 +220,82 @@ class BlendEngine:
         parts = []
         for i, seg in enumerate(segments):
             if isinstance(seg, ChunkKV):
-                self._check_chunk(seg, f"segments[{i}]")
+                self.check_chunk(seg, f"segments[{i}]")
                 parts.append(seg)
             else:
                 parts.append(self.tokenize(seg))
         n = sum(p.num_tokens if isinstance(p, ChunkKV) else p.numel() for p in parts)
         if n == 0:
             raise ValueError("empty request")
-        self._check_positions(n, f"request of {n} tokens")
+        self.check_positions(n, f"request of {n} tokens")
         window = getattr(self.model.config, "sliding_window", None)
         if window and getattr(self.model.config, "use_sliding_window", True) and n > window:
             raise ValueError(f"request of {n} tokens exceeds the model's sliding window ({window}); "
                              "sliding-window attention is not supported")
         return RequestPlan.lay_out(cfg, parts, self.num_layers)
 
-    def _start(self, plan: RequestPlan, kbuf: torch.Tensor | None = None,
+    def _start(self, plan: RequestPlan, timer: StepTimer, kbuf: torch.Tensor | None = None,
                vbuf: torch.Tensor | None = None) -> BlendState:
         max_src = int(plan.src_pos.max()) + 1 if plan.chunks else 0
-        return BlendState.start(plan, self.decoder, self.rope(max(plan.num_tokens, max_src)), kbuf, vbuf)
+        return BlendState.start(plan, self.decoder, self.rope(max(plan.num_tokens, max_src)), timer, kbuf, vbuf)
 
-    def _run_layers(self, states: list, sources: list) -> None:
+    def _run_layers(self, states: list, sources: list, step=None) -> None:
         """The probe (where planned), then every layer for all ``states`` together: their
-        rows share the projection and MLP calls; ranking and selection stay per request."""
-        probed = [s.plan.probe_rows.numel() > 0 for s in states]
-        if any(probed):  # the probe reads every layer's reused KV and leaves it in place
+        rows share the projection and MLP calls; ranking and selection stay per request.
+        A check layer whose ranking needs no fresh Q/K/V (the probe's, or none to make)
+        selects before the projections. Once every request is selective and past its last
+        check layer, each layer is one :func:`~cacheblend_ext.blend.step.selective_layer`
+        call through ``step`` (a step runner; :class:`EagerStep` by default)."""
+        probed = [s.plan.config.probe_depth(self.num_layers) if s.plan.probe_rows.numel() else 0 for s in states]
+        if any(probed):  # the probe places the reused KV of the layers it runs
             run_probe(self.decoder, [s for s, p in zip(states, probed) if p],
                       [src for src, p in zip(sources, probed) if p])
+        rows, timer = None, states[0].timer
+        kbig, vbig = states[0].batch_kv or (states[0].kbuf, states[0].vbuf)
         for l, layer in enumerate(self.layers):
             for state, source, placed in zip(states, sources, probed):
-                if not placed:
+                if l >= placed:
                     reused = source.layer(l) if state.plan.chunks else []
                     if state.plan.chunks and (state.sel is not None or l in state.plan.check):
                         state.place_reused(l, reused)
-            qkv = self.decoder.rows_qkv(layer, [s.hidden for s in states], [s.rotary() for s in states])
+            pending = set()  # requests selecting at this layer from their fresh Q/K/V
             for i, state in enumerate(states):
                 if l in state.plan.check:
-                    qkv[i] = select(self.decoder, state, l, *qkv[i])
-            outs = attend(self.decoder, states, l, qkv)
-            hidden = self.decoder.o_proj_mlp(layer, [s.hidden for s in states], outs)
+                    if ranks_without_projections(state, l):  # select first: project the kept rows only
+                        select(self.decoder, state, l)
+                    else:
+                        pending.add(i)
+            if rows is None and not pending and all(s.sel is not None and l >= max(s.plan.check) for s in states):
+                rows, step = SelectiveRows.of_states(states, l), step or EagerStep()
+                step.start(self.decoder, rows)
+            if rows is not None:
+                with timer.span("step"):
+                    step.layer(l, kbig[l].transpose(0, 1), vbig[l].transpose(0, 1))
+                for state in states:
+                    state.selected.append(state.sel)
+                continue
+            with timer.span("layers", exclusive=True):  # selection is timed on its own
+                qkv = self.decoder.rows_qkv(layer, [s.hidden for s in states], [s.rotary() for s in states])
+                for i, state in enumerate(states):
+                    if i in pending:
+                        qkv[i] = select(self.decoder, state, l, *qkv[i])
+                outs = attend(self.decoder, states, l, qkv)
+                hidden = self.decoder.o_proj_mlp(layer, [s.hidden for s in states], outs)
             for state, h in zip(states, hidden):
+                state.hidden = h
+        if rows is not None:
+            for state, h in zip(states, step.hidden().split(rows.sizes)):
                 state.hidden = h
 
     def _finish(self, state: BlendState) -> BlendResult:
-        """First-token logits from the last token; the blended KV as a ``DynamicCache`` (views)."""
-        logits = self.decoder.logits(state.hidden[-1:])
-        cache = make_dynamic_cache(self.model, [state.kbuf[l][None] for l in range(self.num_layers)],
-                                   [state.vbuf[l][None] for l in range(self.num_layers)])
-        self._sync()
+        """First-token logits from the last token; the blended KV as a ``DynamicCache``
+        (views). Ends with a device synchronisation; the caller fills ``timings``."""
+        with state.timer.span("finish"):
+            logits = self.decoder.logits(state.hidden[-1:])
+            cache = make_dynamic_cache(self.model, [state.kbuf[l][None] for l in range(self.num_layers)],
+                                       [state.vbuf[l][None] for l in range(self.num_layers)])
+        self.synchronize()
         plan = state.plan
-        return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, state.timings,
-                           int(plan.probe_rows.numel()))
-
-    # ------------------------------------------------------------------ decoding
-
-    @torch.inference_mode()
-    def generate(self, result: BlendResult, max_new_tokens: int = 32, stop_at_eos: bool = True,
-                 return_logits: bool = False):
-        """Greedy decoding from a prefill result (blend or full). Returns the new token ids
-        (and, with ``return_logits``, the ``[T, vocab]`` float32 logits that chose them).
-        The result's cache is extended in place."""
-        eos = getattr(self.model.config, "eos_token_id", None)
-        eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(int(self.tokenizer.eos_token_id))
-        tokens, all_logits, result.cache = self.decoder.greedy(result.logits, result.cache, result.num_tokens,
-                                                               max_new_tokens, eos if stop_at_eos else ())
-        if return_logits:
-            return tokens, torch.stack(all_logits)
-        return tokens
+        probe_layers = 0 if state.probe_mass is None else int(state.probe_mass.shape[0])
+        return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, {},
+                           int(plan.probe_rows.numel()), probe_layers)

@@ -5,7 +5,6 @@ computed) and the :class:`BlendResult` it ends with."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -15,6 +14,16 @@ from .. import ops
 from ..chunk import ChunkKV
 from .config import BlendConfig
 from .schedule import selection_schedule
+from .timing import StepTimer
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` (made on the host) on ``device`` without making the host wait for the device:
+    on CUDA an asynchronous copy from pinned memory (a copy from pageable memory, or a
+    blocking one, synchronises with the stream)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -24,7 +33,24 @@ class BlendResult:
     ``logits`` ``[vocab]`` float32 of the first output token; ``cache`` a ``DynamicCache``
     over all ``N`` request tokens that Hugging Face can continue from (feed the next token
     at position ``N``); ``input_ids`` ``[N]``; ``selected[l]`` the token indices computed
-    at layer ``l`` (``None``: all tokens); ``forced`` ``[N]`` bool; ``timings`` in ms.
+    at layer ``l`` (``None``: all tokens); ``forced`` ``[N]`` bool.
+
+    ``timings``, in ms (:mod:`cacheblend_ext.blend.timing`: CUDA events on a GPU, host
+    clocks on the CPU; in a batch every result carries the batch's):
+
+    - ``total_ms``: host wall-clock time of the call, from planning to the first-token
+      logits on the device (the call ends with a device synchronisation): the time to
+      first token;
+    - ``probe_ms``: the probe pass, without placing the reused KV it leaves in place for
+      the main pass (that is in ``concat_ms``);
+    - ``concat_ms``: placing the reused chunks' KV into the request, every layer;
+    - ``select_ms``: ranking and selection at the check layers;
+    - with ``blend(..., profile=True)`` also ``plan_ms`` (planning, buffers, embeddings),
+      ``layers_ms`` (the layers up to the last check layer, without concatenation and
+      selection), ``step_ms`` (the selective layers after it, without concatenation) and
+      ``finish_ms`` (logits and cache);
+    - ``threads``: the intra-op threads the call ran with (``BlendEngine(cpu_threads=...)``),
+      and ``batch_size`` in a batch.
     """
 
     logits: torch.Tensor
@@ -34,6 +60,7 @@ class BlendResult:
     forced: torch.Tensor
     timings: dict = field(default_factory=dict)
     probe_tokens: int = 0
+    probe_layers: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -45,12 +72,13 @@ class BlendResult:
         return 1.0 if sel is None else sel.numel() / self.num_tokens
 
     def compute_fraction(self) -> float:
-        """Token-layers computed (attention and MLP, the probe pass's rows included) over
+        """Token-layers computed (attention and MLP, the probe pass's rows at the layers it
+        ran included) over
         ``N * L``: the share of a full prefill's compute this blend spent (a check layer's
         Q/K/V of its rejected candidates is not counted)."""
         n, layers = self.num_tokens, len(self.selected)
         main = sum(n if s is None else s.numel() for s in self.selected)
-        return (main + self.probe_tokens * layers) / (n * layers)
+        return (main + self.probe_tokens * self.probe_layers) / (n * layers)
 
 
 @dataclass
@@ -61,7 +89,9 @@ class RequestPlan:
     token); ``chunks`` the reused chunks in request order, ``spans`` their ``(start, end)``
     positions and ``src_pos`` the positions their K was rotated at (concatenated);
     ``check`` maps each check layer to the number of non-forced tokens it keeps;
-    ``probe_rows`` the positions the probe pass runs (empty: no probe).
+    ``probe_rows`` the positions the probe pass runs (empty: no probe). Everything here
+    lives on the host: the number of rows every layer computes is known before the
+    layers run.
     """
 
     config: BlendConfig
@@ -72,10 +102,33 @@ class RequestPlan:
     src_pos: torch.Tensor | None
     check: dict
     probe_rows: torch.Tensor
+    num_forced: int
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def check_rows(self) -> dict:
+        """``{check layer: (rows it ranks, non-forced rows it keeps)}``: the first check
+        layer ranks every token, each later one the previous one's selection (every forced
+        token stays selected)."""
+        out, candidates = {}, self.num_tokens - self.num_forced
+        for l in sorted(self.check):
+            kept = min(self.check[l], candidates)
+            out[l] = (self.num_forced + candidates, kept)
+            candidates = kept
+        return out
+
+    def layer_rows(self, num_layers: int) -> list[int]:
+        """Rows computed at each layer: every token before the first check layer, then what
+        the latest check layer kept (every token where it kept them all)."""
+        out, rows = [], self.num_tokens
+        sizes = self.check_rows()
+        for l in range(num_layers):
+            if l in sizes:
+                rows = self.num_forced + sizes[l][1]
+            out.append(rows)
+        return out
 
     @classmethod
     def lay_out(cls, config: BlendConfig, parts: Sequence, num_layers: int) -> "RequestPlan":
@@ -103,17 +156,21 @@ class RequestPlan:
         probe = torch.zeros(0, dtype=torch.int64)
         if chunks and config.selection == "probe":  # the query: forced tokens after the last chunk's start
             probe = forced[spans[-1][0]:].nonzero().flatten()[-config.probe_tokens:] + spans[-1][0]
-        schedule = selection_schedule(config, n, int(forced.sum()), num_layers, probe.numel())
+        num_forced = int(forced.sum())
+        schedule = selection_schedule(config, n, num_forced, num_layers, probe.numel())
         return cls(config, torch.cat(ids_parts), forced, chunks, spans,
                    torch.cat(src_pos) if chunks else None, dict(zip(schedule.layers, schedule.picks)),
-                   probe[: schedule.probe_rows] if schedule.probe_rows else probe[:0])
+                   probe[: schedule.probe_rows] if schedule.probe_rows else probe[:0], num_forced)
 
 
 @dataclass
 class BlendState:
     """Per-request state while the layers run: the request's KV buffers, the hidden states
     of the rows still computed (``sel``: their positions, ``None`` for all) and timings.
-    :meth:`start` makes it; :meth:`place_reused` is step 2 of the blend."""
+    :meth:`start` makes it, with everything the layer loop needs from the host already on
+    the device (``select_args``: each check layer's ``(indptr, k)`` of
+    ``select_hkvd_batched``); :meth:`place_reused` is step 2 of the blend. ``timer``
+    times the steps (shared by the requests of a batch)."""
 
     plan: RequestPlan
     rope: object
@@ -127,12 +184,14 @@ class BlendState:
     src_pos: torch.Tensor | None
     dst_pos: torch.Tensor | None
     sel: torch.Tensor | None = None
+    select_args: dict = field(default_factory=dict)
     rank_scores: torch.Tensor | None = None
-    probe_mass: torch.Tensor | None = None  # [L, N] (probe selection)
+    probe_mass: torch.Tensor | None = None  # [probe layers, N] (probe selection)
     batch_kv: tuple | None = None  # in a batched blend: the batch's (K, V) buffers kbuf / vbuf are slices of
     batch_offset: int = 0  # where this request's tokens start in them
+    batch_indptr: tuple | None = None  # the batch's q_indptr per layer [L, B + 1] and kv_indptr [B + 1]
     selected: list = field(default_factory=list)
-    timings: dict = field(default_factory=lambda: {"concat_ms": 0.0, "select_ms": 0.0})
+    timer: StepTimer | None = None
 
     def rows(self) -> torch.Tensor:
         """Positions of the rows computed at the current layer."""
@@ -146,7 +205,7 @@ class BlendState:
         return self.kbuf[l].transpose(0, 1), self.vbuf[l].transpose(0, 1)
 
     @classmethod
-    def start(cls, plan: RequestPlan, decoder, rope, kbuf: torch.Tensor | None = None,
+    def start(cls, plan: RequestPlan, decoder, rope, timer: StepTimer, kbuf: torch.Tensor | None = None,
               vbuf: torch.Tensor | None = None) -> "BlendState":
         """Buffers for the request's KV (``kbuf`` / ``vbuf`` if given: views of a batch's
         buffer), the embeddings and the RoPE angles of every position. ``decoder`` is the
@@ -159,17 +218,26 @@ class BlendState:
                                dtype=decoder.dtype)
             vbuf = torch.empty_like(kbuf)
         positions = torch.arange(n, device=device)
-        hidden = decoder.embed(plan.input_ids.to(device))  # [N, hidden]
+        hidden = decoder.embed(host_to_device(plan.input_ids, device))  # [N, hidden]
         cos, sin = decoder.rotary_angles(hidden, positions)
-        dst = torch.cat([torch.arange(a, b) for a, b in plan.spans]).to(device) if plan.chunks else None
-        return cls(plan, rope, kbuf, vbuf, positions, plan.forced.to(device), hidden, cos, sin,
-                   plan.src_pos.to(device) if plan.chunks else None, dst)
+        dst = host_to_device(torch.cat([torch.arange(a, b) for a, b in plan.spans]), device) if plan.chunks else None
+        state = cls(plan, rope, kbuf, vbuf, positions, host_to_device(plan.forced, device), hidden, cos, sin,
+                    host_to_device(plan.src_pos, device) if plan.chunks else None, dst, timer=timer)
+        state.make_select_args()
+        return state
+
+    def make_select_args(self) -> None:
+        """``select_args`` from the plan's check layers (again after changing them, as an
+        adaptive budget would, before the layers run)."""
+        sizes = self.plan.check_rows()
+        packed = host_to_device(torch.tensor([[0, rows, kept] for rows, kept in sizes.values()]),
+                                self.positions.device)
+        self.select_args = {l: (packed[i, :2], packed[i, 2:]) for i, l in enumerate(sizes)}
 
     def place_reused(self, l: int, reused: Sequence[torch.Tensor]) -> None:
         """Step 2: gather the reused chunks' layer-``l`` KV into the request at their new
         positions (K re-rotated)."""
-        t0 = time.perf_counter()
-        k_tok, v_tok = self.layer_kv(l)
-        ops.fused_kv_concat([c[None] for c in reused], self.src_pos, self.dst_pos, self.dst_pos,
-                            self.rope.cos_sin_cache, self.rope.is_neox, [k_tok], [v_tok])
-        self.timings["concat_ms"] += (time.perf_counter() - t0) * 1e3
+        with self.timer.span("concat"):
+            k_tok, v_tok = self.layer_kv(l)
+            ops.fused_kv_concat([c[None] for c in reused], self.src_pos, self.dst_pos, self.dst_pos,
+                                self.rope.cos_sin_cache, self.rope.is_neox, [k_tok], [v_tok])

@@ -33,12 +33,13 @@ class Schedule:
 def selection_schedule(cfg: BlendConfig, num_tokens: int, num_forced: int, num_layers: int,
                        probe_rows: int = 0) -> Schedule:
     """The :class:`Schedule` of a request of ``num_tokens`` tokens, ``num_forced`` of them
-    forced, whose ``"probe"`` selection would run ``probe_rows`` rows.
+    forced, whose ``"probe"`` selection would run ``probe_rows`` rows through
+    ``cfg.probe_depth(num_layers)`` layers.
 
     With ``budget="ratio"`` each check layer keeps ``ceil(r_l * N)`` non-forced tokens. With
     ``budget="compute"`` the largest schedule of the configured shape whose token-layers
     (every token before the first check layer, then the kept tokens at each layer, plus the
-    probe's rows at every layer) fit in :func:`published_cost`; if even an empty selection
+    probe's rows at each layer it runs) fit in :func:`published_cost`; if even an empty selection
     does not fit, the first check layer moves earlier until it does (layer 1 keeps ratio 0
     equal to full KV reuse); ``recompute_ratio`` 0 selects nothing (full KV reuse) even
     where a schedule that starts at layer 0 could afford some tokens. A probe runs only when a selection has to rank tokens (some but
@@ -57,7 +58,7 @@ def selection_schedule(cfg: BlendConfig, num_tokens: int, num_forced: int, num_l
     plain = _fit_schedule(cfg, num_tokens, num_forced, num_layers, extra_cost=0)
     if not (probe_rows and ranks(plain.picks)):
         return plain
-    probed = _fit_schedule(cfg, num_tokens, num_forced, num_layers, extra_cost=probe_rows * num_layers)
+    probed = _fit_schedule(cfg, num_tokens, num_forced, num_layers, extra_cost=probe_rows * cfg.probe_depth(num_layers))
     if not any(probed.picks):
         return plain
     return Schedule(probed.layers, probed.picks, probe_rows)

@@ -7,86 +7,121 @@ first, over the request or per chunk (``quota``). See
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .. import ops
 from .config import BlendConfig
-from .request import BlendState, RequestPlan
+from .request import BlendState, RequestPlan, host_to_device
 
 
 def run_probe(decoder, states: list, sources: list) -> None:
-    """Step 3, the probe pass (``selection="probe"``): each request's probe rows (its last query tokens) run through
-    every layer over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]``
-    is the attention they pay each position at layer ``l``, summed over rows and heads.
-    Every layer's reused KV is left placed in the request's buffers for the main pass."""
-    t0, concat0 = time.perf_counter(), [s.timings["concat_ms"] for s in states]
-    rows = [s.plan.probe_rows.to(decoder.device) for s in states]
+    """Step 3, the probe pass (``selection="probe"``): each request's probe rows (its last
+    query tokens) run through the first ``probe_layers`` layers over the reused KV alone,
+    as in full KV reuse; ``state.probe_mass[l]`` is the attention they pay each position
+    at layer ``l``, summed over rows and heads. The reused KV of those layers is left
+    placed in the request's buffers for the main pass."""
+    with states[0].timer.span("probe", exclusive=True):  # the reused KV it places counts as concatenation
+        probe_pass(decoder, states, sources)
+
+
+def probe_pass(decoder, states: list, sources: list) -> None:
+    rows = [host_to_device(s.plan.probe_rows, decoder.device) for s in states]
     hidden = [s.hidden[r] for s, r in zip(states, rows)]
     rotary = [(s.cos[r], s.sin[r]) for s, r in zip(states, rows)]
     group = decoder.num_heads // decoder.num_kv_heads
-    visible = []
+    depth = states[0].plan.config.probe_depth(decoder.num_layers)
+    bias = []  # per request, [P * group, N]: 0 where a probe row sees a key, -inf elsewhere
     for state, r in zip(states, rows):
         # The probe sees the reused KV and its own rows (exact position-causal mask); other
         # tokens without cached KV (the prefix, the start of a long query) have no KV yet.
-        known = ~state.forced
-        known[r] = True
-        visible.append((state.positions[None, :] <= r[:, None]) & known[None, :])  # [P, N]
-        unknown = (~known).nonzero().flatten()
-        state.kbuf[:, :, unknown] = 0  # masked out, but 0 * NaN would still reach the output
-        state.vbuf[:, :, unknown] = 0
-        state.probe_mass = torch.zeros(decoder.num_layers, state.plan.num_tokens, device=decoder.device,
-                                       dtype=torch.float32)
-    for l, layer in enumerate(decoder.layers):
+        # Which tokens those are is known on the host, from the plan.
+        known = ~state.plan.forced
+        known[state.plan.probe_rows] = True
+        unknown = host_to_device((~known).nonzero().flatten(), decoder.device)
+        visible = (state.positions[None, :] <= r[:, None]) & host_to_device(known, decoder.device)[None, :]
+        bias.append(torch.zeros(visible.shape, device=decoder.device).masked_fill_(~visible, float("-inf"))
+                    .repeat_interleave(group, 0))
+        state.kbuf[:depth].index_fill_(2, unknown, 0)  # masked out, but 0 * NaN would still reach the output
+        state.vbuf[:depth].index_fill_(2, unknown, 0)
+        state.probe_mass = torch.zeros(depth, state.plan.num_tokens, device=decoder.device, dtype=torch.float32)
+    hkv, d = decoder.num_kv_heads, decoder.head_dim
+    for l, layer in enumerate(decoder.layers[:depth]):
         outs = []
-        for state, source, r, vis, (q, k, v) in zip(states, sources, rows, visible,
-                                                     decoder.rows_qkv(layer, hidden, rotary)):
+        for state, source, r, b, (q, k, v) in zip(states, sources, rows, bias, decoder.rows_qkv(layer, hidden, rotary)):
             state.place_reused(l, source.layer(l))
             k_tok, v_tok = state.layer_kv(l)
             k_tok[r], v_tok[r] = k, v
-            qg = q.float().view(r.numel(), decoder.num_kv_heads, group, decoder.head_dim)
-            scores = torch.einsum("phgd,nhd->phgn", qg, k_tok.float()) * decoder.scaling
-            probs = scores.masked_fill(~vis[:, None, None, :], float("-inf")).softmax(-1)
-            state.probe_mass[l] = probs.sum((0, 1, 2))
-            outs.append(torch.einsum("phgn,nhd->phgd", probs, v_tok.float()).to(q.dtype))
-        hidden = decoder.o_proj_mlp(layer, hidden, outs)
-    elapsed = (time.perf_counter() - t0) * 1e3
-    for state, c0 in zip(states, concat0):
-        # the probe's own time: placing the reused KV is the main pass's work done early
-        state.timings["probe_ms"] = elapsed - (state.timings["concat_ms"] - c0)
+            # per KV head: its group's query heads of every probe row against the layer's keys
+            # ([H_kv, N, D] as the buffer holds them; fp32 math)
+            qg = q.view(-1, hkv, group, d).transpose(0, 1).reshape(hkv, -1, d).float()
+            probs = torch.baddbmm(b, qg, state.kbuf[l].float().transpose(1, 2), alpha=decoder.scaling).softmax(-1)
+            state.probe_mass[l] = probs.sum((0, 1))
+            if l + 1 < depth:  # the last layer's output would feed no other layer
+                o = torch.bmm(probs, state.vbuf[l].float())  # [H_kv, P * group, D]
+                outs.append(o.view(hkv, -1, group, d).transpose(0, 1).reshape(-1, hkv * group, d).to(q.dtype))
+        if l + 1 < depth:
+            hidden = decoder.o_proj_mlp(layer, hidden, outs)
 
 
-def select(decoder, state: BlendState, l: int, q, k, v):
+def ranks_without_projections(state: BlendState, l: int) -> bool:
+    """Whether the selection at check layer ``l`` can run before the layer's projections:
+    its ranking reads no fresh Q/K/V (the probe's attention or given scores, or nothing to
+    rank: all or none of the candidates kept) and ``fresh_check_kv`` is off."""
+    cfg, plan = state.plan.config, state.plan
+    if cfg.fresh_check_kv:
+        return False
+    rows, budget = plan.check_rows()[l]
+    if budget in (0, rows - plan.num_forced):
+        return True
+    return (state.rank_scores is not None or state.probe_mass is not None) and cfg.selection != "impact"
+
+
+def select(decoder, state: BlendState, l: int, q=None, k=None, v=None):
     """Step 5, at a check layer: rank the candidates (the rows computed so far that are not
-    forced) and keep the top ones plus every forced row; returns the kept rows' Q/K/V."""
-    t0 = time.perf_counter()
+    forced) and keep the top ones plus every forced row; returns the kept rows' Q/K/V
+    (None before the projections: see :func:`ranks_without_projections`).
+
+    How many rows are kept is known on the host (every forced row plus the layer's
+    budget: :meth:`RequestPlan.check_rows`), so the ranking over the whole request
+    (``quota="global"``, no boundary tokens) runs without waiting for the device
+    (``select_hkvd_batched`` with a fixed output size, its arguments made when the blend
+    started); per-chunk quotas and boundary tokens read the candidates back."""
+    with state.timer.span("select"):
+        return select_rows(decoder, state, l, q, k, v)
+
+
+def select_rows(decoder, state: BlendState, l: int, q, k, v):
     cfg, plan = state.plan.config, state.plan
     k_tok, v_tok = state.layer_kv(l)
     rows = state.rows()
-    rows_forced = state.forced[rows]
-    cand = (~rows_forced).nonzero().flatten()
-    budget = min(plan.check[l], cand.numel())
-    if budget > 0:
-        cand_pos = rows[cand]
-        if state.rank_scores is not None:
-            score = state.rank_scores[cand_pos].contiguous()
+    rows_forced = state.forced if state.sel is None else state.forced[rows]
+    num_rows, budget = plan.check_rows()[l]
+    keep = None  # None: every row
+    if budget < num_rows - plan.num_forced:
+        if budget == 0:
+            score = torch.zeros(rows.shape, device=rows.device)
+        elif state.rank_scores is not None:
+            score = state.rank_scores[rows]
         elif state.probe_mass is not None:  # the probe's attention where this selection takes effect
-            score = state.probe_mass[l:].sum(0)[cand_pos]
+            score = state.probe_mass[l:].sum(0)[rows]
         else:
-            score = deviation(cfg, k[cand], v[cand], k_tok, v_tok, cand_pos)
-        if cfg.selection == "impact" and state.rank_scores is None:
-            score = score * query_attention_mass(decoder, state, l, q, k, rows)[cand_pos]
-        pick = top_candidates(cfg, plan, score, cand_pos, budget)
-        keep = torch.cat([rows_forced.nonzero().flatten(), cand[pick]]).sort().values
-    else:
-        keep = rows_forced.nonzero().flatten()
+            score = deviation(cfg, k, v, k_tok, v_tok, rows)
+        if budget and cfg.selection == "impact" and state.rank_scores is None:
+            score = score * query_attention_mass(decoder, state, l, q, k, rows)[rows]
+        if budget == 0 or (cfg.quota == "global" and not cfg.boundary_tokens):
+            indptr, k_dev = state.select_args[l]
+            keep = ops.select_hkvd_batched(score.float(), indptr, k_dev, rows_forced, None,
+                                           plan.num_forced + budget)[0][0]
+        else:
+            cand = (~rows_forced).nonzero().flatten()
+            pick = top_candidates(cfg, plan, score[cand], rows[cand], budget)
+            keep = torch.cat([rows_forced.nonzero().flatten(), cand[pick]]).sort().values
     if cfg.fresh_check_kv:  # after the deviation above has read the reused K/V
         k_tok[rows], v_tok[rows] = k, v
-    if not (state.sel is None and keep.numel() == plan.num_tokens):  # all kept: stay on the full path
-        state.sel = rows[keep]
-        q, k, v, state.hidden = q[keep], k[keep], v[keep], state.hidden[keep]
-    state.timings["select_ms"] += (time.perf_counter() - t0) * 1e3
+    if keep is not None:  # all kept: stay on the path the rows are on (all tokens: the full path)
+        state.sel, state.hidden = rows[keep], state.hidden[keep]
+        if q is not None:
+            q, k, v = q[keep], k[keep], v[keep]
     return q, k, v
 
 
