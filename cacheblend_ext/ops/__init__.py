@@ -411,7 +411,8 @@ class attention_kernel:
 
     ``impl``: ``"flash"`` (the default: FlashAttention-2 style, 16 rows per warp, K and V
     single-buffered), ``"flash_s2"`` / ``"flash_s3"`` (2- and 3-stage K / V pipelines),
-    ``"flash_m32"`` (32 rows per warp) or ``"simt"``. ``tiles_per_split`` > 0 fixes the flash
+    ``"flash_m32"`` (32 rows per warp) or ``"simt"``; the variants (``flash_s2``, ``flash_s3``,
+    ``flash_m32``) exist only in builds made with ``CACHEBLEND_ATTENTION_VARIANTS=1``. ``tiles_per_split`` > 0 fixes the flash
     kernel's key split (key tiles per split) instead of the plan made from the shapes and
     the SM count. fp32, head dims other than 64 / 128, unaligned tensors and GPUs before
     sm_80 always take the SIMT kernel. The initial choice comes from the environment

@@ -129,6 +129,7 @@ void run_attention_flash(const attention::AttentionArgs& args, const attention::
                          int64_t max_keys, const at::TensorOptions& options, const AttentionKernelChoice& choice,
                          const AttentionDevice& device, const Launcher& launcher) {
   switch (choice.impl) {
+#if defined(CACHEBLEND_ATTENTION_VARIANTS)  // built for benchmarking (see set_attention_kernel)
     case AttentionImpl::kFlashM32:
       return run_attention_flash_shape<scalar_t, pos_t, D, 32, 1, Keys>(args, paged, q_pos, max_keys, options, choice,
                                                                        device, launcher);
@@ -138,6 +139,7 @@ void run_attention_flash(const attention::AttentionArgs& args, const attention::
     case AttentionImpl::kFlashS3:
       return run_attention_flash_shape<scalar_t, pos_t, D, 16, 3, Keys>(args, paged, q_pos, max_keys, options, choice,
                                                                        device, launcher);
+#endif
     default:
       return run_attention_flash_shape<scalar_t, pos_t, D, 16, 1, Keys>(args, paged, q_pos, max_keys, options, choice,
                                                                        device, launcher);

@@ -49,11 +49,20 @@ void launch_attention_flash(const attention::AttentionArgs& args, const attentio
   template void launch_attention_flash<T, P, D, M, S, attention::KEYS, LAUNCHER>(                               \
       const attention::AttentionArgs&, const attention::PagedKV&, const P*, const FlashPlan&,                   \
       const attention::FlashSplit&, const LAUNCHER&);
+// The default shape always; the variants a GPU run still has to choose between
+// (flash_s2, flash_s3, flash_m32) only in builds with CACHEBLEND_ATTENTION_VARIANTS=1 (they
+// triple the compile time).
+#if defined(CACHEBLEND_ATTENTION_VARIANTS)
+#define CB_INSTANTIATE_ATTENTION_FLASH_VARIANTS(T, P, D, KEYS, LAUNCHER) \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 2, KEYS, LAUNCHER)         \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 3, KEYS, LAUNCHER)         \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 32, 1, KEYS, LAUNCHER)
+#else
+#define CB_INSTANTIATE_ATTENTION_FLASH_VARIANTS(T, P, D, KEYS, LAUNCHER)
+#endif
 #define CB_INSTANTIATE_ATTENTION_FLASH_SHAPES(T, P, D, KEYS, LAUNCHER) \
   CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 1, KEYS, LAUNCHER)       \
-  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 2, KEYS, LAUNCHER)       \
-  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 3, KEYS, LAUNCHER)       \
-  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 32, 1, KEYS, LAUNCHER)
+  CB_INSTANTIATE_ATTENTION_FLASH_VARIANTS(T, P, D, KEYS, LAUNCHER)
 #define CB_INSTANTIATE_ATTENTION_TENSOR_CORES(T, D, KEYS, LAUNCHER)     \
   CB_INSTANTIATE_ATTENTION_FLASH_SHAPES(T, int32_t, D, KEYS, LAUNCHER) \
   CB_INSTANTIATE_ATTENTION_FLASH_SHAPES(T, int64_t, D, KEYS, LAUNCHER)
