@@ -117,7 +117,8 @@ def tree(tmp_path):
 
 
 def _build_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("CACHEBLEND_BUILD_CUDA", "TORCH_CUDA_ARCH_LIST")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CACHEBLEND_BUILD_CUDA", "CACHEBLEND_ATTENTION_VARIANTS", "TORCH_CUDA_ARCH_LIST")}
     env.update(extra)
     return env
 
@@ -149,6 +150,12 @@ def test_build_record(tree):
     # The build knobs, and another build of the library (say by hand, for another torch).
     assert _needs_build(tree, CACHEBLEND_BUILD_CUDA="1") == "changed since the last build: CACHEBLEND_BUILD_CUDA"
     assert "TORCH_CUDA_ARCH_LIST" in _needs_build(tree, TORCH_CUDA_ARCH_LIST="9.0")
+    assert "CACHEBLEND_ATTENTION_VARIANTS" in _needs_build(tree, CACHEBLEND_ATTENTION_VARIANTS="1")
+    # A knob that setup.py starts to read counts from then on.
+    setup = tree / "setup.py"
+    setup.write_text(setup.read_text() + '\nos.environ.get("CACHEBLEND_NEW_KNOB")\n')
+    _state("stamp", "--root", str(tree), env=_build_env())
+    assert _needs_build(tree, CACHEBLEND_NEW_KNOB="1") == "changed since the last build: CACHEBLEND_NEW_KNOB"
     lib.write_bytes(b"built again, elsewhere")
     assert _needs_build(tree) == f"{lib.name} was replaced since the recorded build"
     lib.unlink()

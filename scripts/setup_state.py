@@ -15,9 +15,9 @@ tree installs and builds nothing. Standard library only; run it with the venv's 
 
 The build is up to date when the compiled library exists, is the file the last recorded
 build wrote, and nothing that goes into it changed since: the files under csrc/ (sources,
-headers, csrc/build_config.json), setup.py, the torch release, the Python version, and the
-build knobs (CACHEBLEND_BUILD_CUDA, TORCH_CUDA_ARCH_LIST, CACHEBLEND_OPENMP, CUDA_HOME, the
-nvcc found). The record lives in build/cacheblend-build.json, so ``rm -rf build`` forces a
+headers, csrc/build_config.json), setup.py, the torch release, the Python version, the nvcc
+found, and the build knobs: every environment variable setup.py reads
+(CACHEBLEND_BUILD_CUDA, CACHEBLEND_ATTENTION_VARIANTS, TORCH_CUDA_ARCH_LIST, CUDA_HOME, ...). The record lives in build/cacheblend-build.json, so ``rm -rf build`` forces a
 full rebuild.
 """
 
@@ -31,13 +31,20 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAMP = pathlib.Path("build", "cacheblend-build.json")
-BUILD_KNOBS = ("CACHEBLEND_BUILD_CUDA", "TORCH_CUDA_ARCH_LIST", "CACHEBLEND_OPENMP", "CUDA_HOME", "CUDA_PATH")
+
+
+def build_knobs(root: pathlib.Path) -> list[str]:
+    """The environment variables setup.py reads (``os.environ.get("X")``, ``os.environ["X"]``,
+    ``os.environ.setdefault("X", ...)``), so that a knob added there counts here too."""
+    text = (root / "setup.py").read_text()
+    return sorted(set(re.findall(r"os\.environ(?:\.get|\.setdefault)?[(\[]\s*[\"']([A-Z][A-Z0-9_]*)[\"']", text)))
 
 
 def _requirement_class():
@@ -88,7 +95,7 @@ def build_inputs(root: pathlib.Path) -> dict:
         "torch": torch_version,
         "python": sys.implementation.cache_tag,
         "nvcc": _nvcc(),
-        **{knob: os.environ.get(knob) for knob in BUILD_KNOBS},
+        **{knob: os.environ.get(knob) for knob in build_knobs(root)},
     }
 
 
