@@ -11,7 +11,7 @@ import torch
 import cacheblend_ext.blend.engine as engine_mod
 from cacheblend_ext.cached import CachedBlender
 from cacheblend_ext.store import FILE_SUFFIX
-from conftest import DEVICES, request_parts
+from helpers import DEVICES, request_parts
 
 
 def tiny_llama(device):
