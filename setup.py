@@ -22,6 +22,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -146,6 +147,17 @@ def make_extension():
     )
 
 
+class BuildExt(BuildExtension):
+    """torch's ``build_ext``; under ``pip install -e`` it keeps its objects in ./build (the
+    directory ``setup.py build_ext --inplace`` uses) instead of a fresh temporary one, so
+    that re-installing recompiles only what changed (ninja)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if getattr(self, "editable_mode", False):
+            self.build_temp = os.path.join(ROOT, "build", f"temp.{self.plat_name}-{sys.implementation.cache_tag}")
+
+
 # The torch release this build compiles against (local version labels such as +cu130
 # dropped): the installed package requires exactly it.
 TORCH_RELEASE = torch.__version__.split("+")[0]
@@ -156,7 +168,7 @@ setup(
     description="CacheBlend: KV-cache reuse with selective recompute for RAG (PyTorch C++/CUDA ops)",
     packages=find_packages(include=["cacheblend_ext", "cacheblend_ext.*"]),
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",
     install_requires=["numpy", f"torch=={TORCH_RELEASE}"],
     extras_require={

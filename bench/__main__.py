@@ -1,15 +1,56 @@
-"""``python -m bench <command>``: each module in this package that defines ``COMMAND``,
-``HELP``, ``add_arguments(parser)`` and ``run(args) -> dict`` is a sub-command."""
+"""Microbenchmarks of the cacheblend ops and of the whole blend.
+
+Each command times cacheblend against the alternatives (eager PyTorch, torch.compile,
+SDPA, full prefill, ...) in the same run and prints tables; --json also writes them, with
+the machine and the conditions, to a file. The ops' tables compare the bytes an op must
+move with a copy timed in the same rounds (the "% of copy BW" column).
+"""
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import pkgutil
 import sys
+import textwrap
 
 import bench
 from bench import common
+
+EXAMPLES = """\
+examples:
+  python -m bench select                       HKVD selection at the default shape
+  python -m bench rope --device cpu --iters 5  fewer timed calls
+  python -m bench e2e --ratios 15 --json e2e.json
+  python -m bench attention --help             a command's options and their defaults
+
+Modules of this package that define COMMAND, HELP, add_arguments(parser) and
+run(args) -> dict are the commands. Results measured so far: bench/results/.
+"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, also for options without a help text, except where it
+    says nothing (None, a flag's False) or the help text already states it."""
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        default = action.default
+        return bool(action.option_strings) and not (default is None or default is False or default == ""
+                                                    or default is argparse.SUPPRESS)
+
+    def _format_action(self, action):
+        if action.help is None and self._shows_default(action):
+            action = copy.copy(action)
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not self._shows_default(action) or "(default" in text or "%(default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _commands():
@@ -23,15 +64,32 @@ def _commands():
     return dict(sorted(found.items()))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands = _commands()
+def _command_list(commands) -> str:
+    width = max(map(len, commands)) + 2
+    lines = ["commands (`python -m bench <command> --help` lists a command's options and defaults):"]
     for name, module in commands.items():
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        text = textwrap.wrap(module.HELP, 88 - 2 - width)
+        lines += [f"  {name:<{width}}{text[0]}"] + [" " * (2 + width) + rest for rest in text[1:]]
+    return "\n".join(lines)
+
+
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    commands = _commands() if commands is None else commands
+    parser = argparse.ArgumentParser(prog="python -m bench", usage="%(prog)s [-h] <command> [options]",
+                                     description=f"{__doc__}\n{_command_list(commands)}", epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>", help=argparse.SUPPRESS)
+    for name, module in commands.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP, formatter_class=HelpFormatter)
         common.add_common_arguments(p)
         module.add_arguments(p)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    commands = _commands()
+    args = build_parser(commands).parse_args(argv)
+    common.quiet_cuda_home_warning()
     result = commands[args.command].run(args)
     common.write_json(result, args.json)
     return 0

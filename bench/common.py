@@ -5,11 +5,22 @@ L2 (the working sets fit in L2), warm-up first, the median reported. CPU timing:
 ``time.perf_counter`` medians. Percentages of peak are against a *measured* copy
 bandwidth (device-to-device on a GPU, memcpy on the CPU) and the datasheet dense bf16
 tensor-core rate of the card.
+
+"% of copy BW" = the bytes an op must move (read + written, each once) per second, over
+the same count for a copy of a buffer larger than the caches (:class:`CopyReference`).
+On the CPU the copy is timed in the same rounds as the implementations
+(:func:`time_interleaved`). Timed once before them, as it used to be, the copy could run
+while other processes loaded the memory and the op in a quiet moment: with a process
+copying memory beside the copy's measurement only, kv_deviation on a 2-core CPU showed
+469% and 824% of "copy BW" (25% on the same machine without). Memory traffic that lasts through the whole run still slows the
+copy more than a partly compute-bound op: the table then says so under it.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -98,6 +109,69 @@ def time_fn(fn: Callable[[], object], device, warmup: int, iters: int, flush_l2:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "iters": iters}
+
+
+def time_interleaved(impls: dict, warmup: int, iters: int) -> dict:
+    """CPU medians (as :func:`time_fn`) of several implementations timed round-robin, one
+    call of each per round, so that load from other processes hits them all alike."""
+    for fn in impls.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in impls}
+    for _ in range(iters):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "iters": iters}
+            for name, t in times.items()}
+
+
+class CopyReference:
+    """The reference of the "% of copy BW" columns: ``dst.copy_(src)`` of a buffer larger
+    than the caches (256 MiB on a GPU, 128 MiB on the CPU), counting bytes read plus bytes
+    written. Call it to time it beside the implementations."""
+
+    NAME = "copy (reference)"
+
+    def __init__(self, device, nbytes: int | None = None):
+        if nbytes is None:
+            nbytes = (256 << 20) if torch.device(device).type == "cuda" else (128 << 20)
+        self.src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+        self.dst = torch.empty_like(self.src)
+        self.bytes = 2 * nbytes
+
+    def __call__(self) -> None:
+        self.dst.copy_(self.src)
+
+    def gbps(self, median_ms: float) -> float:
+        return self.bytes / (median_ms * 1e-3) / 1e9
+
+    def describe(self, gbps: float, percentages=()) -> str:
+        """The line under a table: the reference, and what a value over 100% means."""
+        text = (f"copy bandwidth: {gbps:.1f} GB/s ({self.bytes // 2 >> 20} MiB copied, bytes read + written, "
+                "timed in the same rounds as the implementations)")
+        if any(p > 100 for p in percentages):
+            text += ("\nover 100%: the copy ran slower than the bytes of that implementation would allow. A copy "
+                     "is all memory traffic; an op that is partly compute bound (or that mostly reads) loses less "
+                     "to other processes' memory traffic on a shared machine. Rerun on a quiet machine.")
+        return text
+
+
+def quiet_cuda_home_warning() -> None:
+    """torch.compile's CPU code generation imports ``torch.utils.cpp_extension``, which
+    logs "No CUDA runtime is found" with a CUDA build of torch on a machine with the CUDA
+    toolkit but no GPU. Nothing here needs a CUDA runtime then: import it once, with that
+    warning silenced. A no-op with a GPU or a CPU build of torch (which never warn)."""
+    if torch.cuda.is_available() or torch.version.cuda is None or "torch.utils.cpp_extension" in sys.modules:
+        return
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        importlib.import_module("torch.utils.cpp_extension")
+    finally:
+        logger.setLevel(level)
 
 
 def measure_copy_bandwidth(device, nbytes: int = 256 << 20) -> float:

@@ -3,6 +3,8 @@
 rope:   re-position K of one layer in place ([T, H, D]); bytes = read + write of K.
 concat: gather K and V of all chunks for all layers into a contiguous [L, N, H, D]
         request cache, re-rotating K; bytes = read + write of K and V, every layer.
+GB/s of those bytes, and their share of a copy's timed in the same rounds ("% of copy BW",
+bench/common.py).
 Both are compared, in the same run, with eager PyTorch and torch.compile versions of the
 same computation (table lookups, rotation in fp32, torch.cat + copy).
 """
@@ -18,14 +20,12 @@ from cacheblend_ext import ops
 from cacheblend_ext.rope import build_cos_sin_cache
 
 
-
-
 def add_shape_arguments(parser) -> None:
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--chunks", type=int, default=6)
-    parser.add_argument("--chunk-len", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=32, help="layers (concat; rope works on one layer)")
+    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim")
+    parser.add_argument("--chunks", type=int, default=6, help="chunks of the request")
+    parser.add_argument("--chunk-len", type=int, default=512, help="tokens per chunk")
     parser.add_argument("--gptj", action="store_true", help="interleaved (GPT-J) pairs instead of NeoX")
 
 
@@ -59,29 +59,44 @@ def eager_concat(chunks, src, dst, table, is_neox, k_out, v_out):
     v_out.copy_(torch.cat([c[:, 1] for c in chunks], dim=1))
 
 
-def _report(title, results, nbytes, copy_gbps, args, device, extra):
+def _report(title, results, nbytes, copy, args, device, extra):
+    """The table of ``results`` (each implementation's timing, and the copy reference's):
+    GB/s of the ``nbytes`` a call must move, and their share of the copy's GB/s."""
+    reference = results[common.CopyReference.NAME]
+    copy_gbps = reference["gbps"] = copy.gbps(reference["median_ms"])
     table = common.Table(title, ["impl", "median ms", "GB/s", "% of copy BW", "speed-up vs eager"])
     eager_ms = results["eager"]["median_ms"]
     for name, r in results.items():
+        if name == common.CopyReference.NAME:
+            continue
         gbps = nbytes / (r["median_ms"] * 1e-3) / 1e9
         r["gbps"] = gbps
         r["pct_of_copy_bw"] = 100 * gbps / copy_gbps
         table.add(name, r["median_ms"], gbps, r["pct_of_copy_bw"], eager_ms / r["median_ms"])
+    table.add(common.CopyReference.NAME, reference["median_ms"], copy_gbps, 100.0, "")
     print(table.render())
-    print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write); device: {common.device_name(device)}")
+    print(copy.describe(copy_gbps, [r["pct_of_copy_bw"] for r in results.values() if "pct_of_copy_bw" in r]))
+    print(f"device: {common.device_name(device)}")
     return {"command": args.command, "environment": common.environment(device), "shape": extra, "bytes": nbytes,
             "copy_bandwidth_gbps": copy_gbps, "results": results, "table": table.as_dict()}
 
 
 def _run_impls(impls: dict, device, args) -> dict:
+    """Timings of ``impls`` (None entries skipped), with a :class:`common.CopyReference`
+    added: on the CPU round-robin, one call of each per round (load from other processes
+    hits them alike); on a GPU one after the other, L2 flushed before each call."""
     warmup, iters = common.iterations(args)
+    copy = common.CopyReference(device)
+    impls = {name: fn for name, fn in impls.items() if fn is not None}
+    impls[common.CopyReference.NAME] = copy
+    if torch.device(device).type != "cuda":
+        common.progress(f"timing {', '.join(impls)} (interleaved)")
+        return common.time_interleaved(impls, warmup, iters), copy
     results = {}
     for name, fn in impls.items():
-        if fn is None:
-            continue
         common.progress(f"timing {name}")
-        results[name] = common.time_fn(fn, device, warmup, iters)
-    return results
+        results[name] = common.time_fn(fn, device, warmup, iters, flush_l2=name != common.CopyReference.NAME)
+    return results, copy
 
 
 def run_rope(args) -> dict:
@@ -110,12 +125,10 @@ def run_rope(args) -> dict:
         "eager": lambda: eager(next_key()),
         "torch.compile": (lambda: compiled_fn(next_key())) if compiled_fn else None,
     }
-    common.progress("measuring copy bandwidth")
-    copy_gbps = common.measure_copy_bandwidth(device)
-    results = _run_impls(impls, device, args)
+    results, copy = _run_impls(impls, device, args)
     nbytes = 2 * key.numel() * key.element_size()
     shape = {"tokens": n, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": str(dtype), "neox": is_neox}
-    return _report(f"rope_reposition in place, K of one layer {tuple(key.shape)} {dtype}", results, nbytes, copy_gbps,
+    return _report(f"rope_reposition in place, K of one layer {tuple(key.shape)} {dtype}", results, nbytes, copy,
                    args, device, shape)
 
 
@@ -138,11 +151,9 @@ def run_concat(args) -> dict:
         "eager": lambda: eager_concat(chunks, src, dst, table, is_neox, k_out, v_out),
         "torch.compile": (lambda: compiled_fn(chunks, src, dst, table, is_neox, k_out, v_out)) if compiled_fn else None,
     }
-    common.progress("measuring copy bandwidth")
-    copy_gbps = common.measure_copy_bandwidth(device)
-    results = _run_impls(impls, device, args)
+    results, copy = _run_impls(impls, device, args)
     nbytes = 2 * 2 * k_out.numel() * k_out.element_size()
     shape = {"layers": args.layers, "chunks": args.chunks, "chunk_len": args.chunk_len, "kv_heads": args.kv_heads,
              "head_dim": args.head_dim, "dtype": str(dtype), "neox": is_neox}
     return _report(f"fused_kv_concat, {args.chunks} chunks x {args.chunk_len} tokens, {args.layers} layers, "
-                   f"K+V {args.kv_heads}x{args.head_dim} {dtype}", results, nbytes, copy_gbps, args, device, shape)
+                   f"K+V {args.kv_heads}x{args.head_dim} {dtype}", results, nbytes, copy, args, device, shape)

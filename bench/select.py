@@ -2,7 +2,8 @@
 
 Three tables, each against eager PyTorch and its ``torch.compile`` version in the same run:
   deviation: ``kv_deviation`` over one layer's K ``[T, H, D]`` (fresh vs reused); bytes =
-             both inputs read once + the fp32 output; GB/s and % of measured copy bandwidth.
+             both inputs read once + the fp32 output; GB/s, and % of the bandwidth of a
+             copy timed in the same rounds (bench/common.py, "% of copy BW").
   selection: the whole check-layer selection from K to sorted indices. cacheblend =
              ``kv_deviation`` + ``select_hkvd_batched`` (2 GPU launches, no host sync); the
              composite = sum of squares, mask, ``torch.topk``, ``torch.cat``, ``torch.sort``.
@@ -18,8 +19,6 @@ tokens forced (the query). ``--requests R`` selects for R such requests in one c
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import torch
 
@@ -32,8 +31,8 @@ HELP = "HKVD selection: KV deviation + top-k with forced tokens (one check layer
 
 def add_arguments(parser) -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per request")
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--kv-heads", type=int, default=8, help="KV heads")
+    parser.add_argument("--head-dim", type=int, default=128, help="head dim")
     parser.add_argument("--ratio", type=float, default=0.15, help="recompute ratio r: k = ceil(r * tokens)")
     parser.add_argument("--forced", type=int, default=32, help="forced tokens at the end of each request (query)")
     parser.add_argument("--requests", type=int, default=1, help="requests selected in one call")
@@ -52,7 +51,10 @@ def selection_eager(fresh, reused, pool, forced_idx, k):
     return topk_eager(deviation_eager(fresh, reused), pool, forced_idx, k)
 
 
-def _table(title, results, args, nbytes=None, copy_gbps=None):
+def _table(title, results, args, nbytes=None, copy=None):
+    """``results``: the implementations' timings; with ``nbytes`` (bytes one call must
+    move) also GB/s and the percentage of the copy ``copy`` timed beside them (its row,
+    ``CopyReference.NAME``, is shown last)."""
     columns = ["impl", "median ms", "speed-up vs eager"]
     if nbytes is not None:
         columns = ["impl", "median ms", "GB/s", "% of copy BW", "speed-up vs eager"]
@@ -61,7 +63,11 @@ def _table(title, results, args, nbytes=None, copy_gbps=None):
         columns.append("GPU ops")
     table = common.Table(title, columns)
     eager_ms = results["eager"]["median_ms"]
+    reference = results.get(common.CopyReference.NAME)
+    copy_gbps = copy.gbps(reference["median_ms"]) if nbytes is not None else None
     for name, r in results.items():
+        if name == common.CopyReference.NAME:
+            continue
         row = [name, r["median_ms"]]
         if nbytes is not None:
             r["gbps"] = nbytes / (r["median_ms"] * 1e-3) / 1e9
@@ -72,7 +78,12 @@ def _table(title, results, args, nbytes=None, copy_gbps=None):
         if gpu:
             row.append("?" if r.get("gpu_ops") is None else r["gpu_ops"])
         table.add(*row)
+    if reference is not None and nbytes is not None:
+        reference["gbps"] = copy_gbps
+        table.add(common.CopyReference.NAME, reference["median_ms"], copy_gbps, 100.0, "", *([""] if gpu else []))
     print(table.render())
+    if reference is not None and nbytes is not None:
+        print(copy.describe(copy_gbps, [r["pct_of_copy_bw"] for n, r in results.items() if "pct_of_copy_bw" in r]))
     print()
     return table.as_dict()
 
@@ -94,33 +105,19 @@ def count_gpu_ops(fn) -> int | None:
         return None
 
 
-def _time_interleaved_cpu(impls: dict, warmup: int, iters: int) -> dict:
-    """CPU medians with the implementations timed round-robin, one call each per round, so
-    load from other processes on a shared machine hits them all alike."""
-    for fn in impls.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in impls}
-    for _ in range(iters):
-        for name, fn in impls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "iters": iters}
-            for name, t in times.items()}
-
-
 def _time_all(impls: dict, device, args) -> dict:
     warmup, iters = common.iterations(args)
     impls = {name: fn for name, fn in impls.items() if fn is not None}
     if torch.device(device).type != "cuda":
         common.progress(f"timing {', '.join(impls)} (interleaved)")
-        return _time_interleaved_cpu(impls, warmup, iters)
+        return common.time_interleaved(impls, warmup, iters)
     results = {}
     for name, fn in impls.items():
         common.progress(f"timing {name}")
-        results[name] = common.time_fn(fn, device, warmup, iters)
-        results[name]["gpu_ops"] = count_gpu_ops(fn)
+        # The copy reference runs on a buffer larger than L2: no flush needed (nor counted).
+        results[name] = common.time_fn(fn, device, warmup, iters, flush_l2=name != common.CopyReference.NAME)
+        if name != common.CopyReference.NAME:
+            results[name]["gpu_ops"] = count_gpu_ops(fn)
     return results
 
 
@@ -181,13 +178,13 @@ def run(args) -> dict:
     compiled_sel = common.maybe_compile(selection_eager, args)
     compiled_topk = common.maybe_compile(topk_eager, args)
 
-    common.progress("measuring copy bandwidth")
-    copy_gbps = common.measure_copy_bandwidth(device)
+    copy = common.CopyReference(device)
     out = torch.empty(total, device=device)
     dev_results = _time_all({
         "cacheblend": lambda: ops.kv_deviation(*next_pair(), out=out),
         "eager": lambda: deviation_eager(*next_pair()),
         "torch.compile": (lambda: compiled_dev(*next_pair())) if compiled_dev else None,
+        common.CopyReference.NAME: copy,
     }, device, args)
     sel_impls = {
         "cacheblend batched (no sync)": cb_selection,
@@ -209,11 +206,12 @@ def run(args) -> dict:
              "k": k, "forced": args.forced, "input_copies": copies}
     desc = f"{r} x {n} tokens x {args.kv_heads} x {args.head_dim} {str(dtype).replace('torch.', '')}"
     tables = [
-        _table(f"kv_deviation, K of one layer, {desc}", dev_results, args, nbytes, copy_gbps),
+        _table(f"kv_deviation, K of one layer, {desc}", dev_results, args, nbytes, copy),
         _table(f"whole selection (deviation + top-{k} + {args.forced} forced, sorted), {desc}", sel_results, args),
         _table(f"top-k only (deviation given), {desc}", topk_results, args),
     ]
-    print(f"measured copy bandwidth: {copy_gbps:.1f} GB/s (read + write); device: {common.device_name(device)}")
+    copy_gbps = dev_results[common.CopyReference.NAME]["gbps"]
+    print(f"device: {common.device_name(device)}")
     return {"command": args.command, "environment": common.environment(device), "shape": shape, "bytes": nbytes,
             "copy_bandwidth_gbps": copy_gbps,
             "results": {"deviation": dev_results, "selection": sel_results, "topk": topk_results},

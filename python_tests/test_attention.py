@@ -10,8 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from cacheblend_ext import ops, reference
-from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, poison_
+from cacheblend_ext import ops
+from helpers import (ATTENTION_CASES, DTYPES, HAS_CUDA, attention_inputs, attention_positions, check_attention,
+                     poison_)
 
 _cuda_skip = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (or CUDA kernels not built)")
 
@@ -45,18 +46,6 @@ TARGETS = [
     pytest.param(("cuda", ("simt", 0)), id="cuda-simt", marks=_cuda_skip),
 ]
 
-# (M, N, Hq, Hkv, D): the issue's sizes, GQA ratios 1, 3, 4, 8 and both head dims.
-CASES = [
-    (1, 1, 4, 4, 64),
-    (5, 17, 3, 1, 64),
-    (64, 17, 8, 2, 128),  # more queries than keys: duplicate positions
-    (64, 512, 8, 1, 128),
-    (600, 512, 4, 1, 64),
-    (5, 4099, 8, 8, 128),
-    (600, 4099, 8, 2, 64),
-    (1, 4099, 3, 1, 128),
-]
-
 
 @pytest.fixture
 def target(request):
@@ -68,49 +57,18 @@ def target(request):
             yield device
 
 
-def _positions(m: int, n: int, sort: bool, device) -> torch.Tensor:
-    """Random positions in [0, n) with the first query at position 0; duplicates when m > n."""
-    if m <= n:
-        pos = torch.randperm(n)[:m]
-    else:
-        pos = torch.randint(0, n, (m,))
-    if m:
-        pos[torch.argmin(pos)] = pos[0].clone()
-        pos[0] = 0
-    if sort:
-        pos = pos.sort().values
-    return pos.to(device)
-
-
-def _inputs(m, n, hq, hkv, d, dtype, device):
-    q = torch.randn(m, hq, d, dtype=dtype, device=device)
-    k = torch.randn(n, hkv, d, dtype=dtype, device=device)
-    v = torch.randn(n, hkv, d, dtype=dtype, device=device)
-    return q, k, v
-
-
-def _check(out, lse, q, k, v, pos, scale=None, q_indptr=None, kv_indptr=None):
-    ref_out, ref_lse = reference.sparse_query_attention(q, k, v, pos, scale, q_indptr, kv_indptr)
-    # fp16/bf16 kernels round the probabilities to the storage dtype before P @ V.
-    factor = 1.0 if q.dtype == torch.float32 else 2.0
-    assert_close_to_ref(out, ref_out, q.dtype, factor=factor)
-    if lse is not None:
-        assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
-        torch.testing.assert_close(lse.cpu().double(), ref_lse, atol=1e-3, rtol=1e-4)
-
-
 @pytest.mark.parametrize("target", TARGETS, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-N{}-Hq{}-Hkv{}-D{}".format(*c))
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "M{}-N{}-Hq{}-Hkv{}-D{}".format(*c))
 @pytest.mark.parametrize("sort", [True, False], ids=["sorted", "unsorted"])
 def test_matches_reference(target, dtype, case, sort):
     m, n, hq, hkv, d = case
-    q, k, v = _inputs(m, n, hq, hkv, d, dtype, target)
-    pos = _positions(m, n, sort, target)
+    q, k, v = attention_inputs(m, n, hq, hkv, d, dtype, target)
+    pos = attention_positions(m, n, sort, target)
     out = poison_(torch.empty_like(q))
     res, lse = ops.sparse_query_attention(q, k, v, pos, out=out, return_lse=True)
     assert res is out
-    _check(out, lse, q, k, v, pos)
+    check_attention(out, lse, q, k, v, pos)
 
 
 @pytest.mark.parametrize("target", TARGETS, indirect=True)
@@ -118,10 +76,10 @@ def test_matches_reference(target, dtype, case, sort):
 @pytest.mark.parametrize("d", [32, 96])
 def test_other_head_dims(target, dtype, d):
     """Head dims other than 64 / 128 take the SIMT path on CUDA."""
-    q, k, v = _inputs(37, 300, 6, 2, d, dtype, target)
-    pos = _positions(37, 300, True, target)
+    q, k, v = attention_inputs(37, 300, 6, 2, d, dtype, target)
+    pos = attention_positions(37, 300, True, target)
     out, lse = ops.sparse_query_attention(q, k, v, pos, 0.3, return_lse=True)
-    _check(out, lse, q, k, v, pos, 0.3)
+    check_attention(out, lse, q, k, v, pos, 0.3)
 
 
 @pytest.mark.parametrize("target", TARGETS, indirect=True)
@@ -133,14 +91,14 @@ def test_ragged_batch(target, dtype, index_dtype):
     q_counts, kv_counts = [13, 0, 70, 1], [40, 25, 700, 1]
     hq, hkv, d = 8, 2, 128
     m, n = sum(q_counts), sum(kv_counts)
-    q, k, v = _inputs(m, n, hq, hkv, d, dtype, target)
-    pos = torch.cat([_positions(c, kv, False, "cpu") for c, kv in zip(q_counts, kv_counts)]).to(target, index_dtype)
+    q, k, v = attention_inputs(m, n, hq, hkv, d, dtype, target)
+    pos = torch.cat([attention_positions(c, kv, False, "cpu") for c, kv in zip(q_counts, kv_counts)]).to(target, index_dtype)
     q_indptr = torch.tensor([0] + q_counts, dtype=index_dtype).cumsum(0).to(target, index_dtype)
     kv_indptr = torch.tensor([0] + kv_counts, dtype=index_dtype).cumsum(0).to(target, index_dtype)
     out = poison_(torch.empty_like(q))
     lse = ops.sparse_query_attention(q, k, v, pos, q_indptr=q_indptr, kv_indptr=kv_indptr, out=out,
                                      return_lse=True)[1]
-    _check(out, lse, q, k, v, pos, None, q_indptr.cpu(), kv_indptr.cpu())
+    check_attention(out, lse, q, k, v, pos, None, q_indptr.cpu(), kv_indptr.cpu())
 
 
 @pytest.mark.parametrize("target", TARGETS, indirect=True)
@@ -152,20 +110,20 @@ def test_strided_inputs_and_output(target, dtype, d):
     fused_q = torch.randn(m, hq + 3, d, dtype=dtype, device=target)
     fused_kv = torch.randn(n, 2 * hkv + 1, d, dtype=dtype, device=target)
     q, k, v = fused_q[:, 1:hq + 1], fused_kv[:, :hkv], fused_kv[:, hkv + 1:]
-    pos = _positions(m, n, False, target).to(torch.int32)
+    pos = attention_positions(m, n, False, target).to(torch.int32)
     out_buf = poison_(torch.empty(m, hq + 2, d, dtype=dtype, device=target))
     out = out_buf[:, 2:]
     lse_buf = poison_(torch.empty(hq, 2 * m, dtype=torch.float32, device=target))
     lse = lse_buf[:, ::2].t()
     torch.ops.cacheblend.sparse_query_attention(q, k, v, pos, None, None, d ** -0.5, out, lse)
-    _check(out, lse, q, k, v, pos)
+    check_attention(out, lse, q, k, v, pos)
     assert torch.isnan(out_buf[:, :2]).all() and torch.isnan(lse_buf[:, 1::2]).all()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_cuda_skip)])
 def test_opcheck(device):
-    q, k, v = _inputs(7, 50, 4, 2, 64, torch.float32, device)
-    pos = _positions(7, 50, False, device)
+    q, k, v = attention_inputs(7, 50, 4, 2, 64, torch.float32, device)
+    pos = attention_positions(7, 50, False, device)
     out = torch.empty_like(q)
     lse = torch.empty(7, 4, device=device)
     torch.library.opcheck(torch.ops.cacheblend.sparse_query_attention.default,
@@ -178,14 +136,14 @@ def test_opcheck(device):
 
 
 def test_empty_queries():
-    q, k, v = _inputs(0, 10, 4, 2, 64, torch.float32, "cpu")
+    q, k, v = attention_inputs(0, 10, 4, 2, 64, torch.float32, "cpu")
     out, lse = ops.sparse_query_attention(q, k, v, torch.zeros(0, dtype=torch.long), return_lse=True)
     assert out.shape == (0, 4, 64) and lse.shape == (0, 4)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=_cuda_skip)])
 def test_argument_errors(device):
-    q, k, v = _inputs(4, 10, 4, 2, 64, torch.float32, device)
+    q, k, v = attention_inputs(4, 10, 4, 2, 64, torch.float32, device)
     pos = torch.tensor([0, 3, 9, 2], device=device)
     with pytest.raises(RuntimeError, match="multiple of num_kv_heads"):
         ops.sparse_query_attention(q, k[:, :1].expand(10, 3, 64), v[:, :1].expand(10, 3, 64), pos)
@@ -212,7 +170,7 @@ def test_argument_errors(device):
 
 def test_value_errors_cpu():
     """Index values are checked on the host on CPU (CUDA checks them with device asserts)."""
-    q, k, v = _inputs(4, 10, 4, 2, 64, torch.float32, "cpu")
+    q, k, v = attention_inputs(4, 10, 4, 2, 64, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match=r"q_pos\[2\] = 10 is outside request 0's keys \[0, 10\)"):
         ops.sparse_query_attention(q, k, v, torch.tensor([0, 3, 10, 2]))
     with pytest.raises(RuntimeError, match=r"q_pos\[1\] = -1 is outside"):

@@ -17,13 +17,15 @@ import re
 import pytest
 import torch
 
-from conftest import DTYPES, poison_
-from test_attention import CASES, _check, _inputs, _positions
+from helpers import ATTENTION_CASES, DTYPES, attention_inputs, attention_positions, check_attention, poison_
 
 IMPLS = ["flash", "flash_s2", "flash_s3", "flash_m32"]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
-# test_attention.py's shapes, less the largest (600 x 4099: minutes per run here).
-EMULATED_CASES = [c for c in CASES if c[0] * c[1] <= 600 * 512]
+# test_attention.py's shapes, less the largest (600 x 4099: minutes per run here); the two
+# next largest take 5 to 30 s each on 2 cores: marked slow.
+SLOW_CASES = {(5, 4099, 8, 8, 128), (600, 512, 4, 1, 64)}
+EMULATED_CASES = [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES else c
+                  for c in ATTENTION_CASES if c[0] * c[1] <= 600 * 512]
 FLASH = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "kernels" / "attention" / "flash.cuh"
 
 
@@ -41,10 +43,10 @@ def _run(emulated, impl, q, k, v, pos, scale=None, q_indptr=None, kv_indptr=None
 @pytest.mark.parametrize("case", EMULATED_CASES, ids=lambda c: "M{}-N{}-Hq{}-Hkv{}-D{}".format(*c))
 def test_matches_reference(emulated_kernels, impl, dtype, case):
     m, n, hq, hkv, d = case
-    q, k, v = _inputs(m, n, hq, hkv, d, dtype, "cpu")
-    pos = _positions(m, n, False, "cpu")
+    q, k, v = attention_inputs(m, n, hq, hkv, d, dtype, "cpu")
+    pos = attention_positions(m, n, False, "cpu")
     out, lse = _run(emulated_kernels, impl, q, k, v, pos)
-    _check(out, lse, q, k, v, pos)
+    check_attention(out, lse, q, k, v, pos)
 
 
 @pytest.mark.parametrize("impl", ["flash", "flash_s2", "flash_s3", "flash_m32"])
@@ -54,28 +56,28 @@ def test_key_splits(emulated_kernels, tiles_per_split, d, impl):
     """Any key split gives the same result: rows that see one split (written directly)
     beside rows that see several (merged by the combine kernel), splits wholly past some
     row tiles, and a last split that takes the remaining tiles."""
-    q, k, v = _inputs(40, 450, 8, 2, d, torch.bfloat16, "cpu")
-    pos = _positions(40, 450, True, "cpu")
+    q, k, v = attention_inputs(40, 450, 8, 2, d, torch.bfloat16, "cpu")
+    pos = attention_positions(40, 450, True, "cpu")
     out, lse = _run(emulated_kernels, impl, q, k, v, pos, tiles_per_split=tiles_per_split)
-    _check(out, lse, q, k, v, pos)
+    check_attention(out, lse, q, k, v, pos)
 
 
 @pytest.mark.parametrize("num_sms", [1, 8, 132])
 def test_planned_splits(emulated_kernels, num_sms):
     """The split the host plans from the SM count (one split on a small device, several on
     a large one) computes the same function."""
-    q, k, v = _inputs(30, 900, 4, 1, 64, torch.float16, "cpu")
-    pos = _positions(30, 900, True, "cpu")
+    q, k, v = attention_inputs(30, 900, 4, 1, 64, torch.float16, "cpu")
+    pos = attention_positions(30, 900, True, "cpu")
     out, lse = _run(emulated_kernels, "flash", q, k, v, pos, num_sms=num_sms)
-    _check(out, lse, q, k, v, pos)
+    check_attention(out, lse, q, k, v, pos)
 
 
 def _ragged(index_dtype=torch.int64, d=128):
     # Requests of 13, 0, 30 and 1 queries against 40, 25, 300 and 1 keys: boundaries fall
     # inside row tiles, and the empty request still owns keys.
     q_counts, kv_counts = [13, 0, 30, 1], [40, 25, 300, 1]
-    q, k, v = _inputs(sum(q_counts), sum(kv_counts), 8, 2, d, torch.float16, "cpu")
-    pos = torch.cat([_positions(c, kv, False, "cpu") for c, kv in zip(q_counts, kv_counts)]).to(index_dtype)
+    q, k, v = attention_inputs(sum(q_counts), sum(kv_counts), 8, 2, d, torch.float16, "cpu")
+    pos = torch.cat([attention_positions(c, kv, False, "cpu") for c, kv in zip(q_counts, kv_counts)]).to(index_dtype)
     q_indptr = torch.tensor([0] + q_counts).cumsum(0).to(index_dtype)
     kv_indptr = torch.tensor([0] + kv_counts).cumsum(0).to(index_dtype)
     return q, k, v, pos, q_indptr, kv_indptr
@@ -86,7 +88,7 @@ def _ragged(index_dtype=torch.int64, d=128):
 def test_ragged_batch(emulated_kernels, impl, index_dtype):
     q, k, v, pos, q_indptr, kv_indptr = _ragged(index_dtype)
     out, lse = _run(emulated_kernels, impl, q, k, v, pos, 0.2, q_indptr, kv_indptr, tiles_per_split=2)
-    _check(out, lse, q, k, v, pos, 0.2, q_indptr, kv_indptr)
+    check_attention(out, lse, q, k, v, pos, 0.2, q_indptr, kv_indptr)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -95,10 +97,10 @@ def test_strided_inputs_and_output(emulated_kernels, impl):
     m, n, hq, hkv, d = 21, 300, 6, 2, 64
     qkv = torch.randn(n, hq + 2 * hkv + 1, d, dtype=torch.bfloat16)
     q, k, v = qkv[:m, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:hq + 2 * hkv]
-    pos = _positions(m, n, False, "cpu")
+    pos = attention_positions(m, n, False, "cpu")
     wide = poison_(torch.empty(m, hq + 3, d, dtype=torch.bfloat16))
     out, lse = _run(emulated_kernels, impl, q, k, v, pos, out=wide[:, 1:hq + 1])
-    _check(out, lse, q, k, v, pos)
+    check_attention(out, lse, q, k, v, pos)
     assert wide[:, 0].isnan().all() and wide[:, hq + 1:].isnan().all(), "wrote outside out"
 
 
@@ -106,26 +108,26 @@ def test_strided_inputs_and_output(emulated_kernels, impl):
 @pytest.mark.parametrize("d", [32, 64])
 def test_simt_kernel(emulated_kernels, dtype, d):
     """The SIMT kernel (fp32, other head dims, unaligned inputs, impl="simt")."""
-    q, k, v = _inputs(9, 200, 6, 2, d, dtype, "cpu")
-    pos = _positions(9, 200, False, "cpu")
+    q, k, v = attention_inputs(9, 200, 6, 2, d, dtype, "cpu")
+    pos = attention_positions(9, 200, False, "cpu")
     out, lse = _run(emulated_kernels, "simt", q, k, v, pos, 0.3)
-    _check(out, lse, q, k, v, pos, 0.3)
+    check_attention(out, lse, q, k, v, pos, 0.3)
 
 
 def test_misaligned_output_takes_the_simt_kernel(emulated_kernels):
     """An output whose rows are not 16-byte aligned cannot take the tensor-core epilogue's
     vector stores: the dispatch falls back to the SIMT kernel, same results."""
-    q, k, v = _inputs(9, 100, 4, 2, 64, torch.float16, "cpu")
-    pos = _positions(9, 100, False, "cpu")
+    q, k, v = attention_inputs(9, 100, 4, 2, 64, torch.float16, "cpu")
+    pos = attention_positions(9, 100, False, "cpu")
     wide = poison_(torch.empty(9 * 4 * 64 + 1, dtype=torch.float16))
     out = wide[1:].view(9, 4, 64)
     out, lse = _run(emulated_kernels, "flash", q, k, v, pos, out=out)
-    _check(out, lse, q, k, v, pos)
+    check_attention(out, lse, q, k, v, pos)
 
 
 def test_device_checks_reach_the_caller(emulated_kernels):
     """A position outside its request trips the kernel's device-side check."""
-    q, k, v = _inputs(3, 10, 2, 1, 64, torch.bfloat16, "cpu")
+    q, k, v = attention_inputs(3, 10, 2, 1, 64, torch.bfloat16, "cpu")
     with pytest.raises(RuntimeError, match="q_pos outside its request"):
         _run(emulated_kernels, "flash", q, k, v, torch.tensor([0, 10, 2]))
 
@@ -154,16 +156,17 @@ def _mutation_cases():
 
 
 def _single(m, n, d):
-    q, k, v = _inputs(m, n, 8, 2, d, torch.bfloat16, "cpu")
-    return q, k, v, _positions(m, n, True, "cpu")
+    q, k, v = attention_inputs(m, n, 8, 2, d, torch.bfloat16, "cpu")
+    return q, k, v, attention_positions(m, n, True, "cpu")
 
 
 def _run_checked(emulated, impl, q, k, v, pos, q_indptr=None, kv_indptr=None, tiles_per_split=0):
     out, lse = _run(emulated, impl, q, k, v, pos, q_indptr=q_indptr, kv_indptr=kv_indptr,
                     tiles_per_split=tiles_per_split)
-    _check(out, lse, q, k, v, pos, None, q_indptr, kv_indptr)
+    check_attention(out, lse, q, k, v, pos, None, q_indptr, kv_indptr)
 
 
+@pytest.mark.slow
 def test_mutation_cases_pass(emulated_kernels):
     """The mutation tests' cases pass with every synchronisation in place (so a failure
     below is the mutation's doing)."""
@@ -171,6 +174,7 @@ def test_mutation_cases_pass(emulated_kernels):
         case(emulated_kernels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("site", _sync_sites(), ids=lambda s: f"line{s[0]}")
 def test_every_synchronisation_is_needed(emulated_kernels, site):
     line, text = site

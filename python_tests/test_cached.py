@@ -10,7 +10,8 @@ import torch
 
 import cacheblend_ext.blend.engine as engine_mod
 from cacheblend_ext.cached import CachedBlender
-from conftest import DEVICES, request_parts
+from cacheblend_ext.store import FILE_SUFFIX
+from helpers import DEVICES, request_parts
 
 S = "tenant-1"  # the scope of every chunk here
 

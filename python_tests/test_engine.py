@@ -7,47 +7,14 @@ import pytest
 import torch
 
 from cacheblend_ext import reference
-from cacheblend_ext.chunk import ChunkKV
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 from cacheblend_ext.blend.hf import cache_kwarg, cache_layers, make_dynamic_cache
 from cacheblend_ext.blend.models import bundled_model_available
 
-from conftest import DEVICES, request_parts
+from helpers import (DEVICES, assert_logits_close, full_reuse_reference, hf_logits_and_greedy, request_parts,
+                     tiny_model)
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
-
-
-def tiny_model(arch: str):
-    import transformers as tf
-
-    torch.manual_seed(1234)
-    common = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-                  initializer_range=0.1, tie_word_embeddings=False)
-    if arch == "llama":
-        cfg = tf.LlamaConfig(rope_theta=10000.0, **common)
-        cls = tf.LlamaForCausalLM
-    elif arch == "mistral":
-        cfg = tf.MistralConfig(rope_theta=10000.0, sliding_window=None, **common)
-        cls = tf.MistralForCausalLM
-    elif arch == "qwen2":
-        cfg = tf.Qwen2Config(rope_theta=1000000.0, **common)
-        cls = tf.Qwen2ForCausalLM
-    else:
-        cfg = tf.Qwen3Config(rope_theta=1000000.0, head_dim=16, **common)
-        cls = tf.Qwen3ForCausalLM
-    model = cls(cfg).eval()
-    if arch == "qwen2":  # make the QKV biases matter
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
-    if arch == "qwen3":
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_norm.weight.normal_(1, 0.3)
-                layer.self_attn.k_norm.weight.normal_(1, 0.3)
-    return model
 
 
 def _cases():
@@ -62,47 +29,6 @@ def _cases():
 def tiny(request):
     arch, device = request.param
     return tiny_model(arch).to(device)
-
-
-def hf_logits_and_greedy(model, ids: torch.Tensor, steps: int = 32):
-    ids = ids.to(model.device)
-    with torch.inference_mode():
-        logits = model(input_ids=ids[None]).logits[0, -1].float()
-        out = model.generate(input_ids=ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=steps,
-                             do_sample=False, pad_token_id=0)
-    return logits, out[0, ids.numel():].tolist()
-
-
-def full_reuse_reference(engine: BlendEngine, prefix: torch.Tensor, chunks: list[ChunkKV], query: torch.Tensor):
-    """Prefix prefilled by HF, chunk KV re-rotated to its new positions (float64 reference),
-    then the query prefilled by HF on top of that cache: first-token logits."""
-    model = engine.model
-    dev = model.device
-    rope = engine.rope(4096)
-    with torch.inference_mode():
-        cache_out = model(input_ids=prefix[None].to(dev), use_cache=True)
-        base = getattr(cache_out, "cache", None) or cache_out.past_key_values
-        keys = [layer.keys[0].transpose(0, 1) for layer in base.layers]
-        values = [layer.values[0].transpose(0, 1) for layer in base.layers]
-        n = prefix.numel()
-        for c in chunks:
-            dst = torch.arange(n, n + c.num_tokens)
-            for l in range(c.num_layers):
-                k = reference.rope_reposition(c.kv[l, 0].cpu(), c.positions.cpu(), dst, rope.cos_sin_cache.cpu(),
-                                              True).float().to(dev)
-                keys[l] = torch.cat([keys[l], k])
-                values[l] = torch.cat([values[l], c.kv[l, 1]])
-            n += c.num_tokens
-        cache = make_dynamic_cache(model, [k.transpose(0, 1)[None].contiguous() for k in keys],
-                                   [v.transpose(0, 1)[None].contiguous() for v in values])
-        out = engine.forward(query, torch.arange(n, n + query.numel()), cache)
-    return out.logits[0, -1].float()
-
-
-def assert_logits_close(a, b, tol=2e-4):
-    scale = b.abs().max().item()
-    err = (a - b).abs().max().item()
-    assert err <= tol * max(scale, 1.0), f"max logit error {err:.3e} (scale {scale:.3e})"
 
 
 def test_ratio_one_reproduces_full_prefill(tiny):
@@ -325,6 +251,7 @@ def test_bundled_model_answers(smol):
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
 
 
+@pytest.mark.slow
 @pytest.mark.model
 @needs_model
 def test_bundled_ratio_one_and_zero(smol):

@@ -9,93 +9,14 @@ test_paged_attention.py reads the same layouts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from cacheblend_ext import ops
-from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, poison_
-from test_kv_concat import _request, _table
+from helpers import (DTYPES, ENGINE_LAYERS, ENGINE_LAYOUTS, HAS_CUDA, EngineCache, assert_close_to_ref, concat_request,
+                     engine_views, make_engine_cache, poison_, rope_table)
 
-LAYERS, HEADS = 2, 2
-
-# name: (engine, how its buffers look)
-ENGINE_LAYOUTS = {
-    "vllm_kv_inner": "vLLM per layer [num_blocks, 2, block_size, H, D]",
-    "vllm_kv_outer": "vLLM per layer [2, num_blocks, block_size, H, D]",
-    "vllm_all_layers_nhd": "one buffer [num_blocks, L, block_size, H, 2*D]: K and V side by side in the last dim",
-    "vllm_all_layers_hnd": "one buffer [num_blocks, L, H, block_size, 2*D]: heads before the block offset",
-    "flashinfer_nhd_pair": "FlashInfer K/V pair [pages, page_size, H, D]",
-    "flashinfer_hnd_pair": "FlashInfer K/V pair [pages, H, page_size, D]",
-    "flashinfer_hnd_single": "FlashInfer one tensor [pages, 2, H, page_size, D]",
-    "sglang": "SGLang per-layer token pools [slots, H, D] (page size 1)",
-    "misaligned": "[pages, page_size, H, D] views one element off 16-byte alignment (scalar path)",
-}
-
-
-@dataclass
-class EngineCache:
-    kind: str
-    buffers: list  # the engine's own allocations
-    num_pages: int
-    page_size: int
-    layout: str  # what the wrappers are told: "NHD" or "HND"
-
-
-def make_engine_cache(kind, num_pages, page_size, heads, head_dim, dtype, device="cpu", layers=LAYERS,
-                      fill=float("nan")) -> EngineCache:
-    """The engine's buffers for ``kind`` (see ENGINE_LAYOUTS), filled with ``fill``."""
-    shape_nhd, shape_hnd = (num_pages, page_size, heads, head_dim), (num_pages, heads, page_size, head_dim)
-    new = lambda *shape: torch.full(shape, fill, dtype=dtype, device=device)  # noqa: E731
-    layout = "HND" if kind.endswith("hnd") or kind.startswith("flashinfer_hnd") else "NHD"
-    if kind == "vllm_kv_inner":
-        bufs = [new(num_pages, 2, page_size, heads, head_dim) for _ in range(layers)]
-    elif kind == "vllm_kv_outer":
-        bufs = [new(2, *shape_nhd) for _ in range(layers)]
-    elif kind == "vllm_all_layers_nhd":
-        bufs = [new(num_pages, layers, page_size, heads, 2 * head_dim)]
-    elif kind == "vllm_all_layers_hnd":
-        bufs = [new(num_pages, layers, heads, page_size, 2 * head_dim)]
-    elif kind == "flashinfer_nhd_pair":
-        bufs = [new(*shape_nhd) for _ in range(2 * layers)]
-    elif kind == "flashinfer_hnd_pair":
-        bufs = [new(*shape_hnd) for _ in range(2 * layers)]
-    elif kind == "flashinfer_hnd_single":
-        bufs = [new(num_pages, 2, heads, page_size, head_dim) for _ in range(layers)]
-    elif kind == "sglang":
-        assert page_size == 1
-        bufs = [new(num_pages, heads, head_dim) for _ in range(2 * layers)]
-    elif kind == "misaligned":
-        bufs = [new(num_pages, page_size, heads, head_dim + 1) for _ in range(2 * layers)]
-    else:
-        raise KeyError(kind)
-    return EngineCache(kind, bufs, num_pages, page_size, layout)
-
-
-def engine_views(cache: EngineCache, layer: int):
-    """Layer ``layer``'s K and V as the engine hands them out: views of its buffers in
-    the engine's own shape (the wrappers get ``layout=cache.layout``)."""
-    b, kind = cache.buffers, cache.kind
-    if kind in ("vllm_kv_inner", "flashinfer_hnd_single"):
-        return b[layer][:, 0], b[layer][:, 1]
-    if kind == "vllm_kv_outer":
-        return b[layer][0], b[layer][1]
-    if kind.startswith("vllm_all_layers"):
-        d = b[0].shape[-1] // 2
-        return b[0][:, layer, ..., :d], b[0][:, layer, ..., d:]
-    if kind == "misaligned":
-        return b[2 * layer][..., 1:], b[2 * layer + 1][..., 1:]
-    return b[2 * layer], b[2 * layer + 1]
-
-
-def engine_kv_arg(cache: EngineCache, layer: int):
-    """What an engine passes as one ``kv_cache`` argument: its one tensor with K and V at
-    dim 1 (``[pages, 2, ...]``) where it has one, else the (K, V) pair."""
-    if cache.kind in ("vllm_kv_inner", "flashinfer_hnd_single"):
-        return cache.buffers[layer]
-    return engine_views(cache, layer)
-
+LAYERS, HEADS = ENGINE_LAYERS, 2
 
 def slot_rows(cache: EngineCache, view: torch.Tensor) -> torch.Tensor:
     """``[num_pages * page_size, H, D]`` (a copy) of one engine view, in slot order."""
@@ -113,8 +34,8 @@ def _concat_into_engine(kind, page_size, dtype, concat, lengths=(1, 7, 65), head
     checks the engine's buffers hold the contiguous result at the slots and are
     untouched (still NaN) everywhere else."""
     gen = torch.Generator().manual_seed(seed)
-    table = _table(head_dim)
-    chunks, src, dst = _request(list(lengths), head_dim, dtype, "cpu", gen)
+    table = rope_table(head_dim)
+    chunks, src, dst = concat_request(list(lengths), head_dim, dtype, "cpu", gen)
     chunks = [c[:LAYERS] for c in chunks]
     n = src.shape[0]
     num_pages = -(-n // page_size) + 3
@@ -201,8 +122,8 @@ def test_concat_stacked_hnd_and_bad_layouts():
     """One stacked [L, num_blocks, H, block_size, D] tensor with layout='HND'; wrong
     layouts and shapes are refused by name."""
     gen = torch.Generator().manual_seed(5)
-    table = _table(64)
-    chunks, src, dst = _request([9], 64, torch.float32, "cpu", gen)
+    table = rope_table(64)
+    chunks, src, dst = concat_request([9], 64, torch.float32, "cpu", gen)
     chunks = [c[:LAYERS] for c in chunks]
     k = poison_(torch.empty(LAYERS, 3, HEADS, 4, 64))
     v = poison_(torch.empty_like(k))
@@ -225,8 +146,8 @@ def test_concat_stacked_hnd_and_bad_layouts():
 def test_concat_opcheck(kind):
     """The schema (mutated Tensor(a!)[] lists) holds for strided engine views too."""
     gen = torch.Generator().manual_seed(6)
-    table = _table(64)
-    chunks, src, dst = _request([3, 5], 64, torch.float32, "cpu", gen)
+    table = rope_table(64)
+    chunks, src, dst = concat_request([3, 5], 64, torch.float32, "cpu", gen)
     chunks = [c[:LAYERS] for c in chunks]
     cache = make_engine_cache(kind, 4, 4, HEADS, 64, torch.float32, fill=0.0)
     ks, vs = zip(*(engine_views(cache, l) for l in range(LAYERS)))

@@ -12,8 +12,7 @@ import torch
 from cacheblend_ext.cached import CachedBlender
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 
-from conftest import request_parts
-from test_engine import assert_logits_close, full_reuse_reference, hf_logits_and_greedy, tiny_model
+from helpers import assert_logits_close, full_reuse_reference, hf_logits_and_greedy, request_parts, tiny_model
 
 ONE = BlendConfig(recompute_ratio=1.0)
 ZERO = BlendConfig(recompute_ratio=0.0)

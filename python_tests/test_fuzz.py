@@ -24,7 +24,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 from cacheblend_ext import ops, reference
 from torch.ops import cacheblend as raw_ops  # the registered ops, without the wrappers
-from conftest import DEVICES, assert_close_to_ref, poison_
+from helpers import DEVICES, assert_close_to_ref, poison_
 
 settings.register_profile(
     "cacheblend",

@@ -10,20 +10,9 @@ from cacheblend_ext.cached import CachedBlender
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 from cacheblend_ext.identity import ModelIdentity, chunk_key
 from cacheblend_ext.store import ChunkStore
-from conftest import request_parts
+from helpers import request_parts, tiny_llama
 
 S = "tenant-1"  # the scope of every chunk here
-
-
-def tiny_llama(seed=1234, **overrides):
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    kw = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2,
-              initializer_range=0.1, tie_word_embeddings=False, rope_theta=10000.0)
-    kw.update(overrides)
-    return tf.LlamaForCausalLM(tf.LlamaConfig(**kw)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from cacheblend_ext.cached import CachedBlender
 from cacheblend_ext.store import ChunkCorruptError, ChunkMac, ChunkStore, mac_key_from_env
 from cacheblend_ext.store.chunk_format import PREFIX
 from cacheblend_ext.store.pipeline import StoreLayerSource, open_layer_source
-from conftest import request_parts
-from test_identity import tiny_llama
+from helpers import request_parts, tiny_llama
 
 L, T, H, D = 5, 7, 2, 8
 S = "tenant-1"

@@ -11,11 +11,8 @@ import pytest
 import torch
 
 from cacheblend_ext import reference
-from conftest import DTYPES, assert_close_to_ref, poison_
-from test_kv_concat import _expected_concat, _request
-from test_kv_concat import _table as _concat_table
-from test_rope import _table as _rope_table
-from test_select import _assert_deviation_close, _masks, _strided
+from helpers import (DTYPES, assert_close_to_ref, assert_deviation_close, concat_request, expected_concat, poison_,
+                     rope_table, selection_masks, strided)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -23,7 +20,7 @@ from test_select import _assert_deviation_close, _masks, _strided
 @pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (128, 64), (80, 32), (6, 2)])
 @pytest.mark.parametrize("num_tokens", [1, 65])
 def test_rope_reposition(emulated_kernels, num_tokens, head_dim, rotary_dim, is_neox, dtype):
-    table = _rope_table(rotary_dim, factor=1.17)
+    table = rope_table(rotary_dim, 5000, factor=1.17)
     raw = torch.randn(num_tokens, 3, head_dim, dtype=torch.float64)
     src = torch.randint(0, 5000, (num_tokens,))
     dst = torch.randint(0, 5000, (num_tokens,))
@@ -38,7 +35,7 @@ def test_rope_reposition(emulated_kernels, num_tokens, head_dim, rotary_dim, is_
 def test_rope_reposition_out_of_place_strided(emulated_kernels, out_offset, is_neox):
     """Out of place into a wider buffer: the pass-through dims are copied, nothing else
     is written; a misaligned output takes the scalar path."""
-    table = _rope_table(64)
+    table = rope_table(64, 5000)
     key = torch.randn(33, 4, 128, dtype=torch.bfloat16)
     src, dst = torch.randint(0, 5000, (33,)), torch.randint(0, 5000, (33,), dtype=torch.int32)
     wide = poison_(torch.empty(33, 4, 128 + 16, dtype=torch.bfloat16))
@@ -54,13 +51,13 @@ def test_rope_reposition_out_of_place_strided(emulated_kernels, out_offset, is_n
 @pytest.mark.parametrize("head_dim,rotary_dim", [(64, 64), (80, 32)])
 def test_fused_kv_concat_contiguous(emulated_kernels, head_dim, rotary_dim, is_neox, dtype):
     gen = torch.Generator().manual_seed(2)
-    table = _concat_table(rotary_dim)
-    chunks, src, dst = _request([1, 7, 65], head_dim, dtype, "cpu", gen)
+    table = rope_table(rotary_dim)
+    chunks, src, dst = concat_request([1, 7, 65], head_dim, dtype, "cpu", gen)
     n = src.shape[0]
     k = poison_(torch.empty(chunks[0].shape[0], n, chunks[0].shape[3], head_dim, dtype=dtype))
     v = poison_(torch.empty_like(k))
     emulated_kernels.fused_kv_concat(chunks, src, dst, torch.arange(n), table, is_neox, list(k), list(v))
-    k_ref, v_ref = _expected_concat(chunks, src, dst, table, is_neox)
+    k_ref, v_ref = expected_concat(chunks, src, dst, table, is_neox)
     assert_close_to_ref(k, k_ref, dtype)
     assert torch.equal(v.double(), v_ref)  # V is copied bit for bit
 
@@ -71,8 +68,8 @@ def test_fused_kv_concat_paged_random_slots(emulated_kernels, index_dtype):
     written slots match, every other slot keeps its contents."""
     gen = torch.Generator().manual_seed(3)
     dtype, head_dim, block_size, num_blocks = torch.float16, 64, 16, 12
-    table = _concat_table(head_dim)
-    chunks, src, dst = _request([9, 40, 3], head_dim, dtype, "cpu", gen, index_dtype)
+    table = rope_table(head_dim)
+    chunks, src, dst = concat_request([9, 40, 3], head_dim, dtype, "cpu", gen, index_dtype)
     n = src.shape[0]
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:n].to(index_dtype)
     slots[::5] = -1
@@ -81,7 +78,7 @@ def test_fused_kv_concat_paged_random_slots(emulated_kernels, index_dtype):
     v_caches = [torch.randn_like(c) for c in k_caches]
     before_k, before_v = [c.clone() for c in k_caches], [c.clone() for c in v_caches]
     emulated_kernels.fused_kv_concat(chunks, src, dst, slots, table, True, k_caches, v_caches)
-    k_ref, v_ref = _expected_concat(chunks, src, dst, table, True)
+    k_ref, v_ref = expected_concat(chunks, src, dst, table, True)
     written = slots >= 0
     for layer in range(layers):
         flat_k, flat_v = k_caches[layer].flatten(0, 1), v_caches[layer].flatten(0, 1)
@@ -99,10 +96,10 @@ def test_kv_deviation(emulated_kernels, dtype, shape):
     """Vector path ((·, ·, 64 / 128)) and scalar path (head dims not a multiple of a
     16-byte vector), contiguous and strided."""
     fresh, reused = torch.randn(*shape).to(dtype), torch.randn(*shape).to(dtype)
-    for a, b in [(fresh, reused), (_strided(fresh), _strided(reused))]:
+    for a, b in [(fresh, reused), (strided(fresh), strided(reused))]:
         out = poison_(torch.empty(shape[0]))
         emulated_kernels.kv_deviation(a, b, None, False, out)
-        _assert_deviation_close(out, reference.kv_deviation(a, b))
+        assert_deviation_close(out, reference.kv_deviation(a, b))
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
@@ -114,7 +111,7 @@ def test_kv_deviation_token_index_and_accumulate(emulated_kernels, index_dtype):
     emulated_kernels.kv_deviation(fresh_k, reused_k, index, False, out)
     emulated_kernels.kv_deviation(fresh_v, reused_v, index, True, out)
     expected = reference.kv_deviation(fresh_k, reused_k, index) + reference.kv_deviation(fresh_v, reused_v, index)
-    _assert_deviation_close(out, expected)
+    assert_deviation_close(out, expected)
 
 
 def _select_reference(deviation, indptr, k, forced, candidates, max_selected):
@@ -143,7 +140,7 @@ def test_select_hkvd_batched(emulated_kernels, ties, cand_frac):
         deviation[::5] = -0.0
     else:
         deviation = torch.randn(total) * 10
-    forced, candidates = _masks(total, "cpu", 0.05, cand_frac)
+    forced, candidates = selection_masks(total, "cpu", 0.05, cand_frac)
     indptr = torch.tensor([0] + sizes).cumsum(0)
     k = torch.tensor([3, 0, 7, 20, 150, 4000])
     max_selected = 600  # truncates the 3001-token request, which selects all of its candidates

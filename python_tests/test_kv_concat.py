@@ -5,38 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cacheblend_ext import ops, reference
-from cacheblend_ext.rope import build_cos_sin_cache
-from conftest import DEVICES, DTYPES, assert_close_to_ref, poison_
+from cacheblend_ext import ops
+from helpers import (CONCAT_HEADS, CONCAT_LAYERS, DEVICES, DTYPES, assert_close_to_ref, concat_request,
+                     expected_concat, poison_, rope_table)
 
-LAYERS, HEADS = 3, 2
-
-
-def _table(rotary_dim: int, max_pos: int = 8192) -> torch.Tensor:
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-    return build_cos_sin_cache(inv_freq, max_pos)
-
-
-def _request(lengths, head_dim, dtype, device, gen, index_dtype=torch.int64):
-    """Chunks computed at positions 0..T_i-1 (as encoded alone) placed back to back at a
-    random offset."""
-    chunks = [torch.randn(LAYERS, 2, t, HEADS, head_dim, generator=gen).to(device, dtype) for t in lengths]
-    src = torch.cat([torch.arange(t) for t in lengths])
-    offset = int(torch.randint(0, 1000, (1,), generator=gen))
-    dst = torch.arange(sum(lengths)) + offset
-    return chunks, src.to(device, index_dtype), dst.to(device, index_dtype)
-
-
-def _expected_concat(chunks, src, dst, table, is_neox):
-    """The oracle: re-rotate each chunk alone, then torch.cat (float64)."""
-    ks, vs, begin = [], [], 0
-    for c in chunks:
-        t = c.shape[2]
-        s, d = src[begin:begin + t].cpu(), dst[begin:begin + t].cpu()
-        ks.append(torch.stack([reference.rope_reposition(c[l, 0].cpu(), s, d, table, is_neox) for l in range(c.shape[0])]))
-        vs.append(c[:, 1].cpu().double())
-        begin += t
-    return torch.cat(ks, dim=1), torch.cat(vs, dim=1)  # [L, N, H, D]
+LAYERS, HEADS = CONCAT_LAYERS, CONCAT_HEADS  # those of concat_request's chunks
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -46,14 +19,14 @@ def _expected_concat(chunks, src, dst, table, is_neox):
 def test_contiguous_destination(head_dim, rotary_dim, is_neox, dtype, device):
     gen = torch.Generator().manual_seed(2)
     lengths = [1, 7, 65, 513]
-    table = _table(rotary_dim)
-    chunks, src, dst = _request(lengths, head_dim, dtype, device, gen)
+    table = rope_table(rotary_dim)
+    chunks, src, dst = concat_request(lengths, head_dim, dtype, device, gen)
     n = sum(lengths)
     k = poison_(torch.empty(LAYERS, n, HEADS, head_dim, device=device, dtype=dtype))
     v = poison_(torch.empty_like(k))
     slots = torch.arange(n, device=device)
     ops.fused_kv_concat(chunks, src, dst, slots, table.to(device), is_neox, k, v)
-    k_ref, v_ref = _expected_concat(chunks, src, dst, table, is_neox)
+    k_ref, v_ref = expected_concat(chunks, src, dst, table, is_neox)
     assert_close_to_ref(k, k_ref, dtype)
     assert torch.equal(v.cpu().double(), v_ref)  # V is copied bit for bit
 
@@ -67,8 +40,8 @@ def test_paged_destination_random_slots(index_dtype, dtype, device):
     gen = torch.Generator().manual_seed(3)
     lengths = [65, 1, 7, 40]
     n, head_dim, block_size, num_blocks = sum(lengths), 64, 16, 12
-    table = _table(head_dim)
-    chunks, src, dst = _request(lengths, head_dim, dtype, device, gen, index_dtype)
+    table = rope_table(head_dim)
+    chunks, src, dst = concat_request(lengths, head_dim, dtype, device, gen, index_dtype)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:n]
     slots[torch.randperm(n, generator=gen)[:10]] = -1
     k_caches = [torch.randn(num_blocks, block_size, HEADS, head_dim, generator=gen).to(device, dtype) for _ in range(LAYERS)]
@@ -77,7 +50,7 @@ def test_paged_destination_random_slots(index_dtype, dtype, device):
     v_before = [c.clone() for c in v_caches]
     ops.fused_kv_concat(chunks, src, dst, slots.to(device, index_dtype), table.to(device), True, k_caches, v_caches)
 
-    k_ref, v_ref = _expected_concat(chunks, src, dst, table, True)
+    k_ref, v_ref = expected_concat(chunks, src, dst, table, True)
     keep = slots >= 0
     written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
     written[slots[keep]] = True
@@ -99,7 +72,7 @@ def test_strided_sources_and_many_chunks(misaligned, dtype, device):
     table on CUDA; per-layer list destinations."""
     gen = torch.Generator().manual_seed(4)
     head_dim = 64
-    table = _table(head_dim)
+    table = rope_table(head_dim)
     pad = 1 if misaligned else 0
     store = torch.randn(LAYERS, 2, 300, HEADS, head_dim + pad, generator=gen).to(device, dtype)[..., pad:]
     permuted = torch.randn(LAYERS, 2, HEADS, 50, head_dim, generator=gen).to(device, dtype).transpose(2, 3)
@@ -114,14 +87,14 @@ def test_strided_sources_and_many_chunks(misaligned, dtype, device):
     k = [poison_(torch.empty(n, HEADS, head_dim, device=device, dtype=dtype)) for _ in range(LAYERS)]
     v = [poison_(torch.empty(n, HEADS, head_dim, device=device, dtype=dtype)) for _ in range(LAYERS)]
     ops.fused_kv_concat(chunks, src, dst, torch.arange(n, device=device), table.to(device), True, k, v)
-    k_ref, v_ref = _expected_concat(chunks, src, dst, table, True)
+    k_ref, v_ref = expected_concat(chunks, src, dst, table, True)
     assert_close_to_ref(torch.stack(k), k_ref, dtype)
     assert torch.equal(torch.stack(v).cpu().double(), v_ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_and_skipped(device):
-    table = _table(64).to(device)
+    table = rope_table(64).to(device)
     k = torch.randn(LAYERS, 4, HEADS, 64, device=device)
     v = torch.randn_like(k)
     before = (k.clone(), v.clone())
@@ -135,7 +108,7 @@ def test_empty_and_skipped(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    table = _table(64).to(device)
+    table = rope_table(64).to(device)
     chunks = [torch.randn(LAYERS, 2, t, HEADS, 64, device=device) for t in (3, 5)]
     pos = torch.arange(8, device=device)
     k = [torch.randn(10, HEADS, 64, device=device) for _ in range(LAYERS)]
@@ -145,7 +118,7 @@ def test_opcheck(device):
 
 
 def test_bad_inputs():
-    table = _table(64)
+    table = rope_table(64)
     chunk = torch.randn(LAYERS, 2, 4, HEADS, 64)
     pos = torch.arange(4)
     k = torch.zeros(LAYERS, 8, HEADS, 64)

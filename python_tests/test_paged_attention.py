@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from cacheblend_ext import ops, reference
-from conftest import DTYPES, HAS_CUDA, assert_close_to_ref, poison_
-from test_engine_layouts import ENGINE_LAYOUTS, engine_kv_arg, engine_views, make_engine_cache
+from helpers import (DTYPES, ENGINE_LAYOUTS, HAS_CUDA, assert_close_to_ref, engine_kv_arg, engine_views,
+                     make_engine_cache, poison_)
 
 HKV, D = 2, 64
 

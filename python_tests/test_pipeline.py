@@ -9,8 +9,8 @@ import torch
 
 from cacheblend_ext.layer_source import MemoryLayerSource
 from cacheblend_ext.store.pipeline import StoreLayerSource, open_layer_source
-from cacheblend_ext.store import ChunkCorruptError, ChunkStore
-from conftest import DEVICES, DTYPES
+from cacheblend_ext.store import FILE_SUFFIX, ChunkCorruptError, ChunkStore
+from helpers import DEVICES, DTYPES
 
 L, H, D = 5, 2, 8
 S = "tenant-1"  # the scope of every chunk here

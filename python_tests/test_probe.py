@@ -8,9 +8,8 @@ import torch
 
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 from cacheblend_ext.blend.schedule import published_cost, selection_schedule
+from helpers import request_parts, tiny_model
 
-from conftest import request_parts
-from test_engine import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,7 @@ from cacheblend_ext.store.pipeline import StoreLayerSource, open_layer_source
 from cacheblend_ext.testing.redis_server import free_port
 from cacheblend_ext.store import ChunkCorruptError, ChunkLoadError, ChunkStore, ChunkUnavailableError
 from cacheblend_ext.store.chunk_format import PREFIX
-from conftest import DTYPES, request_parts
-from test_identity import tiny_llama
+from helpers import DTYPES, request_parts, tiny_llama
 
 L, T, H, D = 8, 7, 2, 8
 S = "tenant-1"  # the scope of every chunk here
@@ -273,6 +272,7 @@ def _racing_writer(url, seed, barrier, seconds):
         store.put("same", kv, torch.arange(256), scope=S)
 
 
+@pytest.mark.slow
 def test_two_processes_writing_one_chunk(redis_url):
     """Two writers race on one key, with different bytes (a stronger test than equal KV):
     every read returns one writer's value entirely or fails with a counted error."""
@@ -422,7 +422,7 @@ def test_measured_remote_throughput(redis_url):
 _PROCESS_B = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from test_identity import tiny_llama
+from helpers import tiny_llama
 from cacheblend_ext.cached import CachedBlender
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 request = torch.load(sys.argv[3])
@@ -434,6 +434,7 @@ torch.save({"logits": result.logits, "tiers": report.tiers, "stats": blender.sto
 """
 
 
+@pytest.mark.slow
 def test_two_processes_one_cache(engine, redis_url, tmp_path):
     """Process A (this one) encodes and stores; interpreter B blends from the remote alone."""
     prefix, chunks, query = request_parts(8)

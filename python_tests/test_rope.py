@@ -8,8 +8,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from cacheblend_ext import ops, reference
-from cacheblend_ext.rope import build_cos_sin_cache, rope_spec_from_config
-from conftest import DEVICES, DTYPES, RTOL, assert_close_to_ref, poison_
+from cacheblend_ext.rope import rope_spec_from_config
+from helpers import DEVICES, DTYPES, assert_close_to_ref, poison_, rope_table
 
 MAX_POS = 40_000
 
@@ -79,8 +79,7 @@ def test_table_matches_hugging_face_forward():
 
 
 def _table(rotary_dim: int, max_pos: int = 5000, factor: float = 1.0) -> torch.Tensor:
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-    return build_cos_sin_cache(inv_freq, max_pos, factor)
+    return rope_table(rotary_dim, max_pos, factor)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,8 +14,7 @@ from cacheblend_ext import ops, reference
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 from cacheblend_ext.blend.schedule import Schedule, published_cost, selection_schedule
 
-from conftest import request_parts
-from test_engine import assert_logits_close, full_reuse_reference, hf_logits_and_greedy, tiny_model
+from helpers import assert_logits_close, full_reuse_reference, hf_logits_and_greedy, request_parts, tiny_model
 
 # every selection option, alone (the published scheme with one field changed)
 SCHEMES = {

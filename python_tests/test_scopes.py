@@ -16,8 +16,7 @@ from cacheblend_ext import PUBLIC_SCOPE, check_scope
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 from cacheblend_ext.cached import CachedBlender
 from cacheblend_ext.store import ChunkStore
-from conftest import DEVICES, request_parts
-from test_identity import tiny_llama
+from helpers import DEVICES, request_parts, tiny_llama
 
 L, T, H, D = 4, 9, 2, 8
 A, B = "tenant-a", "tenant-b"

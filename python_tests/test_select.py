@@ -6,32 +6,9 @@ import pytest
 import torch
 
 from cacheblend_ext import ops, reference
-from conftest import DEVICES, DTYPES, HAS_CUDA, poison_
+from helpers import DEVICES, DTYPES, HAS_CUDA, assert_deviation_close, poison_, selection_masks, strided
 
 SIZES = [1, 7, 65, 1000, 4096, 16384]
-
-# fp32 accumulation of H * D non-negative terms vs the float64 reference.
-DEV_RTOL = 2e-5
-
-
-def _assert_deviation_close(actual: torch.Tensor, ref: torch.Tensor) -> None:
-    assert actual.dtype == torch.float32
-    a = actual.detach().cpu().double()
-    assert a.shape == ref.shape
-    assert not torch.isnan(a).any(), "output has NaN (unwritten elements)"
-    err = ((a - ref).abs() / ref.abs().clamp_min(1e-30)).max().item() if ref.numel() else 0.0
-    assert err <= DEV_RTOL, f"max relative error {err:.3e} > {DEV_RTOL:.1e}"
-
-
-def _strided(t: torch.Tensor, pad_heads: int = 1, pad_dim: int = 8) -> torch.Tensor:
-    """The same values in a tensor with padded token and head strides (last dim contiguous)."""
-    m, h, d = t.shape
-    big = torch.randn(m, h + pad_heads, d + pad_dim, dtype=t.dtype, device=t.device)
-    view = big[:, pad_heads:, :d]
-    view.copy_(t)
-    assert view.stride(-1) == 1 and not view.is_contiguous() or m <= 1
-    return view
-
 
 # ---------------------------------------------------------------------------
 # kv_deviation
@@ -47,7 +24,7 @@ def test_kv_deviation_sizes(device, dtype, num_tokens):
     reused = (fresh.float() + 0.3 * torch.randn_like(fresh, dtype=torch.float32)).to(dtype)
     out = ops.kv_deviation(fresh, reused)
     assert out.shape == (num_tokens,) and out.device == fresh.device
-    _assert_deviation_close(out, reference.kv_deviation(fresh.cpu(), reused.cpu()))
+    assert_deviation_close(out, reference.kv_deviation(fresh.cpu(), reused.cpu()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -58,11 +35,11 @@ def test_kv_deviation_shapes_and_strides(device, dtype, shape):
     fresh = torch.randn(*shape, device=device).to(dtype)
     reused = torch.randn(*shape, device=device).to(dtype)
     ref = reference.kv_deviation(fresh.cpu(), reused.cpu())
-    for f, r in [(fresh, reused), (_strided(fresh), reused), (fresh, _strided(reused, 2, 3)),
-                 (_strided(fresh, 1, 1), _strided(reused))]:
+    for f, r in [(fresh, reused), (strided(fresh), reused), (fresh, strided(reused, 2, 3)),
+                 (strided(fresh, 1, 1), strided(reused))]:
         out = poison_(torch.empty(shape[0], device=device))
         ops.kv_deviation(f, r, out=out)
-        _assert_deviation_close(out, ref)
+        assert_deviation_close(out, ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,8 +51,8 @@ def test_kv_deviation_token_index(device, dtype, index_dtype):
     token_index = torch.randperm(n, device=device)[:m].sort().values.to(index_dtype)
     token_index[3] = token_index[4]  # repeated rows are allowed
     fresh = torch.randn(m, 4, 64, device=device).to(dtype)
-    out = ops.kv_deviation(fresh, _strided(reused), token_index)
-    _assert_deviation_close(out, reference.kv_deviation(fresh.cpu(), reused.cpu(), token_index.cpu()))
+    out = ops.kv_deviation(fresh, strided(reused), token_index)
+    assert_deviation_close(out, reference.kv_deviation(fresh.cpu(), reused.cpu(), token_index.cpu()))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -87,7 +64,7 @@ def test_kv_deviation_accumulate_k_plus_v(device, dtype):
     ops.kv_deviation(fk, rk, out=out)
     ops.kv_deviation(fv, rv, out=out, accumulate=True)
     ref = reference.kv_deviation(fk.cpu(), rk.cpu()) + reference.kv_deviation(fv.cpu(), rv.cpu())
-    _assert_deviation_close(out, ref)
+    assert_deviation_close(out, ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -145,12 +122,6 @@ def test_kv_deviation_errors(device):
 # ---------------------------------------------------------------------------
 
 
-def _masks(n: int, device, forced_frac: float, cand_frac: float | None):
-    forced = torch.rand(n, device=device) < forced_frac
-    candidates = None if cand_frac is None else torch.rand(n, device=device) < cand_frac
-    return forced, candidates
-
-
 def _num_candidates(n, forced, candidates):
     pool = torch.ones(n, dtype=torch.bool) if candidates is None else candidates.cpu().clone()
     if forced is not None:
@@ -163,7 +134,7 @@ def _num_candidates(n, forced, candidates):
 @pytest.mark.parametrize("cand_frac", [None, 0.6])
 def test_select_sizes(device, num_tokens, cand_frac):
     deviation = torch.rand(num_tokens, device=device) * 10
-    forced, candidates = _masks(num_tokens, device, 0.05, cand_frac)
+    forced, candidates = selection_masks(num_tokens, device, 0.05, cand_frac)
     num_cand = _num_candidates(num_tokens, forced, candidates)
     for k in sorted({0, 1, max(num_tokens // 7, 1), num_cand, num_cand + 5}):
         got = ops.select_hkvd(deviation, k, forced, candidates)
@@ -180,7 +151,7 @@ def test_select_ties_lower_index_wins(device, num_tokens):
     deviation[::3] = -deviation[::3]
     deviation[deviation == 0] = torch.tensor(-0.0, device=device)
     deviation[::5] = 0.0
-    forced, candidates = _masks(num_tokens, device, 0.1, 0.8)
+    forced, candidates = selection_masks(num_tokens, device, 0.1, 0.8)
     for k in [1, 2, num_tokens // 4, num_tokens // 2, num_tokens]:
         got = ops.select_hkvd(deviation, k, forced, candidates)
         assert torch.equal(got.cpu(), reference.select_hkvd(deviation, k, forced, candidates)), f"k={k}"
@@ -236,7 +207,7 @@ def _check_batched(device, lengths, ks, index_dtype, forced_frac=0.05, cand_frac
     total_extra = 3  # tokens past indptr[-1] are ignored
     total = sum(lengths) + total_extra
     deviation = torch.rand(total, device=device)
-    forced, candidates = _masks(total, device, forced_frac, cand_frac)
+    forced, candidates = selection_masks(total, device, forced_frac, cand_frac)
     indptr = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=index_dtype, device=device)
     k = torch.tensor(ks, dtype=index_dtype, device=device)
     width = max(lengths) if max_selected is None else max_selected
@@ -372,7 +343,7 @@ def test_select_cuda_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         dev = ops.kv_deviation(fresh, reused).cpu()  # deterministic: same values as inside the graph
-        _assert_deviation_close(dev, reference.kv_deviation(fresh.cpu(), reused.cpu()))
+        assert_deviation_close(dev, reference.kv_deviation(fresh.cpu(), reused.cpu()))
         for b, (s, e) in enumerate([(0, 1000), (1000, n)]):
             want = reference.select_hkvd(dev[s:e], int(k[b]), forced[s:e].cpu())
             assert counts[b].item() == want.numel()

@@ -12,9 +12,8 @@ import torch
 
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 from cacheblend_ext.blend.step import CUDAGraphStep, selective_layer
+from helpers import request_parts, tiny_model
 
-from conftest import request_parts
-from test_engine import tiny_model
 
 
 class DeferredCapture:

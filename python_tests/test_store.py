@@ -13,7 +13,7 @@ import torch
 from cacheblend_ext.identity import chunk_key, model_identity, rope_identity
 from cacheblend_ext.store import FILE_SUFFIX, ChunkCorruptError, ChunkStore
 from cacheblend_ext.store.chunk_format import PREFIX
-from conftest import DEVICES, DTYPES
+from helpers import DEVICES, DTYPES
 
 L, T, H, D = 3, 7, 2, 8  # odd sizes, small
 S = "tenant-1"  # the scope of every chunk here (scopes are tested in test_security.py)
@@ -430,6 +430,7 @@ def _process_writer(root, barrier, rounds):
     assert store.stats()["corrupt"] == 0
 
 
+@pytest.mark.slow
 def test_concurrent_process_writers(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(3)

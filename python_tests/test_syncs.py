@@ -24,9 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 from cacheblend_ext.blend.step import CUDAGraphStep
+from helpers import HAS_CUDA, request_parts, tiny_model
 
-from conftest import HAS_CUDA, request_parts
-from test_engine import tiny_model
 
 SYNC_OPS = {"nonzero", "_local_scalar_dense", "item", "masked_select", "_unique", "_unique2", "unique_dim",
             "unique_consecutive", "equal", "is_nonzero", "select_hkvd"}

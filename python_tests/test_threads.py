@@ -8,9 +8,8 @@ import torch
 from cacheblend_ext import threads
 from cacheblend_ext.blend.engine import BlendEngine
 from cacheblend_ext.threads import CoreMonitor, intra_op_threads
+from helpers import request_parts, tiny_model
 
-from conftest import request_parts
-from test_engine import tiny_model
 
 
 class FakeMachine:

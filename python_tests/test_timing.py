@@ -9,9 +9,8 @@ import torch
 
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 from cacheblend_ext.blend.timing import StepTimer
+from helpers import HAS_CUDA, request_parts, tiny_model
 
-from conftest import HAS_CUDA, request_parts
-from test_engine import tiny_model
 
 
 class FakeClock:

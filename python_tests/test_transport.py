@@ -18,8 +18,7 @@ from cacheblend_ext.cached import CachedBlender
 from cacheblend_ext.store import FORMAT_VERSION, ChunkStore
 from cacheblend_ext.store.pipeline import open_layer_source
 from cacheblend_ext.testing.redis_server import RedisServer, RedisTestCluster
-from conftest import request_parts
-from test_identity import tiny_llama
+from helpers import request_parts, tiny_llama
 
 L, T, H, D = 6, 9, 2, 8
 MAC_KEY = bytes(range(100, 132))

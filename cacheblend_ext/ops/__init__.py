@@ -10,13 +10,66 @@ Conventions shared by every op:
 
 from __future__ import annotations
 
-from typing import Sequence
+import operator
+from collections.abc import Sequence
 
 import torch
 
 from . import library  # noqa: F401  (registers torch.ops.cacheblend)
 
 _ops = torch.ops.cacheblend
+
+
+# ---------------------------------------------------------------------------
+# Argument types: a one-line TypeError naming the argument, before the dispatcher's
+# multi-line report of every overload.
+# ---------------------------------------------------------------------------
+
+
+def _type_name(value) -> str:
+    cls = type(value)
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _not_a_tensor(op: str, name: str, value, expected: str = "a torch.Tensor") -> TypeError:
+    hint = ""
+    if type(value).__module__.split(".")[0] == "numpy":
+        hint = " (torch.from_numpy(x) makes one from a numpy array)"
+    elif isinstance(value, (list, tuple, int, float)):
+        hint = " (torch.tensor(x) makes one)"
+    return TypeError(f"{op}: {name} must be {expected}, got {_type_name(value)}{hint}")
+
+
+def _check_tensor(op: str, name: str, value, optional: bool = False) -> None:
+    if not (isinstance(value, torch.Tensor) or (optional and value is None)):
+        raise _not_a_tensor(op, name, value, "a torch.Tensor or None" if optional else "a torch.Tensor")
+
+
+def _check_tensor_list(op: str, name: str, values, what: str) -> None:
+    """``values``: a tensor (``what`` says its shape) or a sequence of tensors."""
+    if isinstance(values, torch.Tensor):
+        return
+    if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
+        raise _not_a_tensor(op, name, values, f"{what} or a list of torch.Tensor")
+    for i, value in enumerate(values):
+        if not isinstance(value, torch.Tensor):
+            raise _not_a_tensor(op, f"{name}[{i}]", value)
+
+
+def _check_int(op: str, name: str, value) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int, got {_type_name(value)}") from None
+
+
+def _check_scale(op: str, scale) -> None:
+    if scale is None:
+        return
+    try:
+        float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: scale must be a float or None, got {_type_name(scale)}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -40,6 +93,9 @@ def rope_reposition(
     ``rotary_dim`` pass through. Works in place on ``key`` unless ``out`` is given.
     Returns the rotated tensor (``key`` or ``out``).
     """
+    for name, value in (("key", key), ("src_pos", src_pos), ("dst_pos", dst_pos), ("cos_sin_cache", cos_sin_cache)):
+        _check_tensor("rope_reposition", name, value)
+    _check_tensor("rope_reposition", "out", out, optional=True)
     if out is None:
         _ops.rope_reposition(key, src_pos, dst_pos, cos_sin_cache, is_neox)
         return key
@@ -82,6 +138,7 @@ def paged_view(cache: torch.Tensor, layout: str = "NHD", name: str = "cache") ->
     all-layers buffer), only the last dim must be contiguous; the ops read the block,
     offset and head strides from the view.
     """
+    _check_tensor("paged_view", name, cache)
     _check_layout(layout)
     if layout == "NHD":
         return cache
@@ -138,6 +195,13 @@ def fused_kv_concat(
     row and stride allows, scalar accesses otherwise. Slots must be unique (checked on the
     CPU; on CUDA it is the caller's contract, like vLLM's ``reshape_and_cache``).
     """
+    op = "fused_kv_concat"
+    _check_tensor_list(op, "chunks", chunks, "a torch.Tensor [C, L, 2, T, H, D]")
+    for name, value in (("src_pos", src_pos), ("dst_pos", dst_pos), ("slot_mapping", slot_mapping),
+                        ("cos_sin_cache", cos_sin_cache)):
+        _check_tensor(op, name, value)
+    _check_tensor_list(op, "k_caches", k_caches, "a torch.Tensor [L, ...]")
+    _check_tensor_list(op, "v_caches", v_caches, "a torch.Tensor [L, ...]")
     _ops.fused_kv_concat(
         list(chunks),
         src_pos,
@@ -178,6 +242,10 @@ def kv_deviation(
     contiguous) the result is written there, or added to it when ``accumulate=True``
     (K+V deviation = two calls). One pass over the inputs, no host sync.
     """
+    _check_tensor("kv_deviation", "fresh", fresh)
+    _check_tensor("kv_deviation", "reused", reused)
+    _check_tensor("kv_deviation", "token_index", token_index, optional=True)
+    _check_tensor("kv_deviation", "out", out, optional=True)
     if out is None:
         if accumulate:
             raise ValueError("kv_deviation: accumulate=True needs an out tensor to add into")
@@ -220,9 +288,15 @@ def select_hkvd_batched(
     ``k`` raise a device-side assert. CPU: requests in parallel, the same errors raised
     as ``RuntimeError``.
     """
+    op = "select_hkvd_batched"
+    for name, value in (("deviation", deviation), ("indptr", indptr), ("k", k)):
+        _check_tensor(op, name, value)
+    _check_tensor(op, "forced", forced, optional=True)
+    _check_tensor(op, "candidates", candidates, optional=True)
     if max_selected is None:
         max_selected = deviation.shape[0]
-    return _ops.select_hkvd_batched(deviation, indptr, k, forced, candidates, int(max_selected))
+    max_selected = _check_int(op, "max_selected", max_selected)
+    return _ops.select_hkvd_batched(deviation, indptr, k, forced, candidates, max_selected)
 
 
 def select_hkvd(
@@ -243,7 +317,10 @@ def select_hkvd(
     engines that capture graphs call :func:`select_hkvd_batched` directly. Under
     ``torch.compile`` the result has an unbacked (data-dependent) size.
     """
-    return _ops.select_hkvd(deviation, int(k), forced, candidates)
+    _check_tensor("select_hkvd", "deviation", deviation)
+    _check_tensor("select_hkvd", "forced", forced, optional=True)
+    _check_tensor("select_hkvd", "candidates", candidates, optional=True)
+    return _ops.select_hkvd(deviation, _check_int("select_hkvd", "k", k), forced, candidates)
 
 
 @torch.library.register_fake("cacheblend::kv_deviation")
@@ -305,6 +382,12 @@ def sparse_query_attention(
     with ``return_lse``, also the natural-log log-sum-exp of the scaled scores
     ``[M, Hq]`` float32. Matches :func:`cacheblend_ext.ops.reference.sparse_query_attention`.
     """
+    op = "sparse_query_attention"
+    for name, value in (("q", q), ("k", k), ("v", v), ("q_pos", q_pos)):
+        _check_tensor(op, name, value)
+    for name, value in (("q_indptr", q_indptr), ("kv_indptr", kv_indptr), ("out", out)):
+        _check_tensor(op, name, value, optional=True)
+    _check_scale(op, scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if out is None:
@@ -366,10 +449,21 @@ def current_attention_kernel() -> tuple[str, int]:
     return str(impl), int(tiles)
 
 
+def _check_kv_cache(op: str, kv_cache) -> None:
+    if isinstance(kv_cache, torch.Tensor):
+        return
+    expected = "a torch.Tensor or a (k_cache, v_cache) pair of torch.Tensor"
+    if not isinstance(kv_cache, (tuple, list)) or len(kv_cache) != 2:
+        raise _not_a_tensor(op, "kv_cache", kv_cache, expected)
+    for name, value in zip(("kv_cache[0] (k_cache)", "kv_cache[1] (v_cache)"), kv_cache):
+        _check_tensor(op, name, value)
+
+
 def kv_pair(kv_cache, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, V) as :func:`sparse_query_attention_paged` sees an engine's cache: views
     ``[num_pages, page_size, Hkv, D]`` of ``kv_cache`` (one ``[num_pages, 2, ...]`` tensor,
     a ``(k_cache, v_cache)`` pair, or token pools ``[num_slots, Hkv, D]``) in ``layout``."""
+    _check_kv_cache("kv_pair", kv_cache)
     _check_layout(layout)
     if isinstance(kv_cache, torch.Tensor):
         if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
@@ -430,6 +524,14 @@ def sparse_query_attention_paged(
     key through the page table; no host sync. CPU: the contiguous op's tiled GEMM kernel,
     each K/V tile gathered through the page table into its per-thread fp32 buffer.
     """
+    op = "sparse_query_attention_paged"
+    _check_tensor(op, "q", q)
+    _check_kv_cache(op, kv_cache)
+    for name, value in (("q_pos", q_pos), ("q_indptr", q_indptr), ("kv_indptr", kv_indptr), ("kv_indices", kv_indices)):
+        _check_tensor(op, name, value)
+    _check_tensor(op, "kv_last_page_len", kv_last_page_len, optional=True)
+    _check_tensor(op, "out", out, optional=True)
+    _check_scale(op, scale)
     k_cache, v_cache = kv_pair(kv_cache, layout)
     if scale is None:
         scale = q.shape[-1] ** -0.5
