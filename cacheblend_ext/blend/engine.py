@@ -61,7 +61,7 @@ from .attention import attend
 from .config import BlendConfig
 from .hf import HFDecoder, cache_layers, make_dynamic_cache, out_cache
 from .request import BlendResult, BlendState, RequestPlan
-from .selection import run_probe, select
+from .selection import adapt_budget, run_probe, select, stale_attention
 
 
 class BlendEngine:
@@ -351,6 +351,9 @@ class BlendEngine:
         if any(probed):  # the probe reads every layer's reused KV and leaves it in place
             run_probe(self.decoder, [s for s, p in zip(states, probed) if p],
                       [src for src, p in zip(sources, probed) if p])
+            for state, p in zip(states, probed):
+                if p and state.plan.config.target is not None:  # the probe sets this request's budget
+                    adapt_budget(self.decoder, state)
         for l, layer in enumerate(self.layers):
             for state, source, placed in zip(states, sources, probed):
                 if not placed:
@@ -373,8 +376,19 @@ class BlendEngine:
                                    [state.vbuf[l][None] for l in range(self.num_layers)])
         self._sync()
         plan = state.plan
+        probe_attention = None
+        if state.probe_mass is not None:
+            layer = min(plan.check)
+            probe_attention = tuple(t.cpu() for t in stale_attention(state, layer))
+            mass = state.probe_mass[layer:].sum(0)
+            stale = ~state.forced
+            if state.selected[layer] is not None:
+                stale[state.selected[layer]] = False
+            else:
+                stale[:] = False
+            state.stats["stale_attention"] = float(mass[stale].sum() / mass.sum())
         return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, state.timings,
-                           int(plan.probe_rows.numel()))
+                           int(plan.probe_rows.numel()), dict(state.stats), probe_attention)
 
     # ------------------------------------------------------------------ decoding
 

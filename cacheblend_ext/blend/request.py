@@ -24,7 +24,13 @@ class BlendResult:
     ``logits`` ``[vocab]`` float32 of the first output token; ``cache`` a ``DynamicCache``
     over all ``N`` request tokens that Hugging Face can continue from (feed the next token
     at position ``N``); ``input_ids`` ``[N]``; ``selected[l]`` the token indices computed
-    at layer ``l`` (``None``: all tokens); ``forced`` ``[N]`` bool; ``timings`` in ms.
+    at layer ``l`` (``None``: all tokens); ``forced`` ``[N]`` bool; ``timings`` in ms;
+    ``stats``: what the selection measured (with a probe: ``stale_attention``, the share
+    of the probe's attention left on stale reused tokens by the selection; with a
+    ``target``: ``target_picks``, the count the target asked for before the floor and
+    ceiling); ``probe_attention``: with a probe, the probe's attention on the non-forced
+    tokens (summed over the layers from the first check layer on, in decreasing order)
+    and its total attention, for analysis.
     """
 
     logits: torch.Tensor
@@ -34,6 +40,8 @@ class BlendResult:
     forced: torch.Tensor
     timings: dict = field(default_factory=dict)
     probe_tokens: int = 0
+    stats: dict = field(default_factory=dict)
+    probe_attention: tuple | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -103,7 +111,9 @@ class RequestPlan:
         probe = torch.zeros(0, dtype=torch.int64)
         if chunks and config.selection == "probe":  # the query: forced tokens after the last chunk's start
             probe = forced[spans[-1][0]:].nonzero().flatten()[-config.probe_tokens:] + spans[-1][0]
-        schedule = selection_schedule(config, n, int(forced.sum()), num_layers, probe.numel())
+        # with a target the probe sets the budget later (adapt_budget), within the ceiling's schedule
+        planned = config if config.target is None else config.replace(recompute_ratio=config.ratio_ceiling)
+        schedule = selection_schedule(planned, n, int(forced.sum()), num_layers, probe.numel())
         return cls(config, torch.cat(ids_parts), forced, chunks, spans,
                    torch.cat(src_pos) if chunks else None, dict(zip(schedule.layers, schedule.picks)),
                    probe[: schedule.probe_rows] if schedule.probe_rows else probe[:0])
@@ -129,6 +139,9 @@ class BlendState:
     sel: torch.Tensor | None = None
     rank_scores: torch.Tensor | None = None
     probe_mass: torch.Tensor | None = None  # [L, N] (probe selection)
+    probe_value: torch.Tensor | None = None  # [L, N] (probe_score="value")
+    chunk_of: torch.Tensor | None = None  # [N] chunk index of each position, -1 outside chunks (chunk_index)
+    stats: dict = field(default_factory=dict)
     batch_kv: tuple | None = None  # in a batched blend: the batch's (K, V) buffers kbuf / vbuf are slices of
     batch_offset: int = 0  # where this request's tokens start in them
     selected: list = field(default_factory=list)
@@ -137,6 +150,16 @@ class BlendState:
     def rows(self) -> torch.Tensor:
         """Positions of the rows computed at the current layer."""
         return self.positions if self.sel is None else self.sel
+
+    def chunk_index(self) -> torch.Tensor:
+        """``[N]`` int64 on the device: the index of the reused chunk each position belongs
+        to, -1 for positions outside chunks (made once)."""
+        if self.chunk_of is None:
+            chunk = torch.full((self.plan.num_tokens,), -1, dtype=torch.int64)
+            for i, (a, b) in enumerate(self.plan.spans):
+                chunk[a:b] = i
+            self.chunk_of = chunk.to(self.positions.device)
+        return self.chunk_of
 
     def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.cos, self.sin) if self.sel is None else (self.cos[self.sel], self.sin[self.sel])

@@ -1,8 +1,10 @@
 """Selection schemes (step 5, and the probe pass of step 3): rank a check layer's
 candidate tokens by the deviation of their fresh from their reused K/V (``"deviation"``),
 by that times the query's attention (``"impact"``), or by the attention a probe of the
-last query tokens pays them (``"probe"``); then keep the top ones, chunk-boundary tokens
-first, over the request or per chunk (``quota``). See
+last query tokens pays them (``"probe"``, :func:`probe_scores`, with optional
+crowding-out-aware or span scores); then keep the top ones, chunk-boundary tokens first,
+over the request, per chunk or per chunk by relevance (``quota``). With a ``target``, the
+probe also sets the request's budget (:func:`adapt_budget`). See
 :class:`~cacheblend_ext.blend.config.BlendConfig` for the options."""
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ import torch
 from .. import ops
 from .config import BlendConfig
 from .request import BlendState, RequestPlan
+from .schedule import selection_schedule
 
 
 def run_probe(decoder, states: list, sources: list) -> None:
     """Step 3, the probe pass (``selection="probe"``): each request's probe rows (its last query tokens) run through
     every layer over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]``
-    is the attention they pay each position at layer ``l``, summed over rows and heads.
-    Every layer's reused KV is left placed in the request's buffers for the main pass."""
+    is the attention they pay each position at layer ``l``, summed over rows and heads
+    (with ``probe_score="value"``, ``state.probe_value[l]`` also weighs it by the norm of
+    the position's V in each head). Every layer's reused KV is left placed in the
+    request's buffers for the main pass."""
     t0, concat0 = time.perf_counter(), [s.timings["concat_ms"] for s in states]
     rows = [s.plan.probe_rows.to(decoder.device) for s in states]
     hidden = [s.hidden[r] for s, r in zip(states, rows)]
@@ -38,6 +43,8 @@ def run_probe(decoder, states: list, sources: list) -> None:
         state.vbuf[:, :, unknown] = 0
         state.probe_mass = torch.zeros(decoder.num_layers, state.plan.num_tokens, device=decoder.device,
                                        dtype=torch.float32)
+        if state.plan.config.probe_score == "value":
+            state.probe_value = torch.zeros_like(state.probe_mass)
     for l, layer in enumerate(decoder.layers):
         outs = []
         for state, source, r, vis, (q, k, v) in zip(states, sources, rows, visible,
@@ -49,6 +56,8 @@ def run_probe(decoder, states: list, sources: list) -> None:
             scores = torch.einsum("phgd,nhd->phgn", qg, k_tok.float()) * decoder.scaling
             probs = scores.masked_fill(~vis[:, None, None, :], float("-inf")).softmax(-1)
             state.probe_mass[l] = probs.sum((0, 1, 2))
+            if state.probe_value is not None:
+                state.probe_value[l] = torch.einsum("hgn,nh->n", probs.sum(0), v_tok.float().norm(dim=-1))
             outs.append(torch.einsum("phgn,nhd->phgd", probs, v_tok.float()).to(q.dtype))
         hidden = decoder.o_proj_mlp(layer, hidden, outs)
     elapsed = (time.perf_counter() - t0) * 1e3
@@ -72,7 +81,7 @@ def select(decoder, state: BlendState, l: int, q, k, v):
         if state.rank_scores is not None:
             score = state.rank_scores[cand_pos].contiguous()
         elif state.probe_mass is not None:  # the probe's attention where this selection takes effect
-            score = state.probe_mass[l:].sum(0)[cand_pos]
+            score = probe_scores(state, l)[cand_pos]
         else:
             score = deviation(cfg, k[cand], v[cand], k_tok, v_tok, cand_pos)
         if cfg.selection == "impact" and state.rank_scores is None:
@@ -88,6 +97,75 @@ def select(decoder, state: BlendState, l: int, q, k, v):
         q, k, v, state.hidden = q[keep], k[keep], v[keep], state.hidden[keep]
     state.timings["select_ms"] += (time.perf_counter() - t0) * 1e3
     return q, k, v
+
+
+def probe_scores(state: BlendState, l: int) -> torch.Tensor:
+    """``[N]`` float32 probe score of each position for a selection at layer ``l``: the
+    probe's attention (``probe_score="value"``: times the V norm; ``"depth"``: weighted by
+    depth) summed over the layers from ``l`` on; then the ``span`` and ``crowding`` rules over
+    each chunk's neighbourhoods (forced positions count as 0 there)."""
+    cfg = state.plan.config
+    mass = state.probe_value if state.probe_value is not None else state.probe_mass
+    if cfg.probe_score == "depth":
+        depth = torch.arange(1, mass.shape[0] + 1, device=mass.device, dtype=mass.dtype) / mass.shape[0]
+        score = (mass[l:] * depth[l:, None]).sum(0)
+    else:
+        score = mass[l:].sum(0)
+    if cfg.span > 0 or cfg.crowding > 0:
+        chunk = state.chunk_index()
+        score = score.masked_fill(chunk < 0, 0.0)
+        near = neighbour_max(score, chunk, cfg.crowding_window)
+        if cfg.span > 0:
+            score = torch.maximum(score, cfg.span * near)
+            near = neighbour_max(score, chunk, cfg.crowding_window)
+        if cfg.crowding > 0:
+            score = torch.where(near > score, score * (1.0 - cfg.crowding), score)
+    return score
+
+
+def neighbour_max(score: torch.Tensor, chunk: torch.Tensor, window: int) -> torch.Tensor:
+    """``[N]``: the highest score within ``window`` positions of each position, itself
+    excluded, in the same chunk (0 where there is none)."""
+    n = score.numel()
+    best = torch.zeros_like(score)
+    for d in range(1, window + 1):
+        if d >= n:
+            break
+        for a, b in ((slice(d, None), slice(None, n - d)), (slice(None, n - d), slice(d, None))):
+            # best[a] sees score[b], the position d away
+            same = (chunk[a] == chunk[b]) & (chunk[a] >= 0)
+            best[a] = torch.maximum(best[a], torch.where(same, score[b], torch.zeros_like(score[b])))
+    return best
+
+
+def stale_attention(state: BlendState, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the adaptive budget: the probe's attention on the non-forced tokens, summed over
+    the layers from ``layer`` on, sorted in decreasing order, and the probe's total
+    attention over the same layers (every position, forced ones included)."""
+    mass = state.probe_mass[layer:].sum(0)
+    return mass[~state.forced].sort(descending=True).values, mass.sum()
+
+
+def adapt_budget(decoder, state: BlendState) -> None:
+    """``target``: after the probe, set the request's kept count at its check layer to the
+    fewest tokens that leave at most ``target`` of the probe's attention on stale reused
+    tokens, held between the counts of ``ratio_floor`` and ``ratio_ceiling``."""
+    cfg, plan = state.plan.config, state.plan
+    (layer, _), = plan.check.items()
+    ranked, total = stale_attention(state, layer)
+    left = ranked.sum() - torch.cat([ranked.new_zeros(1), ranked.cumsum(0)])  # left[k]: stale after k picks
+    need = int((left[:-1] > cfg.target * total).sum())
+    forced = int(state.forced.sum())
+    probe = plan.probe_rows.numel()
+
+    def picks(ratio: float) -> int:
+        sched = selection_schedule(cfg.replace(recompute_ratio=ratio, target=None), plan.num_tokens, forced,
+                                   decoder.num_layers, probe)
+        return sched.picks[-1]
+
+    lo, hi = picks(cfg.ratio_floor), picks(cfg.ratio_ceiling)
+    plan.check[layer] = min(max(need, lo), hi)
+    state.stats["target_picks"] = need
 
 
 def deviation(cfg: BlendConfig, k_fresh, v_fresh, k_reused, v_reused, index: torch.Tensor) -> torch.Tensor:
@@ -133,6 +211,8 @@ def top_candidates(cfg: BlendConfig, plan: RequestPlan, score: torch.Tensor, can
     need = budget - first.numel()
     if cfg.quota == "global":
         chosen = rest[ops.select_hkvd(score[rest], need)]
+    elif cfg.quota == "relevance":
+        chosen = rest[relevance_top(score[rest], cand_pos[rest], plan.spans, need, cfg.anchor_tokens)]
     else:
         chosen = rest[per_chunk_top(score[rest], cand_pos[rest], plan.spans, need)]
     return torch.cat([first, chosen])
@@ -156,4 +236,37 @@ def per_chunk_top(score: torch.Tensor, pos: torch.Tensor, spans, k: int) -> torc
         members = (chunk == i).nonzero().flatten()
         if quota[i] > 0:
             picks.append(members[ops.select_hkvd(score[members], int(quota[i]))])
+    return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64, device=score.device)
+
+
+def relevance_top(score: torch.Tensor, pos: torch.Tensor, spans, k: int, anchors: int) -> torch.Tensor:
+    """Indices of ``k`` tokens (chunk-anchor probing): each chunk's share proportional to its
+    relevance, the summed score of its ``anchors`` highest-scored tokens (largest remainders
+    get the leftover, no chunk more than its tokens), the top scores within each chunk."""
+    starts = torch.tensor([a for a, _ in spans], device=pos.device)
+    chunk = torch.searchsorted(starts, pos, right=True) - 1
+    members = [(chunk == i).nonzero().flatten() for i in range(len(spans))]
+    sizes = [int(m.numel()) for m in members]
+    weight = [float(score[m].topk(min(anchors, m.numel())).values.double().sum()) if m.numel() else 0.0
+              for m in members]
+    quota = [0] * len(spans)
+    open_ = [i for i in range(len(spans)) if sizes[i] > 0]
+    left = min(k, sum(sizes))
+    while left > 0 and open_:  # water-filling: shares by weight, capped at each chunk's size
+        total = sum(weight[i] for i in open_)
+        exact = {i: (weight[i] / total if total > 0 else 1.0 / len(open_)) * left for i in open_}
+        give = {i: min(int(exact[i]), sizes[i] - quota[i]) for i in open_}
+        if sum(give.values()) == 0:  # hand out the remainder one by one, largest remainder first
+            for i in sorted(open_, key=lambda i: (-(exact[i] - int(exact[i])), i)):
+                if left == 0:
+                    break
+                if quota[i] < sizes[i]:
+                    quota[i] += 1
+                    left -= 1
+        else:
+            for i, g in give.items():
+                quota[i] += g
+                left -= g
+        open_ = [i for i in open_ if quota[i] < sizes[i]]
+    picks = [m[ops.select_hkvd(score[m], q)] for m, q in zip(members, quota) if q > 0]
     return torch.cat(picks) if picks else torch.zeros(0, dtype=torch.int64, device=score.device)
