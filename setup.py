@@ -4,6 +4,8 @@ CUDA kernels are built when nvcc is found *and* torch is a CUDA build; a GPU is 
 needed at build time. Otherwise a CPU-only extension is built. Environment knobs:
 
   CACHEBLEND_BUILD_CUDA=0|1   force the CPU-only build (0) or fail unless CUDA builds (1)
+  CACHEBLEND_ATTENTION_VARIANTS=1   also compile the attention kernel's benchmarking variants
+                              (flash_s2, flash_s3, flash_m32; about three times the compile time)
   TORCH_CUDA_ARCH_LIST        target architectures (default: csrc/build_config.json)
   MAX_JOBS                    parallel compile jobs (ninja)
 
@@ -126,8 +128,11 @@ def make_extension():
     system_includes = []
     for d in _nvidia_wheel_includes():
         system_includes += ["-isystem", d]
-    cxx_flags += ["-DCACHEBLEND_WITH_CUDA"] + system_includes
-    nvcc_flags = BUILD_CONFIG["nvcc_flags"] + [std, "-DCACHEBLEND_WITH_CUDA"] + system_includes
+    defines = ["-DCACHEBLEND_WITH_CUDA"]
+    if os.environ.get("CACHEBLEND_ATTENTION_VARIANTS", "0") not in ("", "0"):
+        defines.append("-DCACHEBLEND_ATTENTION_VARIANTS")
+    cxx_flags += defines + system_includes
+    nvcc_flags = BUILD_CONFIG["nvcc_flags"] + [std] + defines + system_includes
     # The CUDA entry points are host code (cuda/*.cpp); the kernels and their launch code
     # are one ATen-free translation unit per op (cuda/**/*.cu), and per head dim, dtype and
     # key layout for the tensor-core attention kernels (generated), which ninja compiles

@@ -5,10 +5,11 @@ queries at random distinct positions (sorted, as the blend engine passes its sel
 bf16 on a GPU, fp32 on the CPU. Measured in the same run:
 
 - ``cacheblend <kernel>``: ``torch.ops.cacheblend.sparse_query_attention``. On CUDA every
-  kernel side by side (``flash``, the default; ``flash_m32``; ``mma_v1``; ``simt``; see
+  kernel side by side (``flash``, the default; ``flash_s2``; ``flash_s3``; ``flash_m32``;
+  ``simt``; see
   ``cacheblend_ext.ops.attention_kernel``), the flash kernel at fixed key splits
-  (``--tiles-per-split``), and ``sparse_query_attention_paged`` over the same K / V
-  scattered in a paged cache (``--page-size``);
+  (``--tiles-per-split``), and ``sparse_query_attention_paged`` with each flash kernel
+  over the same K / V scattered in a paged cache (``--page-size``);
 - ``sdpa explicit mask``: SDPA with the exact boolean ``[M, N]`` mask (the exact alternative);
 - ``sdpa bottom-right causal``: SDPA with ``causal_lower_right(M, N)`` (what public
   implementations use: a selected query sees keys past its own position);
@@ -166,9 +167,10 @@ def run(args) -> dict:
                                                                   kv_indices, last, scale, paged_out, None)
                 return paged_out
 
-            candidates.append((f"cacheblend flash, paged cache (page size {args.page_size})", paged, exact_flops,
-                               None))
-            kernels[candidates[-1][0]] = ("flash", 0)
+            for impl in [x.strip() for x in args.kernels.split(",") if x.strip().startswith("flash")]:
+                candidates.append((f"cacheblend {impl}, paged cache (page size {args.page_size})", paged,
+                                   exact_flops, None))
+                kernels[candidates[-1][0]] = (impl, 0)
     else:
         candidates.append(("cacheblend (CPU kernel)", ours, exact_flops, None))
     candidates.append(("sdpa explicit mask",

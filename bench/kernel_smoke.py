@@ -33,6 +33,16 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> bool
     return ok
 
 
+def _has_variants() -> bool:
+    """Whether this build has the attention kernel's benchmarking variants."""
+    try:
+        with ops.attention_kernel("flash_s2"):
+            return True
+    except RuntimeError:
+        print("note: a build without CACHEBLEND_ATTENTION_VARIANTS=1: the default kernels only")
+        return False
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -78,8 +88,9 @@ def main(argv=None) -> int:
     # sparse_query_attention: every kernel, a key split with the combine kernel, and the
     # paged op (flash and SIMT).
     m, nk, hq, hkv = 70, 700, 8, 2
-    kernels = [("flash", 0), ("flash", 2), ("flash_s3", 0), ("flash_s3", 2), ("flash_m32", 0), ("flash_m32", 2),
-               ("mma_v1", 0), ("simt", 0)]
+    variants = ("flash_s2", "flash_s3", "flash_m32") if dev.type == "cuda" and _has_variants() else ()
+    kernels = [(impl, tiles) for impl in ("flash", *variants) for tiles in (0, 2)]
+    kernels.append(("simt", 0))
     if dev.type != "cuda":
         kernels = [(None, 0)]
     for d in (64, 128):
@@ -105,7 +116,7 @@ def main(argv=None) -> int:
             caches.append(cache)
         last = torch.tensor([nk - (pages - 1) * page], device=dev)
         q_indptr, kv_indptr = torch.tensor([0, m], device=dev), torch.tensor([0, pages], device=dev)
-        for impl in (["flash", "flash_s3", "flash_m32", "simt"] if dev.type == "cuda" else [None]):
+        for impl in (["flash", *variants, "simt"] if dev.type == "cuda" else [None]):
             if impl is None:
                 got = ops.sparse_query_attention_paged(q, tuple(caches), pos, q_indptr, kv_indptr, order, last)
             else:

@@ -187,7 +187,7 @@ TORCH_LIBRARY(cacheblend, m) {
       "Tensor(b!)? lse) -> ()");
 #ifdef CACHEBLEND_WITH_CUDA
   // The CUDA kernel both attention ops run for fp16 / bf16 ("flash", the default;
-  // "mma_v1"; "simt") and the flash kernel's key split (tiles_per_split > 0 fixes it;
+  // "flash_s2", "flash_s3", "flash_m32"; "simt") and the flash kernel's key split (tiles_per_split > 0 fixes it;
   // 0: planned from the shapes and the SM count), for the whole process. Initial values:
   // CACHEBLEND_ATTENTION_IMPL and CACHEBLEND_ATTENTION_TILES_PER_SPLIT.
   m.def("set_attention_kernel(str impl, int tiles_per_split=0) -> ()", &set_attention_kernel_cuda);

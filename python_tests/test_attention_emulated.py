@@ -3,8 +3,8 @@ emulator (csrc/emulation/), against the same float64 reference as test_attention
 
 This covers the kernels' index math, mma / ldmatrix fragment layouts, swizzled shared
 memory, barriers, key splits with their combine kernel and the cp.async pipeline on every
-machine, GPU or not. The emulator's mma / shuffle semantics are cross-checked by mma_v1
-and simt, which also pass test_attention.py on an H100; what it cannot show is timing.
+machine, GPU or not. The emulator's mma / ldmatrix / cp.async semantics are cross-checked by the flash kernels
+and simt, which also pass test_attention.py on an H200; what it cannot show is timing.
 Mutation tests disable each barrier and cp.async wait of the flash kernel in turn and
 require a test case to fail without it.
 """
@@ -20,7 +20,7 @@ import torch
 from conftest import DTYPES, poison_
 from test_attention import CASES, _check, _inputs, _positions
 
-IMPLS = ["flash", "flash_s3", "flash_m32", "mma_v1"]
+IMPLS = ["flash", "flash_s2", "flash_s3", "flash_m32"]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 # test_attention.py's shapes, less the largest (600 x 4099: minutes per run here).
 EMULATED_CASES = [c for c in CASES if c[0] * c[1] <= 600 * 512]
@@ -47,7 +47,7 @@ def test_matches_reference(emulated_kernels, impl, dtype, case):
     _check(out, lse, q, k, v, pos)
 
 
-@pytest.mark.parametrize("impl", ["flash", "flash_s3", "flash_m32"])
+@pytest.mark.parametrize("impl", ["flash", "flash_s2", "flash_s3", "flash_m32"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("tiles_per_split", [1, 2, 3, 7])
 def test_key_splits(emulated_kernels, tiles_per_split, d, impl):
@@ -85,8 +85,7 @@ def _ragged(index_dtype=torch.int64, d=128):
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
 def test_ragged_batch(emulated_kernels, impl, index_dtype):
     q, k, v, pos, q_indptr, kv_indptr = _ragged(index_dtype)
-    out, lse = _run(emulated_kernels, impl, q, k, v, pos, 0.2, q_indptr, kv_indptr,
-                    tiles_per_split=2 if impl.startswith("flash") else 0)
+    out, lse = _run(emulated_kernels, impl, q, k, v, pos, 0.2, q_indptr, kv_indptr, tiles_per_split=2)
     _check(out, lse, q, k, v, pos, 0.2, q_indptr, kv_indptr)
 
 
@@ -146,7 +145,7 @@ def _mutation_cases():
     """Small cases that together exercise every synchronisation of the flash kernel, in
     both shapes: several key tiles per block, key splits, both head dims, a ragged batch
     whose row tiles span requests."""
-    for impl in ("flash", "flash_s3", "flash_m32"):
+    for impl in ("flash", "flash_s2", "flash_s3", "flash_m32"):
         yield f"{impl}, one request, D=64", lambda e, i=impl: _run_checked(e, i, *_single(60, 300, 64))
         yield f"{impl}, D=128, splits", lambda e, i=impl: _run_checked(e, i, *_single(40, 450, 128), tiles_per_split=2)
         q, k, v, pos, q_indptr, kv_indptr = _ragged(d=64)

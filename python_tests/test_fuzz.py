@@ -387,7 +387,7 @@ def test_sparse_query_attention(device, data):
 
 
 @EMULATED
-@given(case=attention_cases(head_dims=(8, 32, 64, 128)), impl=st.sampled_from(["flash", "flash_s3", "flash_m32", "mma_v1"]),
+@given(case=attention_cases(head_dims=(8, 32, 64, 128)), impl=st.sampled_from(["flash", "flash_s2", "flash_s3", "flash_m32"]),
        tiles_per_split=st.integers(0, 3), num_sms=st.sampled_from([1, 132]))
 def test_sparse_query_attention_emulated(emulated_kernels, case, impl, tiles_per_split, num_sms):
     def run(q, k, v, q_pos, q_indptr, kv_indptr, scale, out, lse):

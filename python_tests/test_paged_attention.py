@@ -156,7 +156,7 @@ def _emulated_contiguous(emulated, impl="simt", tiles_per_split=0):
     return run
 
 
-@pytest.mark.parametrize("impl", ["flash", "flash_s3", "flash_m32", "simt"])
+@pytest.mark.parametrize("impl", ["flash", "flash_s2", "flash_s3", "flash_m32", "simt"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("page_size", [16, 5, 1])
 @pytest.mark.parametrize("kind", list(ENGINE_LAYOUTS))

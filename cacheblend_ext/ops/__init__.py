@@ -319,17 +319,17 @@ def _sparse_query_attention_fake(q, k, v, q_pos, q_indptr, kv_indptr, scale, out
     return None
 
 
-ATTENTION_KERNELS = ("flash", "flash_s3", "flash_m32", "mma_v1", "simt")
+ATTENTION_KERNELS = ("flash", "flash_s2", "flash_s3", "flash_m32", "simt")
 
 
 class attention_kernel:
     """Chooses the CUDA kernel of both attention ops for fp16 / bf16, for the whole
     process; as a context manager, only inside the ``with`` block.
 
-    ``impl``: ``"flash"`` (the default: FlashAttention-2 style, 16 rows per warp, a
-    2-stage K / V pipeline), ``"flash_s3"`` (a 3-stage pipeline), ``"flash_m32"`` (32 rows
-    per warp), ``"mma_v1"`` (the first tensor-core
-    kernel; contiguous keys only) or ``"simt"``. ``tiles_per_split`` > 0 fixes the flash
+    ``impl``: ``"flash"`` (the default: FlashAttention-2 style, 16 rows per warp, K and V
+    single-buffered), ``"flash_s2"`` / ``"flash_s3"`` (2- and 3-stage K / V pipelines),
+    ``"flash_m32"`` (32 rows per warp) or ``"simt"``; the variants (``flash_s2``, ``flash_s3``,
+    ``flash_m32``) exist only in builds made with ``CACHEBLEND_ATTENTION_VARIANTS=1``. ``tiles_per_split`` > 0 fixes the flash
     kernel's key split (key tiles per split) instead of the plan made from the shapes and
     the SM count. fp32, head dims other than 64 / 128, unaligned tensors and GPUs before
     sm_80 always take the SIMT kernel. The initial choice comes from the environment

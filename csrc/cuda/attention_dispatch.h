@@ -61,12 +61,12 @@ inline attention::AttentionArgs make_attention_args(const at::Tensor& q, const a
   return args;
 }
 
-// Kernel choice for fp16 / bf16: the flash kernel (default: 16 rows per warp, a 2-stage K /
-// V pipeline), its 3-stage pipeline (flash_s3), its 32-rows-per-warp shape (flash_m32), the
-// first tensor-core kernel (mma_v1, contiguous keys only; paged calls take the flash
-// kernel) or the SIMT kernel; tiles_per_split > 0 fixes the flash kernel's key split
-// instead of plan_flash's choice.
-enum class AttentionImpl { kFlash, kFlashS3, kFlashM32, kMmaV1, kSimt };
+// Kernel choice for fp16 / bf16: the flash kernel (default: 16 rows per warp, K and V
+// single-buffered, FlashAttention-2's schedule; the fastest 16-rows shape measured on a
+// GPU), its 2- and 3-stage K / V pipelines (flash_s2, flash_s3; not yet run on a GPU), its
+// 32-rows-per-warp shape (flash_m32) or the SIMT kernel; tiles_per_split > 0 fixes the flash
+// kernel's key split instead of plan_flash's choice.
+enum class AttentionImpl { kFlash, kFlashS2, kFlashS3, kFlashM32, kSimt };
 
 struct AttentionKernelChoice {
   AttentionImpl impl = AttentionImpl::kFlash;
@@ -76,20 +76,20 @@ struct AttentionKernelChoice {
 // nullptr or "" -> the default (flash).
 inline AttentionImpl parse_attention_impl(const char* name) {
   if (name == nullptr || name[0] == '\0' || std::strcmp(name, "flash") == 0) return AttentionImpl::kFlash;
+  if (std::strcmp(name, "flash_s2") == 0) return AttentionImpl::kFlashS2;
   if (std::strcmp(name, "flash_s3") == 0) return AttentionImpl::kFlashS3;
   if (std::strcmp(name, "flash_m32") == 0) return AttentionImpl::kFlashM32;
-  if (std::strcmp(name, "mma_v1") == 0) return AttentionImpl::kMmaV1;
   if (std::strcmp(name, "simt") == 0) return AttentionImpl::kSimt;
-  TORCH_CHECK(false, "attention kernel must be flash, flash_s3, flash_m32, mma_v1 or simt (or unset: flash), got '",
+  TORCH_CHECK(false, "attention kernel must be flash, flash_s2, flash_s3, flash_m32 or simt (or unset: flash), got '",
               name, "'");
 }
 
 inline const char* attention_impl_name(AttentionImpl impl) {
   switch (impl) {
     case AttentionImpl::kFlash: return "flash";
+    case AttentionImpl::kFlashS2: return "flash_s2";
     case AttentionImpl::kFlashS3: return "flash_s3";
     case AttentionImpl::kFlashM32: return "flash_m32";
-    case AttentionImpl::kMmaV1: return "mma_v1";
     case AttentionImpl::kSimt: return "simt";
   }
   return "?";
@@ -128,15 +128,22 @@ template <typename scalar_t, typename pos_t, int D, typename Keys, typename Laun
 void run_attention_flash(const attention::AttentionArgs& args, const attention::PagedKV& paged, const pos_t* q_pos,
                          int64_t max_keys, const at::TensorOptions& options, const AttentionKernelChoice& choice,
                          const AttentionDevice& device, const Launcher& launcher) {
-  if (choice.impl == AttentionImpl::kFlashM32)
-    run_attention_flash_shape<scalar_t, pos_t, D, 32, 2, Keys>(args, paged, q_pos, max_keys, options, choice, device,
-                                                              launcher);
-  else if (choice.impl == AttentionImpl::kFlashS3)
-    run_attention_flash_shape<scalar_t, pos_t, D, 16, 3, Keys>(args, paged, q_pos, max_keys, options, choice, device,
-                                                              launcher);
-  else
-    run_attention_flash_shape<scalar_t, pos_t, D, 16, 2, Keys>(args, paged, q_pos, max_keys, options, choice, device,
-                                                              launcher);
+  switch (choice.impl) {
+#if defined(CACHEBLEND_ATTENTION_VARIANTS)  // built for benchmarking (see set_attention_kernel)
+    case AttentionImpl::kFlashM32:
+      return run_attention_flash_shape<scalar_t, pos_t, D, 32, 1, Keys>(args, paged, q_pos, max_keys, options, choice,
+                                                                       device, launcher);
+    case AttentionImpl::kFlashS2:
+      return run_attention_flash_shape<scalar_t, pos_t, D, 16, 2, Keys>(args, paged, q_pos, max_keys, options, choice,
+                                                                       device, launcher);
+    case AttentionImpl::kFlashS3:
+      return run_attention_flash_shape<scalar_t, pos_t, D, 16, 3, Keys>(args, paged, q_pos, max_keys, options, choice,
+                                                                       device, launcher);
+#endif
+    default:
+      return run_attention_flash_shape<scalar_t, pos_t, D, 16, 1, Keys>(args, paged, q_pos, max_keys, options, choice,
+                                                                       device, launcher);
+  }
 }
 
 // Calls fn(std::integral_constant<int, D>) for head_dim 64 or 128.
@@ -166,12 +173,8 @@ void dispatch_sparse_query_attention(const at::Tensor& q, const at::Tensor& k, c
       if constexpr (kIsHalfOrBFloat16<scalar_t>) {
         if (choice.impl != AttentionImpl::kSimt && device.tensor_cores && attention_tensor_core_ok<scalar_t>(args)) {
           with_tensor_core_head_dim(args.head_dim, [&](auto d_tag) {
-            constexpr int D = decltype(d_tag)::value;
-            if (choice.impl == AttentionImpl::kMmaV1)
-              launch_attention_mma<scalar_t, index_t, D>(args, pos, launcher);
-            else
-              run_attention_flash<scalar_t, index_t, D, attention::ContiguousKeys>(
-                  args, attention::PagedKV{}, pos, args.num_k, q.options(), choice, device, launcher);
+            run_attention_flash<scalar_t, index_t, decltype(d_tag)::value, attention::ContiguousKeys>(
+                args, attention::PagedKV{}, pos, args.num_k, q.options(), choice, device, launcher);
           });
           return;
         }
@@ -182,8 +185,7 @@ void dispatch_sparse_query_attention(const at::Tensor& q, const at::Tensor& k, c
 }
 
 // sparse_query_attention_paged: the flash kernel reading K / V through the page table for
-// fp16 / bf16 (mma_v1 has no paged form: it takes the flash kernel too), else the paged
-// SIMT kernel. The page table and the request offsets travel as int64 (an on-device
+// fp16 / bf16, else the paged SIMT kernel. The page table and the request offsets travel as int64 (an on-device
 // conversion when they are int32; no host sync).
 template <typename Launcher>
 void dispatch_sparse_query_attention_paged(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

@@ -7,7 +7,6 @@
 
 #include "cuda/launch.h"
 #include "kernels/attention/flash.cuh"
-#include "kernels/attention/mma.cuh"
 #include "kernels/attention/paged.cuh"
 #include "kernels/attention/simt.cuh"
 
@@ -28,14 +27,6 @@ void launch_attention_paged_simt(const attention::AttentionArgs& args, const att
            Dim3{attention::kSimtWarps * 32}, 0, args, paged, q_pos);
 }
 
-template <typename T, typename pos_t, int D, typename Launcher>
-void launch_attention_mma(const attention::AttentionArgs& args, const pos_t* q_pos, const Launcher& launcher) {
-  const Dim3 grid{static_cast<unsigned>(ceil_div(args.num_q, int64_t{attention::kMmaRows / args.group})),
-                  static_cast<unsigned>(args.hkv)};
-  launcher(attention::sparse_query_attention_mma_kernel<T, pos_t, D>, grid, Dim3{attention::kMmaThreads}, 0, args,
-           q_pos);
-}
-
 template <typename T, typename pos_t, int D, int kRowsPerWarp, int kStages, typename Keys, typename Launcher>
 void launch_attention_flash(const attention::AttentionArgs& args, const attention::PagedKV& paged, const pos_t* q_pos,
                             const FlashPlan& plan, const attention::FlashSplit& split, const Launcher& launcher) {
@@ -51,26 +42,29 @@ void launch_attention_flash(const attention::AttentionArgs& args, const attentio
   }
 }
 
-// The tensor-core kernels of one dtype, head dim and key layout (Keys: ContiguousKeys, which
-// also instantiates mma_v1, or PagedKeys), for both position types and every flash shape
-// (rows per warp, pipeline stages) that cuda/attention_dispatch.h offers.
+// The tensor-core kernels of one dtype, head dim and key layout (Keys: ContiguousKeys or
+// PagedKeys), for both position types and every flash shape (rows per warp, pipeline
+// stages) that cuda/attention_dispatch.h offers.
 #define CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, M, S, KEYS, LAUNCHER)                                           \
   template void launch_attention_flash<T, P, D, M, S, attention::KEYS, LAUNCHER>(                               \
       const attention::AttentionArgs&, const attention::PagedKV&, const P*, const FlashPlan&,                   \
       const attention::FlashSplit&, const LAUNCHER&);
+// The default shape always; the variants a GPU run still has to choose between
+// (flash_s2, flash_s3, flash_m32) only in builds with CACHEBLEND_ATTENTION_VARIANTS=1 (they
+// triple the compile time).
+#if defined(CACHEBLEND_ATTENTION_VARIANTS)
+#define CB_INSTANTIATE_ATTENTION_FLASH_VARIANTS(T, P, D, KEYS, LAUNCHER) \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 2, KEYS, LAUNCHER)         \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 3, KEYS, LAUNCHER)         \
+  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 32, 1, KEYS, LAUNCHER)
+#else
+#define CB_INSTANTIATE_ATTENTION_FLASH_VARIANTS(T, P, D, KEYS, LAUNCHER)
+#endif
 #define CB_INSTANTIATE_ATTENTION_FLASH_SHAPES(T, P, D, KEYS, LAUNCHER) \
-  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 2, KEYS, LAUNCHER)       \
-  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 3, KEYS, LAUNCHER)       \
-  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 32, 2, KEYS, LAUNCHER)
+  CB_INSTANTIATE_ATTENTION_FLASH(T, P, D, 16, 1, KEYS, LAUNCHER)       \
+  CB_INSTANTIATE_ATTENTION_FLASH_VARIANTS(T, P, D, KEYS, LAUNCHER)
 #define CB_INSTANTIATE_ATTENTION_TENSOR_CORES(T, D, KEYS, LAUNCHER)     \
   CB_INSTANTIATE_ATTENTION_FLASH_SHAPES(T, int32_t, D, KEYS, LAUNCHER) \
-  CB_INSTANTIATE_ATTENTION_FLASH_SHAPES(T, int64_t, D, KEYS, LAUNCHER) \
-  CB_INSTANTIATE_ATTENTION_MMA_##KEYS(T, D, LAUNCHER)
-#define CB_INSTANTIATE_ATTENTION_MMA_PagedKeys(T, D, LAUNCHER)
-#define CB_INSTANTIATE_ATTENTION_MMA_ContiguousKeys(T, D, LAUNCHER)                                              \
-  template void launch_attention_mma<T, int32_t, D, LAUNCHER>(const attention::AttentionArgs&, const int32_t*, \
-                                                              const LAUNCHER&);                                 \
-  template void launch_attention_mma<T, int64_t, D, LAUNCHER>(const attention::AttentionArgs&, const int64_t*, \
-                                                              const LAUNCHER&);
+  CB_INSTANTIATE_ATTENTION_FLASH_SHAPES(T, int64_t, D, KEYS, LAUNCHER)
 
 }  // namespace cacheblend

@@ -130,7 +130,7 @@ inline FlashPlan plan_flash(const attention::AttentionArgs& a, int64_t max_keys,
 // caller (contiguous or paged strides).
 template <typename T>
 inline bool attention_tensor_core_query_ok(const attention::AttentionArgs& a) {
-  return (a.head_dim == 64 || a.head_dim == 128) && a.group <= attention::kMmaRows &&
+  return (a.head_dim == 64 || a.head_dim == 128) && a.group <= attention::kMaxTensorCoreGroup &&
          is_aligned16<T>(a.q, {a.q_s0, a.q_s1}) && is_aligned16<T>(a.out, {a.o_s0, a.o_s1});
 }
 
@@ -156,10 +156,6 @@ void launch_attention_simt(const attention::AttentionArgs& args, const pos_t* q_
 template <typename T, typename pos_t, typename Launcher>
 void launch_attention_paged_simt(const attention::AttentionArgs& args, const attention::PagedKV& paged,
                                  const pos_t* q_pos, const Launcher& launcher);
-
-// The mma_v1 tensor-core kernel (T = half_t / bfloat16_t, D = 64 / 128; contiguous keys).
-template <typename T, typename pos_t, int D, typename Launcher>
-void launch_attention_mma(const attention::AttentionArgs& args, const pos_t* q_pos, const Launcher& launcher);
 
 // The flash tensor-core kernel (T = half_t / bfloat16_t, D = 64 / 128, 16 or 32 rows per
 // warp, kStages pipeline stages; Keys = attention::ContiguousKeys or attention::PagedKeys, `paged` used only by the

@@ -56,14 +56,26 @@ namespace {
 
 CudaLauncher current_stream_launcher() { return CudaLauncher(c10::cuda::getCurrentCUDAStream()); }
 
+// A kernel name this build can run: the variants (flash_s2, flash_s3, flash_m32) are compiled
+// only with CACHEBLEND_ATTENTION_VARIANTS=1 at build time.
+AttentionImpl checked_attention_impl(const char* name) {
+  const AttentionImpl impl = parse_attention_impl(name);
+#if !defined(CACHEBLEND_ATTENTION_VARIANTS)
+  TORCH_CHECK(impl == AttentionImpl::kFlash || impl == AttentionImpl::kSimt, "attention kernel '", name,
+              "' is a benchmarking variant, not compiled into this build: rebuild with "
+              "CACHEBLEND_ATTENTION_VARIANTS=1 (or use flash or simt)");
+#endif
+  return impl;
+}
+
 // The kernel sparse_query_attention(_paged) runs for fp16 / bf16: CACHEBLEND_ATTENTION_IMPL
-// (flash, the default; flash_s3; flash_m32; mma_v1; simt) and CACHEBLEND_ATTENTION_TILES_PER_SPLIT (0: the
+// (flash, the default; flash_s2; flash_s3; flash_m32; simt) and CACHEBLEND_ATTENTION_TILES_PER_SPLIT (0: the
 // planned key split), read once, at the first call; set_attention_kernel changes both.
 struct AttentionKernelState {
   std::atomic<int> impl;
   std::atomic<int> tiles_per_split;
   AttentionKernelState()
-      : impl(static_cast<int>(parse_attention_impl(std::getenv("CACHEBLEND_ATTENTION_IMPL")))),
+      : impl(static_cast<int>(checked_attention_impl(std::getenv("CACHEBLEND_ATTENTION_IMPL")))),
         tiles_per_split(parse_tiles_per_split(std::getenv("CACHEBLEND_ATTENTION_TILES_PER_SPLIT"))) {}
   static int parse_tiles_per_split(const char* text) {
     if (text == nullptr || text[0] == '\0') return 0;
@@ -168,7 +180,7 @@ void sparse_query_attention_paged_cuda(const at::Tensor& q, const at::Tensor& k_
 void set_attention_kernel_cuda(const std::string& impl, int64_t tiles_per_split) {
   TORCH_CHECK(tiles_per_split >= 0 && tiles_per_split <= (1 << 20),
               "tiles_per_split must be 0 (planned) or a positive number of key tiles, got ", tiles_per_split);
-  const AttentionImpl parsed = parse_attention_impl(impl.c_str());
+  const AttentionImpl parsed = checked_attention_impl(impl.c_str());
   AttentionKernelState& s = attention_kernel_state();
   s.impl.store(static_cast<int>(parsed), std::memory_order_relaxed);
   s.tiles_per_split.store(static_cast<int>(tiles_per_split), std::memory_order_relaxed);

@@ -60,7 +60,8 @@ std::tuple<at::Tensor, at::Tensor> select_hkvd_batched(const at::Tensor& deviati
   return dispatch_select_hkvd_batched(deviation, indptr, k, forced, candidates, max_selected, EmulatedLauncher{});
 }
 
-// impl: "flash" (the default), "mma_v1" or "simt", as set_attention_kernel;
+// impl: "flash" (the default), "flash_s2", "flash_s3", "flash_m32" or "simt", as
+// set_attention_kernel;
 // tiles_per_split > 0 fixes the flash kernel's key split; num_sms: the device the split
 // plan assumes.
 AttentionKernelChoice kernel_choice(const std::string& impl, int64_t tiles_per_split) {

@@ -167,7 +167,7 @@ void sparse_query_attention_paged_cpu(const at::Tensor& q, const at::Tensor& k_c
                                       const at::Tensor& kv_indices, const at::Tensor& kv_last_page_len, double scale,
                                       const at::Tensor& out, const std::optional<at::Tensor>& lse);
 #ifdef CACHEBLEND_WITH_CUDA
-// The CUDA kernel for fp16 / bf16 ("flash", "mma_v1" or "simt") and the flash kernel's key
+// The CUDA kernel for fp16 / bf16 ("flash", "flash_s2", "flash_s3", "flash_m32" or "simt") and the flash kernel's key
 // split (tiles_per_split > 0 fixes it; 0: planned), for every later call in the process.
 void set_attention_kernel_cuda(const std::string& impl, int64_t tiles_per_split);
 std::tuple<std::string, int64_t> attention_kernel_cuda();

@@ -6,15 +6,23 @@
 // A block owns one kv head and kRows "rows" (64 or 128, FlashTraits), each row one (query
 // token, query head of that kv head's group) pair, so every K / V tile it loads serves the
 // whole GQA group. Warp w owns rows w * kRowsPerWarp .. as one or two m16 tiles. Per key
-// tile j of kKeys keys, with the K / V tiles of j + 1 .. j + kStages - 1 already loading:
+// tile j of kKeys keys (ldmatrix K, and Q from registers or ldmatrix; mask only on
+// straddling tiles; base-2 online softmax; ldmatrix.trans V), with kStages = 1 (K and V
+// single-buffered, one cp.async group each, FlashAttention-2's schedule):
 //
-//   wait for tile j; barrier | issue tile j + kStages - 1 (cp.async, into the stage that
-//   tile j - 1 used) | S = Q K_j^T (ldmatrix K; Q from registers or ldmatrix) | mask
-//   (straddling tiles only) and online softmax in base 2 | O += P V_j (ldmatrix.trans V)
+//   wait K_j; barrier | issue V_j | S = Q K_j^T | wait V_j; barrier | issue K_{j+1} |
+//   softmax | O += P V_j
 //
-// The barrier also tells every warp that nobody reads tile j - 1's stage any more.
+// so V_j's load overlaps the first GEMM and K_{j+1}'s the softmax and the second; the
+// barriers also tell every warp that nobody reads V_{j-1} (first) or K_j (second) any
+// more. With kStages >= 2 (K and V together in stages, tiles j + 1 .. j + kStages - 1
+// already loading):
 //
-// Shared memory holds Q [kRows][D] and kStages x (K, V) [kKeys][D] as rows of 16-byte chunks, chunk
+//   wait tile j; barrier | issue tile j + kStages - 1 into the stage tile j - 1 used |
+//   S = Q K_j^T | softmax | O += P V_j
+//
+// Shared memory holds Q [kRows][D] and max(kStages, 1) x (K, V) [kKeys][D] as rows of
+// 16-byte chunks, chunk
 // c of row r stored at chunk c ^ (r & 7) (swizzle): the 8 rows an ldmatrix phase reads
 // at one logical chunk land on 8 distinct 16-byte bank groups, and the loads stay 16-byte
 // cp.async copies, consecutive threads on consecutive chunks of a row (coalesced).
@@ -36,6 +44,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/attention/params.h"
 #include "kernels/attention/primitives.cuh"
@@ -90,22 +99,21 @@ struct ContiguousKeys {
 struct PagedKeys {
   const int64_t* pages;  // the request's page ids (kv_indices + kv_indptr[b])
   bool bad_page = false;
-  // 32-bit division: a request's keys (and so page_size) are below 2^31 (checked on the
-  // host); a 64-bit division would be a slow, register-hungry subroutine.
+  // Key j's page, -1 when the id is outside the cache. 32-bit division: a request's keys
+  // (and so page_size) are below 2^31 (checked on the host); a 64-bit division would be a
+  // slow, register-hungry subroutine.
   CB_DEVICE int64_t page_of(const PagedKV& p, int j) {
     const int64_t page = pages[j / static_cast<int>(p.page_size)];
     const bool ok = page >= 0 && page < p.num_pages;
     bad_page |= !ok;
     return ok ? page : -1;
   }
-  CB_DEVICE int64_t k_row(const AttentionArgs& a, const PagedKV& p, int kv_head, int j) {
-    const int64_t page = page_of(p, j);
+  CB_DEVICE int64_t k_row(const AttentionArgs& a, const PagedKV& p, int kv_head, int j, int64_t page) const {
     return page < 0 ? -1
                     : page * p.k_page_stride + (j % static_cast<int>(p.page_size)) * p.k_offset_stride +
                           kv_head * a.k_s1;
   }
-  CB_DEVICE int64_t v_row(const AttentionArgs& a, const PagedKV& p, int kv_head, int j) {
-    const int64_t page = page_of(p, j);
+  CB_DEVICE int64_t v_row(const AttentionArgs& a, const PagedKV& p, int kv_head, int j, int64_t page) const {
     return page < 0 ? -1
                     : page * p.v_page_stride + (j % static_cast<int>(p.page_size)) * p.v_offset_stride +
                           kv_head * a.v_s1;
@@ -344,41 +352,69 @@ __global__ void __launch_bounds__(FlashTraits<D, kRowsPerWarp, kStages>::kThread
     // The K and V tiles of key tile `tile` into stage `stage`, one cp.async group (committed
     // even when empty, so that group counts stay uniform). Keys past the request (and
     // unreadable ones, reported after the loop) are zero-filled (plain stores): they are
-    // masked, and zeros keep 0 * V finite. Not unrolled: unrolled, the compiler keeps one
-    // 64-bit address per row live across the tile loop, and those registers are what the
-    // accumulators need (spills); the address math is a few integer instructions per
-    // 16-byte copy.
-    auto load_tiles = [&](int tile, int stage) {
+    // masked, and zeros keep 0 * V finite.
+    // with_k / with_v: which of the two (kStages == 1 loads them at different times).
+    auto load_tiles = [&](int tile, int stage, bool with_k = true, bool with_v = true) {
       if (tile < tile_end) {
         uint16_t* const dK = sStages + stage * kStageElems + copy_offset;
         uint16_t* const dV = dK + kKeys * D;
-#pragma unroll 1
-        for (int i = 0; i < kKeys / kRowsPerPass; ++i) {
-          const int key = tile * kKeys + copy_row + i * kRowsPerPass;
-          const int64_t k_row = key < req.kv_len ? req.keys.k_row(a, paged, kv_head, key) : -1;
-          const int64_t v_row = key < req.kv_len ? req.keys.v_row(a, paged, kv_head, key) : -1;
+        auto copy_row_pair = [&](int i, int64_t k_row, int64_t v_row) {
           const int off = i * kRowsPerPass * D;
-          if (k_row >= 0)
+          if (with_k && k_row >= 0)
             ptx::cp_async16(dK + off, static_cast<const uint16_t*>(a.k) + k_row + copy_chunk * 8);
-          else
+          else if (with_k)
             *reinterpret_cast<uint4*>(dK + off) = make_uint4(0u, 0u, 0u, 0u);
-          if (v_row >= 0)
+          if (with_v && v_row >= 0)
             ptx::cp_async16(dV + off, static_cast<const uint16_t*>(a.v) + v_row + copy_chunk * 8);
-          else
+          else if (with_v)
             *reinterpret_cast<uint4*>(dV + off) = make_uint4(0u, 0u, 0u, 0u);
+        };
+        constexpr int kPasses = kKeys / kRowsPerPass;
+        if constexpr (std::is_same_v<Keys, PagedKeys>) {
+          // Every row's page id is loaded first, then the copies issued: one wait for the
+          // page table per tile instead of one per row.
+          int64_t pages[kPasses];
+#pragma unroll
+          for (int i = 0; i < kPasses; ++i) {
+            const int key = tile * kKeys + copy_row + i * kRowsPerPass;
+            pages[i] = key < req.kv_len ? req.keys.page_of(paged, key) : -1;
+          }
+#pragma unroll
+          for (int i = 0; i < kPasses; ++i) {
+            const int key = tile * kKeys + copy_row + i * kRowsPerPass;
+            copy_row_pair(i, req.keys.k_row(a, paged, kv_head, key, pages[i]),
+                          req.keys.v_row(a, paged, kv_head, key, pages[i]));
+          }
+        } else {
+          // Not unrolled: unrolled, the compiler keeps one 64-bit address per row live
+          // across the tile loop, and those registers are what the accumulators need
+          // (spills); the address math is a few integer instructions per 16-byte copy.
+#pragma unroll 1
+          for (int i = 0; i < kPasses; ++i) {
+            const int key = tile * kKeys + copy_row + i * kRowsPerPass;
+            const bool in = key < req.kv_len;
+            copy_row_pair(i, in ? req.keys.k_row(a, paged, kv_head, key) : -1,
+                          in ? req.keys.v_row(a, paged, kv_head, key) : -1);
+          }
         }
       }
       ptx::cp_async_commit();
     };
-    // Pipeline prologue: tiles tile_begin .. tile_begin + kStages - 2 in flight.
+    // Pipeline prologue: tiles tile_begin .. tile_begin + kStages - 2 in flight; with one
+    // stage, K of the first tile.
+    if constexpr (kStages == 1) {
+      load_tiles(tile_begin, 0, true, false);
+    } else {
 #pragma unroll
-    for (int st = 0; st < kStages - 1; ++st) load_tiles(tile_begin + st, st);
+      for (int st = 0; st < kStages - 1; ++st) load_tiles(tile_begin + st, st);
+    }
+    constexpr int kGroupsAfterQ = kStages == 1 ? 1 : kStages - 1;
 
     // 16 rows per warp: the Q tile's A fragments stay in registers for the whole loop.
     uint32_t qf[Traits::kQInRegisters ? D / 16 : 1][4];
     if constexpr (Traits::kQInRegisters) {
-      ptx::cp_async_wait<kStages - 1>();  // Q landed (the tiles may be in flight) ...
-      __syncthreads();                    // ... for every thread
+      ptx::cp_async_wait<kGroupsAfterQ>();  // Q landed (the tiles may be in flight) ...
+      __syncthreads();                      // ... for every thread
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) ptx::ldmatrix_x4<false>(qf[kk], sQ + (q_lane ^ (16 * kk)));
     }
@@ -387,9 +423,15 @@ __global__ void __launch_bounds__(FlashTraits<D, kRowsPerWarp, kStages>::kThread
     for (int tile = tile_begin; tile < tile_end; ++tile) {
       const int n0 = tile * kKeys;
       const int stage = (tile - tile_begin) % kStages;
-      ptx::cp_async_wait<kStages - 2>();  // this tile (and Q) landed, later ones may be in flight ...
-      __syncthreads();                    // ... for every thread; nobody reads the previous tile's stage
-      load_tiles(tile + kStages - 1, (stage + kStages - 1) % kStages);
+      if constexpr (kStages == 1) {
+        ptx::cp_async_wait<0>();  // K_j (and Q) landed ...
+        __syncthreads();          // ... for every thread; nobody reads V_{j-1} any more
+        load_tiles(tile, 0, false, true);
+      } else {
+        ptx::cp_async_wait<kStages - 2>();  // this tile (and Q) landed, later ones may be in flight ...
+        __syncthreads();                    // ... for every thread; nobody reads the previous tile's stage
+        load_tiles(tile + kStages - 1, (stage + kStages - 1) % kStages);
+      }
       const uint16_t* const sK = sStages + stage * kStageElems;
       const uint16_t* const sV = sK + kKeys * D;
 
@@ -422,6 +464,12 @@ __global__ void __launch_bounds__(FlashTraits<D, kRowsPerWarp, kStages>::kThread
             Ops::mma(sc[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
           }
         }
+      }
+
+      if constexpr (kStages == 1) {
+        ptx::cp_async_wait<0>();  // V_j landed ...
+        __syncthreads();          // ... for every thread; nobody reads K_j any more
+        load_tiles(tile + 1, 0, true, false);
       }
 
       acc.absorb(sc, n0, /*masked=*/n0 + kKeys - 1 > min_pos, sPos + warp_row0, g, t, a.scale_log2);

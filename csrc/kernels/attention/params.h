@@ -15,10 +15,8 @@
 //    keys visited one by one with an online softmax in fp32. Simple and obviously
 //    correct; used for fp32 inputs, head dims other than 64 / 128, unaligned inputs and
 //    GPUs before sm_80. paged.cuh runs the same per-row loop through a page table.
-//  * mma.cuh, sparse_query_attention_mma_kernel (mma_v1): the first tensor-core kernel
-//    (64-row tiles, no pipelining, no key split), kept for comparison on a GPU.
-// CACHEBLEND_ATTENTION_IMPL (flash, mma_v1, simt) or cacheblend_ext.ops.attention_kernel
-// picks one for fp16 / bf16 (cuda/attention_dispatch.h).
+// CACHEBLEND_ATTENTION_IMPL (flash, flash_s2, flash_s3, flash_m32, simt) or
+// cacheblend_ext.ops.attention_kernel picks one for fp16 / bf16 (cuda/attention_dispatch.h).
 //
 // All the kernels also compile for the host in a build that supplies the CUDA built-ins
 // and the PTX operations (kernels/common.h), which is how the tests run them without a
@@ -70,12 +68,9 @@ struct PagedKV {
   int64_t k_page_stride, k_offset_stride, v_page_stride, v_offset_stride;  // elements
 };
 
-// Tile shape of the mma_v1 kernel (mma.cuh): a block is kMmaThreads threads = 4 warps;
-// each warp owns 16 of the block's kMmaRows (query, head) rows, and K / V are visited in
-// tiles of kMmaKeys keys.
-constexpr int kMmaRows = 64;  // rows per block: 4 warps x 16
-constexpr int kMmaKeys = 64;  // keys per K/V tile
-constexpr int kMmaThreads = 128;
+// The largest GQA group the tensor-core kernel takes: a group's rows must fit in one row
+// tile (64 rows with 16 rows per warp).
+constexpr int kMaxTensorCoreGroup = 64;
 
 // Tile shapes of the flash kernel (flash.cuh), per head dim and rows per warp. Two
 // shapes, because only a GPU run can choose between them (mma.sync m16n8k16 on sm_80 /
@@ -92,13 +87,15 @@ constexpr int kMmaThreads = 128;
 //    registers (O alone is 128 registers at D = 128), and at D = 128 a 64-key S tile
 //    (64 more) leaves too few registers for the rest: the key tile is 32 keys there,
 //    64 at D = 64. Two blocks (8 warps) per SM.
-// K and V go through a pipeline of kStages shared-memory stages: while tile j is
-// computed, tiles j + 1 .. j + kStages - 1 load, so a load has kStages - 1 tiles of MMA
-// work to hide behind. Shared memory per block: Q [kRows][D] + kStages x (K + V)
-// [kKeys][D], 16-bit. At D = 128 with 16 rows per warp: 80 KB with 2 stages, 112 KB with 3
-// (two blocks per SM fit on sm_90's 228 KB; on sm_80's 164 KB only with 2 stages; one
-// block per SM on sm_86 / sm_89's 100 KB).
-template <int D, int kRowsPerWarp_, int kStages_ = 2>
+// K and V go through kStages shared-memory stages. One stage is FlashAttention-2's
+// schedule: V_j loads while S = Q K_j^T is computed, K_{j+1} while the softmax and O += P V_j
+// are (measured on an H200, bench/results/2026-12-04-h200). With kStages >= 2, while tile j
+// is computed, tiles j + 1 .. j + kStages - 1 load, so a load has kStages - 1 tiles of MMA
+// work to hide behind (not yet measured on a GPU). Shared memory per block: Q [kRows][D] +
+// kStages x (K + V) [kKeys][D], 16-bit. At D = 128 with 16 rows per warp: 48 KB with one
+// stage, 80 KB with 2, 112 KB with 3 (two blocks per SM fit on sm_90's 228 KB; on sm_80's
+// 164 KB with up to 2 stages; one block per SM on sm_86 / sm_89's 100 KB from 2 stages).
+template <int D, int kRowsPerWarp_, int kStages_ = 1>
 struct FlashTraits {
   static_assert(D == 64 || D == 128, "the flash kernel is built for head_dim 64 and 128");
   static_assert(kRowsPerWarp_ == 16 || kRowsPerWarp_ == 32, "16 or 32 rows per warp");
@@ -113,9 +110,11 @@ struct FlashTraits {
   // __launch_bounds__ minimum (a register cap of 65536 / (kThreads x kBlocksPerSm) = 255);
   // the split plan counts on it. Three blocks (a cap of 168) spill in the paged kernel.
   static constexpr int kBlocksPerSm = 2;
-  // K / V pipeline depth: while tile j is computed, tiles j + 1 .. j + kStages - 1 load.
+  // K / V pipeline depth (see flash.cuh): 1, K and V single-buffered and loaded at
+  // different times (FlashAttention-2's schedule); >= 2, while tile j is computed, tiles
+  // j + 1 .. j + kStages - 1 load.
   static constexpr int kStages = kStages_;
-  static_assert(kStages >= 2, "at least double buffering");
+  static_assert(kStages >= 1, "at least one stage");
   static constexpr int kSmemBytes = (kRows + 2 * kKeys * kStages) * D * 2;
 };
 
