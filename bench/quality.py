@@ -111,6 +111,10 @@ SCHEMES = {
     "probe-64": Scheme("probe, 64 probe tokens", PROBE + (("probe_tokens", 64),)),
     "probe-value": Scheme("probe, scores weighted by the V norm", PROBE + (("probe_score", "value"),)),
     "probe-depth": Scheme("probe, attention weighted by depth (l + 1) / L", PROBE + (("probe_score", "depth"),)),
+    "probe-prefix": Scheme("probe pass also runs the prefix (its rows see the attention sink), charged",
+                           PROBE + (("probe_prefix", True),)),
+    "probe-prefix-32": Scheme("probe pass also runs the prefix, 32 probe tokens",
+                              PROBE + (("probe_prefix", True), ("probe_tokens", 32))),
     "probe-gradual": Scheme("probe at check layer 0, then gradual filtering at layers 10 and 20 by the probe's "
                             "attention from there on, equal compute",
                             (("selection", "probe"), ("check_layers", (0, 10, 20)))),

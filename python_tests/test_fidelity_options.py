@@ -22,6 +22,7 @@ from test_engine import assert_logits_close, full_reuse_reference, hf_logits_and
 OPTIONS = {
     "probe-value": {"probe_score": "value"},
     "probe-depth": {"probe_score": "depth"},
+    "probe-prefix": {"probe_prefix": True},
     "crowding": {"crowding": 0.5, "crowding_window": 2},
     "span": {"span": 0.9, "crowding_window": 4},
     "relevance": {"quota": "relevance", "anchor_tokens": 3},
@@ -68,7 +69,9 @@ def test_option_runs_and_changes_the_blend(llama, name):
         assert not torch.allclose(got.logits, base.logits)
     else:
         assert not same_selection(got, base)
-    assert 0.0 <= got.stats["stale_attention"] <= 1.0
+    assert 0.0 <= got.stats["stale_attention"] <= 1.0 and got.stats["reuse_entropy"] > 0
+    if name == "probe-prefix":  # the prefix's rows run in the probe and are charged to it
+        assert got.probe_tokens == base.probe_tokens + prefix.numel()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
@@ -282,7 +285,8 @@ def test_bad_fidelity_options_raise(llama):
            ({"ratio_floor": 0.5, "ratio_ceiling": 0.2}, "ratio_floor"), ({"crowding": 1.5}, "crowding"),
            ({"span": -1.0}, "span"), ({"crowding_window": 0}, "crowding_window"), ({"anchor_tokens": 0}, "anchor_tokens"),
            ({"probe_score": "max"}, "probe_score"), ({"recompute_context": "local"}, "recompute_context"),
-           ({"reused_logit_scale": 0.0}, "reused_logit_scale"), ({"quota": "chunk"}, "quota")]
+           ({"reused_logit_scale": 0.0}, "reused_logit_scale"), ({"quota": "chunk"}, "quota"),
+           ({"probe_prefix": 1}, "probe_prefix")]
     for changes, name in bad:
         with pytest.raises(ValueError, match=name):
             BlendEngine(llama, config=BlendConfig(**changes))

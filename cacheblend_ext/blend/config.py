@@ -56,6 +56,12 @@ class BlendConfig:
       the selection takes effect. The probe's token-layers are paid from the budget; it
       needs every layer's reused KV before the first check layer (see the layer-source
       protocol).
+    - ``probe_prefix`` (probe selection): the probe pass also runs the forced tokens
+      before the first reused chunk (the prefix: system prompt, instructions), so the probe
+      rows see the prefix's KV, as a full prefill's query does (its first token is the
+      attention sink). Without it the probe sees only the reused chunks and its own rows,
+      and the attention the sink would take spills onto chunk tokens. The prefix rows are
+      charged to the budget like the probe's own rows.
     - ``quota``: ``"global"`` takes the top tokens of the whole request; ``"per_chunk"``
       gives each reused chunk a share of the budget proportional to its candidates;
       ``"relevance"`` (chunk-anchor probing) gives each chunk a share proportional to its
@@ -118,6 +124,7 @@ class BlendConfig:
     selection: str = "probe"
     quota: str = "global"
     probe_tokens: int = 8
+    probe_prefix: bool = False
     boundary_tokens: int = 0
     budget: str = "compute"
     chunk_prefix: str = "bos"
@@ -138,7 +145,7 @@ class BlendConfig:
         """The published CacheBlend scheme: K deviation at one check layer (layer 1), global top-k."""
         return cls(recompute_ratio=recompute_ratio, check_layers=(1,), check_ratios=None, deviation="k",
                    selection="deviation", quota="global", boundary_tokens=0, budget="ratio", chunk_prefix="bos",
-                   fresh_check_kv=False, probe_score="attention", crowding=0.0, span=0.0, recompute_context="full",
+                   fresh_check_kv=False, probe_prefix=False, probe_score="attention", crowding=0.0, span=0.0, recompute_context="full",
                    reused_logit_scale=1.0, target=None)
 
     def replace(self, **changes) -> "BlendConfig":
@@ -177,6 +184,8 @@ class BlendConfig:
             raise ValueError(f"boundary_tokens must be a non-negative int, got {self.boundary_tokens!r}")
         if not isinstance(self.probe_tokens, int) or self.probe_tokens < 1:
             raise ValueError(f"probe_tokens must be a positive int, got {self.probe_tokens!r}")
+        if not isinstance(self.probe_prefix, bool):
+            raise ValueError(f"probe_prefix must be a bool, got {self.probe_prefix!r}")
         for name in ("anchor_tokens", "crowding_window"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -387,8 +387,9 @@ class BlendEngine:
             else:
                 stale[:] = False
             state.stats["stale_attention"] = float(mass[stale].sum() / mass.sum())
+        stats = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in state.stats.items()}
         return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, state.timings,
-                           int(plan.probe_rows.numel()), dict(state.stats), probe_attention)
+                           int(plan.probe_rows.numel()), stats, probe_attention)
 
     # ------------------------------------------------------------------ decoding
 

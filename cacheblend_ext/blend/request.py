@@ -26,7 +26,9 @@ class BlendResult:
     at position ``N``); ``input_ids`` ``[N]``; ``selected[l]`` the token indices computed
     at layer ``l`` (``None``: all tokens); ``forced`` ``[N]`` bool; ``timings`` in ms;
     ``stats``: what the selection measured (with a probe: ``stale_attention``, the share
-    of the probe's attention left on stale reused tokens by the selection; with a
+    of the probe's attention left on stale reused tokens by the selection, and
+    ``reuse_entropy``, the entropy in nats of the first token's distribution that the
+    probe's last row computes, over the reused chunk KV and the probe's own rows; with a
     ``target``: ``target_picks``, the count the target asked for before the floor and
     ceiling); ``probe_attention``: with a probe, the probe's attention on the non-forced
     tokens (summed over the layers from the first check layer on, in decreasing order)
@@ -89,7 +91,8 @@ class RequestPlan:
     def lay_out(cls, config: BlendConfig, parts: Sequence, num_layers: int) -> "RequestPlan":
         """The plan of a request made of ``parts`` in order: each a reused ``ChunkKV`` or the
         token ids ``[T]`` of a forced segment. The last token is forced; the probe rows are
-        the last ``probe_tokens`` forced tokens after the last chunk's start; the check
+        the last ``probe_tokens`` forced tokens after the last chunk's start (with
+        ``probe_prefix``, after the forced tokens before the first chunk); the check
         layers' counts come from :func:`~cacheblend_ext.blend.schedule.selection_schedule`."""
         ids_parts, forced_parts, chunks, spans, src_pos = [], [], [], [], []
         n = 0
@@ -111,6 +114,8 @@ class RequestPlan:
         probe = torch.zeros(0, dtype=torch.int64)
         if chunks and config.selection == "probe":  # the query: forced tokens after the last chunk's start
             probe = forced[spans[-1][0]:].nonzero().flatten()[-config.probe_tokens:] + spans[-1][0]
+            if config.probe_prefix:  # and the forced tokens before the first chunk
+                probe = torch.cat([forced[:spans[0][0]].nonzero().flatten(), probe])
         # with a target the probe sets the budget later (adapt_budget), within the ceiling's schedule
         planned = config if config.target is None else config.replace(recompute_ratio=config.ratio_ceiling)
         schedule = selection_schedule(planned, n, int(forced.sum()), num_layers, probe.numel())

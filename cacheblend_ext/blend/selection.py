@@ -20,8 +20,9 @@ from .schedule import selection_schedule
 
 
 def run_probe(decoder, states: list, sources: list) -> None:
-    """Step 3, the probe pass (``selection="probe"``): each request's probe rows (its last query tokens) run through
-    every layer over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]``
+    """Step 3, the probe pass (``selection="probe"``): each request's probe rows (its last
+    query tokens, and with ``probe_prefix`` the prefix's tokens) run through every layer
+    over the reused KV alone, as in full KV reuse; ``state.probe_mass[l]``
     is the attention they pay each position at layer ``l``, summed over rows and heads
     (with ``probe_score="value"``, ``state.probe_value[l]`` also weighs it by the norm of
     the position's V in each head). Every layer's reused KV is left placed in the
@@ -31,8 +32,11 @@ def run_probe(decoder, states: list, sources: list) -> None:
     hidden = [s.hidden[r] for s, r in zip(states, rows)]
     rotary = [(s.cos[r], s.sin[r]) for s, r in zip(states, rows)]
     group = decoder.num_heads // decoder.num_kv_heads
-    visible = []
+    visible, counted = [], []
     for state, r in zip(states, rows):
+        # only rows after the first chunk's start measure attention (prefix rows see no chunk)
+        w = (r >= state.plan.spans[0][0]).float()
+        counted.append(None if bool(w.all()) else w)
         # The probe sees the reused KV and its own rows (exact position-causal mask); other
         # tokens without cached KV (the prefix, the start of a long query) have no KV yet.
         known = ~state.forced
@@ -47,19 +51,24 @@ def run_probe(decoder, states: list, sources: list) -> None:
             state.probe_value = torch.zeros_like(state.probe_mass)
     for l, layer in enumerate(decoder.layers):
         outs = []
-        for state, source, r, vis, (q, k, v) in zip(states, sources, rows, visible,
-                                                     decoder.rows_qkv(layer, hidden, rotary)):
+        for state, source, r, vis, w, (q, k, v) in zip(states, sources, rows, visible, counted,
+                                                        decoder.rows_qkv(layer, hidden, rotary)):
             state.place_reused(l, source.layer(l))
             k_tok, v_tok = state.layer_kv(l)
             k_tok[r], v_tok[r] = k, v
             qg = q.float().view(r.numel(), decoder.num_kv_heads, group, decoder.head_dim)
             scores = torch.einsum("phgd,nhd->phgn", qg, k_tok.float()) * decoder.scaling
             probs = scores.masked_fill(~vis[:, None, None, :], float("-inf")).softmax(-1)
-            state.probe_mass[l] = probs.sum((0, 1, 2))
+            weighted = probs.sum(0) if w is None else torch.einsum("phgn,p->hgn", probs, w)
+            state.probe_mass[l] = probs.sum((0, 1, 2)) if w is None else weighted.sum((0, 1))
             if state.probe_value is not None:
-                state.probe_value[l] = torch.einsum("hgn,nh->n", probs.sum(0), v_tok.float().norm(dim=-1))
+                state.probe_value[l] = torch.einsum("hgn,nh->n", weighted, v_tok.float().norm(dim=-1))
             outs.append(torch.einsum("phgn,nhd->phgd", probs, v_tok.float()).to(q.dtype))
         hidden = decoder.o_proj_mlp(layer, hidden, outs)
+    for state, r, h in zip(states, rows, hidden):
+        if int(r[-1]) == state.plan.num_tokens - 1:  # the first token's distribution under full reuse
+            logp = decoder.logits(h[-1:]).log_softmax(-1)
+            state.stats["reuse_entropy"] = -(logp.exp() * logp).sum()
     elapsed = (time.perf_counter() - t0) * 1e3
     for state, c0 in zip(states, concat0):
         # the probe's own time: placing the reused KV is the main pass's work done early
