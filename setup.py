@@ -167,6 +167,7 @@ setup(
     version="0.1.0",
     description="CacheBlend: KV-cache reuse with selective recompute for RAG (PyTorch C++/CUDA ops)",
     packages=find_packages(include=["cacheblend_ext", "cacheblend_ext.*"]),
+    package_data={"cacheblend_ext.testing": ["data/*.json", "data/*.md"]},
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",

@@ -1,36 +1,54 @@
 """Answer quality per recomputed token: blending schemes against full prefill and against
-the published CacheBlend scheme, on a generated multi-document QA set of varied shape.
+the published CacheBlend scheme, on two request sets (``--set``).
 
-Requests (``cacheblend_ext.testing.rag_data.make_varied_samples``): 3 to 8 chunks of about 64 to
-400 tokens of essay text with planted facts, one-hop ("Who leads Project X?") and two-hop
-questions (the leader and the birthplace sit in different chunks), answer stems that keep
-the small model's answers extractive, several seeds.
+- ``synthetic`` (``cacheblend_ext.testing.rag_data.make_varied_samples``): 3 to 8 chunks of
+  about 64 to 400 tokens of essay text with planted facts, one-hop ("Who leads Project
+  X?") and two-hop questions (the leader and the birthplace sit in different chunks),
+  answer stems that keep the small model's answers extractive, several seeds.
+- ``musique`` (``cacheblend_ext.testing.musique``): real retrieved passages, the MuSiQue
+  questions shipped with the project, each with its 10 passages, in the original
+  CacheBlend evaluation's prompt (prefix text, one chunk per passage, query text, in one
+  user turn of the model's chat template). ``--questions`` picks them (``tune``,
+  ``heldout``: the split drawn before any measurement); ``--passages`` sets the number of
+  passages (past 10, passages of other questions are added as distractors) to vary the
+  request length.
 
 For every request, full prefill gives the reference: its greedy answer and its greedy
-continuation of ``--kl-tokens`` tokens with their distributions. Each scheme, at each
-recompute budget, is scored by
-- fidelity to full prefill: greedy-answer agreement, KL(full || scheme) of the first
-  token's distribution and the mean over the first ``--kl-tokens`` tokens (teacher-forced
-  along full prefill's continuation);
-- F1 / exact match of its answer against the gold answer;
-- what it actually computed: the share of a full prefill's token-layers (forced tokens
-  and every extra token included) and the share of tokens carried to the last layer;
+continuation with the distributions of its first ``--kl-tokens`` tokens (kept in
+``--cache``, so reruns skip the full prefill). Each scheme, at each recompute budget (or
+target), is scored by
+- fidelity to full prefill: greedy-answer agreement, identical first ``--kl-tokens``
+  greedy tokens, KL(full || scheme) of the first token's distribution and the mean over
+  the first ``--kl-tokens`` tokens (full prefill's continuation teacher-forced through
+  the scheme's cache);
+- F1 of its answer against the gold answer(s), also as a percentage of full prefill's;
+- what it actually computed: the share of a full prefill's token-layers (forced tokens,
+  probe rows and every extra token included) and the share of tokens carried to the last
+  layer;
 - the time its selection took, the probe pass included (share of the blend).
 
 Every scheme runs under the compute budget of the published scheme at the same ratio
-(``BlendConfig.budget = "compute"``), so curves compare at equal compute. Differences
-against full prefill and against the published scheme come with paired bootstrap 95%
-intervals over requests. ``hindsight`` is a yardstick, not a usable scheme: it ranks
-tokens by their true KV error over all layers, which needs the full prefill.
+(``BlendConfig.budget = "compute"``), so curves compare at equal compute; adaptive schemes
+(``--target-schemes``, one run per ``--targets`` value) choose each request's budget and
+are compared by their mean computed fraction. Differences against full prefill and
+against the published scheme come with paired bootstrap 95% intervals over requests;
+``--pairs`` adds paired comparisons between any two runs. ``hindsight`` is a yardstick,
+not a usable scheme: it ranks tokens by their true KV error over all layers, which needs
+the full prefill.
+
+Runs are checkpointed: each request's record is written to ``OUT/records/`` after every
+scheme, and a rerun with ``--resume`` does only what is missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -39,21 +57,29 @@ from bench import common
 COMMAND = "quality"
 HELP = "answer quality and fidelity to full prefill of blending schemes across recompute budgets"
 
+SETS = ("synthetic", "musique")
+
 
 @dataclass(frozen=True)
 class Scheme:
-    """A blending scheme of the harness: a config for a ratio and how chunks are encoded."""
+    """A blending scheme of the harness: a config for a ratio (or, for an adaptive scheme,
+    a target) and how chunks are encoded."""
 
     description: str
-    changes: tuple = ()  # BlendConfig fields changed from the published scheme
+    changes: tuple = ()  # BlendConfig fields changed from the published scheme (compute budget)
     context: str = "bos"  # chunk encoding context: "bos", "prefix" (the request's system prefix) or "none"
     hindsight: bool = False
+    adaptive: bool = False  # the run's value is BlendConfig.target, not the ratio
 
-    def config(self, ratio: float):
+    def config(self, value: float):
         from cacheblend_ext.blend.engine import BlendConfig
 
-        return BlendConfig.published(ratio).replace(budget="compute", **dict(self.changes))
+        base = BlendConfig.published(0.15 if self.adaptive else value).replace(budget="compute", **dict(self.changes))
+        return base.replace(target=value) if self.adaptive else base
 
+
+# the probe at check layer 0: the default until this study (spelled out, so it stays what it was)
+PROBE = (("selection", "probe"), ("check_layers", (0,)))
 
 SCHEMES = {
     "published": Scheme("K deviation at check layer 1, global top-k (CacheBlend paper)"),
@@ -70,6 +96,8 @@ SCHEMES = {
     "ctx-none": Scheme("chunks encoded alone (no BOS)", context="none"),
     "probe": Scheme("probe selection (the query's attention over reused KV) at check layer 1",
                     (("selection", "probe"),)),
+    "probe-c0": Scheme("probe selection at check layer 0, 8 probe tokens (the default before the MuSiQue study)",
+                       PROBE),
     "probe-c0-16": Scheme("probe selection at check layer 0, 16 probe tokens",
                           (("selection", "probe"), ("check_layers", (0,)), ("probe_tokens", 16))),
     "probe-c0-prefix": Scheme("probe selection at check layer 0, chunks encoded after the request's prefix",
@@ -81,37 +109,143 @@ SCHEMES = {
     **{f"probe-layers-{p}": Scheme(f"the default with a probe of the first {p} layers",
                                    (("selection", "probe"), ("check_layers", (0,)), ("probe_layers", p)))
        for p in (2, 4, 6, 8, 12, 16)},
+    # the MuSiQue study's candidates: the probe at check layer 0 with one option changed
+    "probe-32": Scheme("probe, 32 probe tokens", PROBE + (("probe_tokens", 32),)),
+    "probe-64": Scheme("probe, 64 probe tokens", PROBE + (("probe_tokens", 64),)),
+    "probe-value": Scheme("probe, scores weighted by the V norm", PROBE + (("probe_score", "value"),)),
+    "probe-depth": Scheme("probe, attention weighted by depth (l + 1) / L", PROBE + (("probe_score", "depth"),)),
+    "probe-prefix": Scheme("probe pass also runs the prefix (its rows see the attention sink), charged",
+                           PROBE + (("probe_prefix", True),)),
+    "probe-prefix-32": Scheme("probe pass also runs the prefix, 32 probe tokens",
+                              PROBE + (("probe_prefix", True), ("probe_tokens", 32))),
+    "probe-gradual": Scheme("probe at check layer 0, then gradual filtering at layers 10 and 20 by the probe's "
+                            "attention from there on, equal compute",
+                            (("selection", "probe"), ("check_layers", (0, 10, 20)))),
+    "anchor": Scheme("chunk-anchor probing: chunk shares by the probe score of each chunk's 16 anchors",
+                     PROBE + (("quota", "relevance"), ("anchor_tokens", 16))),
+    "anchor-4": Scheme("chunk-anchor probing, 4 anchors per chunk", PROBE + (("quota", "relevance"), ("anchor_tokens", 4))),
+    "crowding": Scheme("crowding-out-aware ranking: x0.5 next to a higher score within 2 tokens",
+                       PROBE + (("crowding", 0.5), ("crowding_window", 2))),
+    "crowding-8": Scheme("crowding-out-aware ranking: x0.5 next to a higher score within 8 tokens",
+                         PROBE + (("crowding", 0.5), ("crowding_window", 8))),
+    "span": Scheme("span: a token scores at least 0.5x the best score within 2 tokens",
+                   PROBE + (("span", 0.5), ("crowding_window", 2))),
+    "restricted": Scheme("restricted recompute context: chunk tokens do not see other chunks' stale KV",
+                         PROBE + (("recompute_context", "restricted"),)),
+    "ape-0.9": Scheme("APE-style rescaling: logits against stale reused keys x0.9", PROBE + (("reused_logit_scale", 0.9),)),
+    "ape-1.1": Scheme("APE-style rescaling: logits against stale reused keys x1.1", PROBE + (("reused_logit_scale", 1.1),)),
+    "adaptive": Scheme("adaptive budget: probe target on the stale share of its attention, floor 5%, ceiling 50%",
+                       PROBE, adaptive=True),
 }
 DEFAULT_SCHEME = "default"
 
 
 def _default_scheme() -> Scheme:
     """The engine's default ``BlendConfig`` (what users get), chunks encoded as it prescribes."""
-    return Scheme("BlendConfig() defaults: probe selection at check layer 0, chunks encoded after BOS")
+    from cacheblend_ext.blend.engine import BlendConfig
+
+    cfg = BlendConfig()
+    fields = ", ".join(f"{k}={v!r}" for k, v in cfg.__dict__.items() if k != "recompute_ratio")
+    return Scheme(f"BlendConfig() defaults ({fields})")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="bundled model name or local HF model dir")
-    parser.add_argument("--seeds", default="0,1", help="data seeds (comma separated)")
-    parser.add_argument("--samples", type=int, default=30, help="requests per seed")
-    parser.add_argument("--chunks", default="3,8", help="min,max chunks per request")
-    parser.add_argument("--chunk-words", default="52,320", help="min,max filler words per chunk (~64-400 tokens)")
+    parser.add_argument("--set", default="synthetic", choices=SETS, help="the request set")
+    parser.add_argument("--seeds", default="0,1", help="synthetic: data seeds (comma separated)")
+    parser.add_argument("--samples", type=int, default=30, help="synthetic: requests per seed")
+    parser.add_argument("--chunks", default="3,8", help="synthetic: min,max chunks per request")
+    parser.add_argument("--chunk-words", default="52,320", help="synthetic: min,max filler words per chunk (~64-400 tokens)")
+    parser.add_argument("--questions", default="heldout",
+                        help="musique: 'tune', 'heldout', 'all' or indices ('0-9,20'); ':K' keeps the first K")
+    parser.add_argument("--passages", type=int, default=10,
+                        help="musique: passages per request (the first ones; past 10 other questions' passages)")
+    parser.add_argument("--max-tokens", type=int, default=8000,
+                        help="musique: drop trailing passages until the request fits in this many tokens")
     parser.add_argument("--budgets", default="5,10,15,20,30", help="recompute budgets in percent (the curves)")
     parser.add_argument("--curve-schemes", default="published,default,probe-c0-prefix",
                         help=f"schemes run at every budget; known: {DEFAULT_SCHEME}, {', '.join(SCHEMES)}")
     parser.add_argument("--point-schemes", default="hindsight,deviation-c0-prefix",
                         help="schemes run at --point-budget only")
     parser.add_argument("--point-budget", type=float, default=15.0, help="budget (percent) of --point-schemes")
+    parser.add_argument("--target-schemes", default="", help="adaptive schemes, run at every --targets value")
+    parser.add_argument("--targets", default="0.3,0.2,0.15,0.1,0.05",
+                        help="targets of --target-schemes (share of the probe's attention left on stale tokens)")
     parser.add_argument("--kl-tokens", type=int, default=16)
-    parser.add_argument("--answer-tokens", type=int, default=10)
+    parser.add_argument("--answer-tokens", type=int, default=None,
+                        help="greedy answer length limit (default: 10 synthetic, 32 musique as the original)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the intervals")
+    parser.add_argument("--pairs", default="",
+                        help="extra paired comparisons 'a@x:b@y,...' (run keys, e.g. adaptive@0.1:default@0.15)")
     parser.add_argument("--out", default="bench_out/quality", help="directory for quality.json and quality.png")
+    parser.add_argument("--cache", default="bench_out/quality-cache",
+                        help="directory of full-prefill references (reused across runs; '' for none)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the per-request records already in OUT/records and run only what is missing")
+    parser.add_argument("--refs-only", action="store_true", help="only compute and cache the full-prefill references")
     parser.add_argument("--no-baselines", action="store_true",
                         help="skip the published scheme and full KV reuse (a run to be merged with one that has them)")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="run nothing: merge the quality.json files of runs over the same requests (same "
                              "seeds, samples and shape settings) into one table, plot and JSON in --out")
     parser.add_argument("--rename", default="", help="with --merge: old=new[,old=new] scheme names")
+
+
+# ---------------------------------------------------------------- the request sets
+
+
+@dataclass
+class Request:
+    """One request of a set: its texts, how its answers are cut and scored, and what its
+    record says about it."""
+
+    key: str
+    prefix: str
+    texts: list
+    query: str
+    meta: dict
+    score: Callable[[str], float]  # answer text -> F1
+    line_answers: bool  # answers end at the first line (musique) or the first clause (synthetic)
+    normal: Callable[[str], str] = field(default=lambda s: " ".join(s.strip().lower().split()))
+
+
+def _synthetic_requests(args, tok) -> list[Request]:
+    from cacheblend_ext.testing.rag_data import chat_segments, f1_score, make_varied_samples
+
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    chunk_range = _parse_pair(args.chunks, "--chunks")
+    word_range = _parse_pair(args.chunk_words, "--chunk-words")
+    out = []
+    for seed in seeds:
+        for i, sample in enumerate(make_varied_samples(args.samples, seed, chunk_range, word_range)):
+            prefix, texts, query = chat_segments(tok, sample)
+            out.append(Request(f"s{seed}-{i}", prefix, texts, query,
+                               {"seed": seed, "index": i, "kind": sample.kind, "question": sample.question,
+                                "gold": sample.answer},
+                               lambda answer, gold=sample.answer: f1_score(answer, gold), line_answers=False))
+    return out
+
+
+def _musique_requests(args, tok) -> list[Request]:
+    from cacheblend_ext.testing import musique
+
+    questions = musique.load_questions()
+    out = []
+    for index in musique.select_questions(args.questions, len(questions)):
+        q = questions[index]
+        texts = musique.passages_for(questions, index, args.passages)
+        prefix, texts, query = musique.request_segments(tok, q, texts)
+        size = lambda t: len(tok(t, add_special_tokens=False)["input_ids"])
+        fixed = size(prefix) + size(query)
+        lengths = [size(t) for t in texts]
+        while len(texts) > 1 and fixed + sum(lengths) > args.max_tokens:
+            texts, lengths = texts[:-1], lengths[:-1]
+        out.append(Request(f"q{index}-p{args.passages}", prefix, texts, query,
+                           {"question_index": index, "kind": "musique", "question": q.question,
+                            "gold": list(q.answers)},
+                           lambda answer, gold=q.answers: musique.f1_score(answer, gold, tok), line_answers=True,
+                           normal=lambda s: musique.normalize_answer(musique.parse_generation(s))))
+    return out
 
 
 # ---------------------------------------------------------------- scoring helpers
@@ -123,21 +257,28 @@ def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
-def _answer_prefix(tok, tokens, eos, max_tokens):
+def _answer_done(text: str, line: bool) -> bool:
+    """Whether a generation's answer is complete: its first line (``line``, as the MuSiQue
+    evaluation cuts it), else its first clause (newline or sentence end)."""
+    if line:
+        return "\n" in text.lstrip("\n")
+    return "\n" in text or any(c in text for c in ".!?;")
+
+
+def _answer_prefix(tok, tokens, eos, max_tokens, line=False):
     """The greedy answer inside ``tokens`` (a greedy continuation): up to the end of the
-    first clause (newline, sentence end), EOS or ``max_tokens``. Returns ``(ids, stopped_by_eos)``."""
+    answer (:func:`_answer_done`), EOS or ``max_tokens``. Returns ``(ids, stopped_by_eos)``."""
     out = []
     for i, t in enumerate(tokens[:max_tokens]):
         if t in eos:
             return out, True
         out.append(t)
-        text = tok.decode(out)
-        if "\n" in text or any(c in text for c in ".!?;"):
+        if _answer_done(tok.decode(out), line):
             break
     return out, False
 
 
-def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens):
+def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens, line=False):
     """Greedy decoding with the answer's stop rule (see :func:`_answer_prefix`)."""
     from cacheblend_ext.blend.hf import out_cache
 
@@ -147,8 +288,7 @@ def _greedy_answer(engine, tok, logits, cache, pos, eos, max_tokens):
         if t in eos:
             break
         out.append(t)
-        text = tok.decode(out)
-        if "\n" in text or any(c in text for c in ".!?;") or i == max_tokens - 1:
+        if _answer_done(tok.decode(out), line) or i == max_tokens - 1:
             break
         res = engine.forward(torch.tensor([t]), torch.tensor([pos]), cache)
         cache = out_cache(res)
@@ -245,11 +385,12 @@ def _merge(args) -> dict:
         with open(path) as f:
             data = json.load(f)
         # a name (after --rename) that this harness knows is described by its current definition
-        schemes = {rename.get(name, name): Scheme(s["description"], tuple(s["changes"].items()), s["context"])
+        schemes = {rename.get(name, name): Scheme(s["description"], tuple(s["changes"].items()), s["context"],
+                                                  adaptive=s.get("adaptive", False))
                    for name, s in data["schemes"].items()}
         schemes.update({name: _schemes(name)[name] for name in schemes if name in SCHEMES or name == DEFAULT_SCHEME})
         for rec in data["requests"]:
-            key = (rec["seed"], rec["index"])
+            key = rec.get("key", (rec.get("seed"), rec.get("index")))
             runs_of = {f"{rename.get(k.split('@')[0], k.split('@')[0])}@{k.split('@')[1]}": v
                        for k, v in rec["runs"].items()}
             if key not in records:
@@ -287,79 +428,172 @@ def _schemes(names: str) -> dict[str, Scheme]:
     return out
 
 
-def _run(args) -> dict:
-    from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
-    from cacheblend_ext.blend.models import load_model
-    from cacheblend_ext.testing.rag_data import chat_segments, exact_match, f1_score, first_clause, make_varied_samples
-
-    dtype = common.resolve_dtype(args)
-    model, tok = load_model(args.model, dtype=dtype, device=args.device)
-    engine = BlendEngine(model, tok)
-    common.progress(f"kernels: {common.engine_op_backends()}")
+def _plan_runs(args) -> list:
+    """``[(name, scheme, value)]``: every scheme at every budget (ratio) or target."""
     budgets = [float(b) / 100 for b in args.budgets.split(",") if b.strip()]
     point = args.point_budget / 100
     runs = [(name, s, r) for name, s in _schemes(args.curve_schemes).items() for r in budgets]
     runs += [(name, s, point) for name, s in _schemes(args.point_schemes).items()]
+    targets = [float(t) for t in args.targets.split(",") if t.strip()]
+    for name, s, _ in runs:
+        if s.adaptive:
+            raise SystemExit(f"{name!r} is adaptive: it goes in --target-schemes")
+    for name, s in _schemes(args.target_schemes).items():
+        if not s.adaptive:
+            raise SystemExit(f"--target-schemes: {name!r} is not an adaptive scheme")
+        runs += [(name, s, t) for t in targets]
     if not args.no_baselines:
         runs += [("full KV reuse", SCHEMES["published"], 0.0)]
-    if not args.no_baselines and ("published" not in {name for name, _, _ in runs if _ != 0.0} or point not in budgets):
+        have = {(n, r) for n, _, r in runs}
         runs += [("published", SCHEMES["published"], r) for r in sorted(set(budgets + [point]))
-                 if ("published", r) not in {(n, rr) for n, _, rr in runs}]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    chunk_range = _parse_pair(args.chunks, "--chunks")
-    word_range = _parse_pair(args.chunk_words, "--chunk-words")
-    samples = [(seed, i, s) for seed in seeds
-               for i, s in enumerate(make_varied_samples(args.samples, seed, chunk_range, word_range))]
+                 if ("published", r) not in have]
+    return runs
+
+
+def _reference_key(engine, ids: torch.Tensor, ref_len: int, kl_tokens: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([engine.model_id, str(engine.dtype), ref_len, kl_tokens]).encode())
+    h.update(ids.numpy().astype("int64").tobytes())
+    return h.hexdigest()[:32]
+
+
+def _reference(engine, segments, ref_len: int, kl_tokens: int, cache_dir: str):
+    """Full prefill's reference for a request: its greedy continuation of ``ref_len`` tokens
+    and the logits of the first ``kl_tokens`` of them, from ``cache_dir`` when there.
+    Returns ``(tokens, logits, num_tokens, full)``; ``full`` (the prefill's result) only when
+    it was computed here."""
+    ids = torch.cat([engine.tokenize(s) for s in segments])
+    path = os.path.join(cache_dir, _reference_key(engine, ids, ref_len, kl_tokens) + ".pt") if cache_dir else None
+    if path and os.path.exists(path):
+        ref = torch.load(path)
+        return ref["tokens"], ref["logits"], int(ref["num_tokens"]), None
+    full = engine.full_prefill(segments)
+    full_cache = _cache_copy(engine.model, full)
+    tokens, logits = engine.generate(full, ref_len, stop_at_eos=False, return_logits=True)
+    full.cache = full_cache
+    logits = logits[:kl_tokens].contiguous()
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        torch.save({"tokens": tokens, "logits": logits, "num_tokens": full.num_tokens}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return tokens, logits, full.num_tokens, full
+
+
+def _run_signature(cfg, scheme) -> str:
+    """What a checkpointed run was made with (a resumed run redoes a run whose config
+    changed): the config's fields that differ from the published scheme's at the same
+    ratio, the chunk encoding context and the ranking override."""
+    base = type(cfg).published(cfg.recompute_ratio)
+    fields = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()
+              if k == "recompute_ratio" or v != getattr(base, k)}
+    return json.dumps([fields, scheme.context, scheme.hindsight], sort_keys=True, default=str)
+
+
+def _probe_profile(result, points: int = 31, top: float = 0.6) -> dict | None:
+    """The probe's attention left on stale tokens as a function of how many are kept (for
+    the adaptive budget's analysis): shares of its total attention at kept fractions
+    0, 0.02, ..., ``top`` of the request's tokens."""
+    if result.probe_attention is None:
+        return None
+    ranked, total = result.probe_attention
+    n = result.num_tokens
+    cum = torch.cat([ranked.new_zeros(1), ranked.double().cumsum(0)])
+    left = ranked.double().sum() - cum
+    ks = [min(int(round(top * i / (points - 1) * n)), ranked.numel()) for i in range(points)]
+    return {"kept_fraction": [top * i / (points - 1) for i in range(points)],
+            "stale_share": [float(left[k] / total) for k in ks], "chunk_share": float(ranked.sum() / total)}
+
+
+def _run(args) -> dict:
+    from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
+    from cacheblend_ext.blend.models import load_model
+    from cacheblend_ext.testing.rag_data import exact_match, first_clause
+
+    torch.set_num_threads(int(os.environ.get("CACHEBLEND_QUALITY_THREADS", "1")))
+    dtype = common.resolve_dtype(args)
+    model, tok = load_model(args.model, dtype=dtype, device=args.device)
+    engine = BlendEngine(model, tok)
+    common.progress(f"kernels: {common.engine_op_backends()}, {torch.get_num_threads()} thread(s)")
+    line = args.set == "musique"
+    answer_tokens = args.answer_tokens if args.answer_tokens is not None else (32 if line else 10)
+    ref_len = max(args.kl_tokens, answer_tokens + 1) if line else args.kl_tokens
+    runs = [] if args.refs_only else _plan_runs(args)
+    requests = _musique_requests(args, tok) if line else _synthetic_requests(args, tok)
+    rec_dir = os.path.join(args.out, "records")
+    os.makedirs(rec_dir, exist_ok=True)
 
     eos = {tok.eos_token_id, getattr(model.config, "eos_token_id", None)} - {None}
     records = []
     t_start = time.perf_counter()
-    for count, (seed, index, sample) in enumerate(samples):
-        prefix, texts, query = chat_segments(tok, sample)
-        full = engine.full_prefill([prefix, *texts, query])
-        n = full.num_tokens
-        full_cache = _cache_copy(model, full)
-        ref_tokens, ref_logits = engine.generate(full, args.kl_tokens, stop_at_eos=False, return_logits=True)
-        full.cache = full_cache
-        answer_ids, by_eos = _answer_prefix(tok, ref_tokens, eos, min(args.answer_tokens, args.kl_tokens))
-        full_answer = first_clause(tok.decode(answer_ids, skip_special_tokens=True))
-        rec = {"seed": seed, "index": index, "kind": sample.kind, "chunks": len(texts), "tokens": n,
-               "question": sample.question, "gold": sample.answer, "full_answer": full_answer,
-               "full_f1": f1_score(full_answer, sample.answer), "full_em": exact_match(full_answer, sample.answer),
-               "runs": {}}
-        contexts = {"bos": engine.bos_ids(), "none": [], "prefix": engine.tokenize(prefix).tolist()}
+    for count, req in enumerate(requests):
+        rec_path = os.path.join(rec_dir, f"{req.key}.json")
+        old = {}
+        if args.resume and os.path.exists(rec_path):
+            with open(rec_path) as f:
+                old = json.load(f)
+        segments_text = [req.prefix, *req.texts, req.query]
+        ref_tokens, ref_logits, n, full = _reference(engine, segments_text, ref_len, args.kl_tokens, args.cache)
+        answer_ids, by_eos = _answer_prefix(tok, ref_tokens, eos, min(answer_tokens, ref_len), line)
+        full_answer = tok.decode(answer_ids, skip_special_tokens=True)
+        if not line:
+            full_answer = first_clause(full_answer)
+        rec = {"key": req.key, **req.meta, "chunks": len(req.texts), "tokens": n, "full_answer": full_answer,
+               "full_f1": req.score(full_answer), "full_tokens": ref_tokens[:args.kl_tokens], "runs": {}}
+        rec["full_em"] = float(rec["full_f1"] == 1.0) if line else exact_match(full_answer, req.meta["gold"])
+        if old.get("tokens") == n and old.get("full_tokens") == rec["full_tokens"]:
+            rec["runs"] = old.get("runs", {})
+        contexts = {"bos": engine.bos_ids(), "none": [], "prefix": engine.tokenize(req.prefix).tolist()}
         encoded, hindsight = {}, None
-        for name, scheme, r in runs:
+        for name, scheme, value in runs:
+            cfg = BlendConfig(recompute_ratio=value) if name == DEFAULT_SCHEME else scheme.config(value)
+            key = f"{name}@{value:g}"
+            signature = _run_signature(cfg, scheme)
+            if rec["runs"].get(key, {}).get("signature") == signature:
+                continue
             if scheme.context not in encoded:
-                encoded[scheme.context] = engine.encode_chunks(texts, context=contexts[scheme.context])
+                encoded[scheme.context] = engine.encode_chunks(req.texts, context=contexts[scheme.context])
             chunks = encoded[scheme.context]
-            segments = [prefix, *chunks, query]
+            segments = [req.prefix, *chunks, req.query]
             scores = None
             if scheme.hindsight:
+                if full is None:
+                    full = engine.full_prefill(segments_text)
                 if hindsight is None:
                     hindsight = _hindsight_scores(engine, full, chunks, engine.plan_request(segments).spans)
                 scores = hindsight
-            cfg = BlendConfig(recompute_ratio=r) if name == DEFAULT_SCHEME else scheme.config(r)
             res = engine.blend(segments, cfg, rank_scores=scores)
             logits = _teacher_forced_logits(engine, res, ref_tokens, n)
-            kl = _kl_rows(ref_logits, logits)
+            kl = _kl_rows(ref_logits, logits[:args.kl_tokens])
             greedy = logits.argmax(-1).tolist()
             same = greedy[:len(answer_ids)] == answer_ids and (not by_eos or greedy[len(answer_ids)] in eos)
             if same:
                 answer = full_answer
             else:
-                ids = _greedy_answer(engine, tok, res.logits, _cache_copy(model, res), n, eos, args.answer_tokens)
-                answer = first_clause(tok.decode(ids, skip_special_tokens=True))
-            rec["runs"][f"{name}@{r:g}"] = {
-                "answer": answer, "f1": f1_score(answer, sample.answer), "em": exact_match(answer, sample.answer),
-                "agree": float(normalize(answer) == normalize(full_answer)), "kl1": float(kl[0]),
-                "kl16": float(kl.mean()), "compute": res.compute_fraction(), "last_layer": res.recomputed_fraction(),
+                ids = _greedy_answer(engine, tok, res.logits, _cache_copy(model, res), n, eos, answer_tokens, line)
+                answer = tok.decode(ids, skip_special_tokens=True)
+                if not line:
+                    answer = first_clause(answer)
+            f1 = req.score(answer)
+            rec["runs"][key] = {
+                "answer": answer, "f1": f1, "em": float(f1 == 1.0) if line else exact_match(answer, req.meta["gold"]),
+                "agree": float(req.normal(answer) == req.normal(full_answer)),
+                "same16": float(greedy[:args.kl_tokens] == ref_tokens[:args.kl_tokens]),
+                "kl1": float(kl[0]), "kl16": float(kl.mean()), "compute": res.compute_fraction(),
+                "last_layer": res.recomputed_fraction(), "stats": res.stats, "profile": _probe_profile(res),
                 "select_ms": res.timings.get("select_ms", 0.0) + res.timings.get("probe_ms", 0.0),
-                "blend_ms": res.timings["total_ms"]}
+                "blend_ms": res.timings["total_ms"], "signature": signature}
+            with open(rec_path + ".tmp", "w") as f:
+                json.dump(rec, f)
+            os.replace(rec_path + ".tmp", rec_path)
+        if not runs:
+            with open(rec_path + ".tmp", "w") as f:
+                json.dump(rec, f)
+            os.replace(rec_path + ".tmp", rec_path)
         records.append(rec)
-        common.progress(f"request {count + 1}/{len(samples)} (seed {seed}, {len(texts)} chunks, {n} tokens, "
-                        f"{time.perf_counter() - t_start:.0f} s): gold {sample.answer!r}, full {full_answer!r}")
-
+        common.progress(f"request {count + 1}/{len(requests)} ({req.key}, {len(req.texts)} chunks, {n} tokens, "
+                        f"{time.perf_counter() - t_start:.0f} s): gold {req.meta['gold']!r}, full {full_answer!r}")
+    if args.refs_only:
+        return {"command": COMMAND, "references": len(records), "seconds": time.perf_counter() - t_start}
     return _report(args, records, runs, t_start, kernels=common.engine_op_backends())
 
 
@@ -369,18 +603,21 @@ def _report(args, records, runs, t_start, **extra) -> dict:
     rows = _summarise(records, runs, args.bootstrap)
     table = _table(rows, len(records))
     print(table.render())
+    pairs = _pairs(records, getattr(args, "pairs", ""), args.bootstrap)
+    if pairs:
+        print(_pairs_table(pairs).render())
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "quality.png")
     _plot(rows, records, png, table.title)
     result = {"command": COMMAND, "environment": common.environment(args.device), **extra,
               "settings": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
-              "schemes": {name: {"description": s.description, "changes": dict(s.changes), "context": s.context}
-                          for name, s, _ in runs},
+              "schemes": {name: {"description": s.description, "changes": dict(s.changes), "context": s.context,
+                                 "adaptive": s.adaptive} for name, s, _ in runs},
               "default_config": {k: (list(v) if isinstance(v, tuple) else v)
                                  for k, v in BlendConfig().__dict__.items()},
               "full_prefill": {"f1": _mean([r["full_f1"] for r in records]),
                                "em": _mean([r["full_em"] for r in records])},
-              "table": table.as_dict(), "rows": rows, "requests": records,
+              "table": table.as_dict(), "rows": rows, "pairs": pairs, "requests": records,
               "seconds": time.perf_counter() - t_start}
     with open(os.path.join(args.out, "quality.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
@@ -394,33 +631,76 @@ def normalize(text: str) -> str:
 
 def _summarise(records, runs, resamples) -> list[dict]:
     rows = []
+    nan = float("nan")
     for name, scheme, r in runs:
         key = f"{name}@{r:g}"
         xs = [rec["runs"][key] for rec in records]
         pub_key = f"published@{r:g}" if r > 0 else key
         pub = [rec["runs"].get(pub_key) for rec in records]
-        if any(p is None for p in pub):  # a --no-baselines run: no comparison with the published scheme
-            pub = [{m: float("nan") for m in ("f1", "agree", "kl1", "kl16")} for _ in records]
+        if scheme.adaptive or any(p is None for p in pub):  # no published run at this budget (--pairs compares)
+            pub = [{m: nan for m in ("f1", "agree", "kl1", "kl16")} for _ in records]
         full_f1 = [rec["full_f1"] for rec in records]
-        row = {"scheme": name, "budget": r, "compute": _mean([x["compute"] for x in xs]),
-               "last_layer": _mean([x["last_layer"] for x in xs])}
-        for metric in ("f1", "em", "agree", "kl1", "kl16"):
-            row[metric] = _mean([x[metric] for x in xs])
+        row = {"scheme": name, "budget": r, "adaptive": scheme.adaptive,
+               "compute": _mean([x["compute"] for x in xs]), "last_layer": _mean([x["last_layer"] for x in xs])}
+        for metric in ("f1", "em", "agree", "same16", "kl1", "kl16"):
+            row[metric] = _mean([x.get(metric, nan) for x in xs])
         row["f1_vs_full"] = row["f1"] - _mean(full_f1)
         row["f1_vs_full_ci"] = _bootstrap_mean_ci([x["f1"] - f for x, f in zip(xs, full_f1)], resamples)
+        row["f1_pct_full"] = 100 * row["f1"] / _mean(full_f1) if _mean(full_f1) > 0 else nan
+        lo, hi = _bootstrap_ratio_ci([x["f1"] for x in xs], full_f1, resamples)
+        row["f1_pct_full_ci"] = (100 * lo, 100 * hi)
         for metric in ("f1", "agree", "kl1", "kl16"):
             row[f"{metric}_vs_published"] = row[metric] - _mean([p[metric] for p in pub])
             row[f"{metric}_vs_published_ci"] = _bootstrap_mean_ci([x[metric] - p[metric] for x, p in zip(xs, pub)],
                                                                   resamples)
         for metric in ("kl1", "kl16"):
             den = _mean([p[metric] for p in pub])
-            row[f"{metric}_x_published"] = row[metric] / den if den > 0 else float("nan")
+            row[f"{metric}_x_published"] = row[metric] / den if den > 0 else nan
             row[f"{metric}_x_published_ci"] = _bootstrap_ratio_ci([x[metric] for x in xs], [p[metric] for p in pub],
                                                                   resamples)
         row["select_share"] = _mean([x["select_ms"] / x["blend_ms"] for x in xs])
         row["description"] = scheme.description
         rows.append(row)
     return rows
+
+
+def _pairs(records, spec: str, resamples: int) -> list[dict]:
+    """Paired comparisons ``a@x:b@y`` over the requests: differences of the means (agreement,
+    computed fraction) and ratios of the means (KL) with bootstrap 95% intervals."""
+    out = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        a, b = item.split(":")
+        missing = [k for k in (a, b) if any(k not in rec["runs"] for rec in records)]
+        if missing:
+            raise SystemExit(f"--pairs {item}: no run {missing[0]} for every request")
+        xa = [rec["runs"][a] for rec in records]
+        xb = [rec["runs"][b] for rec in records]
+        row = {"a": a, "b": b}
+        for metric in ("compute", "agree", "same16", "f1"):
+            va, vb = [x[metric] for x in xa], [x[metric] for x in xb]
+            row[metric] = (_mean(va), _mean(vb))
+            row[f"{metric}_diff_ci"] = _bootstrap_mean_ci([p - q for p, q in zip(va, vb)], resamples)
+        for metric in ("kl1", "kl16"):
+            va, vb = [x[metric] for x in xa], [x[metric] for x in xb]
+            row[metric] = (_mean(va), _mean(vb))
+            row[f"{metric}_ratio"] = _mean(va) / _mean(vb) if _mean(vb) > 0 else float("nan")
+            row[f"{metric}_ratio_ci"] = _bootstrap_ratio_ci(va, vb, resamples)
+        out.append(row)
+    return out
+
+
+def _pairs_table(pairs):
+    table = common.Table("Paired comparisons (a against b; intervals: paired bootstrap 95%)",
+                         ["a", "b", "computed a / b", "agree a / b", "a - b [95%]", "KL 1st a / b", "a/b [95%]",
+                          "KL 16 a / b", "a/b [95%]"])
+    for r in pairs:
+        table.add(r["a"], r["b"], f"{r['compute'][0]:.3f} / {r['compute'][1]:.3f}",
+                  f"{r['agree'][0]:.3f} / {r['agree'][1]:.3f}", _ci(r["agree_diff_ci"]),
+                  f"{r['kl1'][0]:.4f} / {r['kl1'][1]:.4f}",
+                  f"{r['kl1_ratio']:.3f} [{r['kl1_ratio_ci'][0]:.2f}, {r['kl1_ratio_ci'][1]:.2f}]",
+                  f"{r['kl16'][0]:.4f} / {r['kl16'][1]:.4f}",
+                  f"{r['kl16_ratio']:.3f} [{r['kl16_ratio_ci'][0]:.2f}, {r['kl16_ratio_ci'][1]:.2f}]")
+    return table
 
 
 def _ci(pair) -> str:
@@ -430,11 +710,13 @@ def _ci(pair) -> str:
 def _table(rows, num_requests):
     table = common.Table(
         f"Fidelity and F1 at equal compute on {num_requests} requests (bundled model; intervals: paired bootstrap 95%)",
-        ["scheme", "budget", "computed", "last layer", "F1", "F1 - full [95%]", "agree", "agree - pub [95%]",
-         "KL 1st", "x pub [95%]", "KL 16", "x pub [95%]", "select+probe %"])
+        ["scheme", "budget", "computed", "last layer", "F1", "F1 % full [95%]", "agree", "agree - pub [95%]",
+         "same 16", "KL 1st", "x pub [95%]", "KL 16", "x pub [95%]", "select+probe %"])
     for r in rows:
-        table.add(r["scheme"], f"{r['budget']:.0%}", r["compute"], r["last_layer"], r["f1"], _ci(r["f1_vs_full_ci"]),
-                  r["agree"], _ci(r["agree_vs_published_ci"]), r["kl1"],
+        budget = f"t={r['budget']:g}" if r.get("adaptive") else f"{r['budget']:.0%}"
+        table.add(r["scheme"], budget, r["compute"], r["last_layer"], r["f1"],
+                  f"{r['f1_pct_full']:.0f} [{r['f1_pct_full_ci'][0]:.0f}, {r['f1_pct_full_ci'][1]:.0f}]",
+                  r["agree"], _ci(r["agree_vs_published_ci"]), r["same16"], r["kl1"],
                   f"{r['kl1_x_published']:.3f} [{r['kl1_x_published_ci'][0]:.2f}, {r['kl1_x_published_ci'][1]:.2f}]",
                   r["kl16"],
                   f"{r['kl16_x_published']:.3f} [{r['kl16_x_published_ci'][0]:.2f}, {r['kl16_x_published_ci'][1]:.2f}]",
@@ -457,12 +739,15 @@ def _plot(rows, records, path, title):
         if r["scheme"] not in schemes and r["scheme"] != "full KV reuse":
             schemes.append(r["scheme"])
     for name in schemes:
-        pts = sorted((r["compute"], r) for r in rows if r["scheme"] == name)
-        single = len(pts) == 1 or reuse is None
+        pts = sorted(((r["compute"], r) for r in rows if r["scheme"] == name), key=lambda p: p[0])
+        adaptive = any(p[1].get("adaptive") for p in pts)
+        single = len(pts) == 1 or reuse is None or adaptive
+        style = "o" if len(pts) == 1 else ("s--" if adaptive else "o-")
         for ax, (key, _) in zip(axes, panels):
             xs = [reuse["compute"]] + [p[0] for p in pts] if not single else [p[0] for p in pts]
             ys = [reuse[key]] + [p[1][key] for p in pts] if not single else [p[1][key] for p in pts]
-            ax.plot([100 * x for x in xs], ys, "o" if len(pts) == 1 else "o-", label=name, ms=4 if not single else 6)
+            ax.plot([100 * x for x in xs], ys, style, label=name + (" (target)" if adaptive else ""),
+                    ms=4 if len(pts) > 1 else 6)
     full_f1 = _mean([r["full_f1"] for r in records])
     for ax, (key, name) in zip(axes, panels):
         ax.axhline({"agree": 1.0, "kl1": 0.0, "kl16": 0.0, "f1": full_f1}[key], color="gray", ls=":",

@@ -339,12 +339,21 @@ def test_bad_scheme_options_raise(llama):
 # ---------------------------------------------------------------------------- batched blend
 
 
-@pytest.mark.parametrize("name", ["default", "published", "gradual", "fresh"])
+BATCH_CONFIGS = {
+    "default": BlendConfig(recompute_ratio=0.2),
+    # each request's budget set by its probe: the batch's row counts change after planning
+    "adaptive": BlendConfig(target=0.3, ratio_floor=0.05, ratio_ceiling=0.6),
+    # stale keys scaled in every selective layer (which then bypass the fused layer step)
+    "ape": BlendConfig(recompute_ratio=0.2, reused_logit_scale=0.9),
+}
+
+
+@pytest.mark.parametrize("name", ["default", "published", "gradual", "fresh", "adaptive", "ape"])
 def test_blend_batch_equals_single_blends(llama, name, monkeypatch):
     """A ragged batch (different lengths, chunk counts, a query-only request) gives every
     request the selection and the logits of blending it alone, and a cache that decodes
     the same continuation."""
-    cfg = BlendConfig(recompute_ratio=0.2) if name == "default" else scheme_config(name, 0.2)
+    cfg = BATCH_CONFIGS[name] if name in BATCH_CONFIGS else scheme_config(name, 0.2)
     engine = BlendEngine(llama, config=cfg)
     requests = []
     for seed, sizes in ((50, (19, 26, 13)), (51, (40,)), (52, (7, 65, 30, 11)), (53, ())):

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 DEVIATIONS = ("k", "v", "kv")
 SELECTIONS = ("deviation", "impact", "probe")
-QUOTAS = ("global", "per_chunk")
+QUOTAS = ("global", "per_chunk", "relevance")
+PROBE_SCORES = ("attention", "value", "depth")
+RECOMPUTE_CONTEXTS = ("full", "restricted")
 BUDGETS = ("compute", "ratio")
 CHUNK_PREFIXES = ("bos", "none", "prefix")
 
@@ -58,11 +60,51 @@ class BlendConfig:
       Its cost is a read of those layers' weights for a few rows, so fewer layers make it
       cheaper, and the rest of the reused KV then loads behind the recompute; the ranking
       sums the attention of the layers it ran. Must exceed the last check layer.
+    - ``probe_prefix`` (probe selection): the probe pass also runs the forced tokens
+      before the first reused chunk (the prefix: system prompt, instructions), so the probe
+      rows see the prefix's KV, as a full prefill's query does (its first token is the
+      attention sink). Without it the probe sees only the reused chunks and its own rows,
+      and the attention the sink would take spills onto chunk tokens. The prefix rows are
+      charged to the budget like the probe's own rows.
     - ``quota``: ``"global"`` takes the top tokens of the whole request; ``"per_chunk"``
-      gives each reused chunk a share of the budget proportional to its candidates.
+      gives each reused chunk a share of the budget proportional to its candidates;
+      ``"relevance"`` (chunk-anchor probing) gives each chunk a share proportional to its
+      relevance to the query, the summed score of its ``anchor_tokens`` highest-scored
+      tokens (its anchors), then takes each chunk's top tokens.
     - ``boundary_tokens``: the first ``b`` tokens of each reused chunk are taken first,
       inside the budget (each chunk was encoded alone, so its first tokens were attention
       sinks).
+    - ``probe_score`` (probe selection): what a token's probe score sums, over probe rows,
+      heads and layers: ``"attention"`` the attention it receives; ``"value"`` that times
+      the norm of its reused V in the head (what it adds to the probe's attention output);
+      ``"depth"`` the attention weighted by ``(l + 1) / L`` at layer ``l`` (reused KV
+      drifts further from a full prefill's the deeper the layer).
+    - ``crowding`` (crowding-out-aware ranking): a token with a higher-scored token within
+      ``crowding_window`` positions of it in the same chunk has its score multiplied by
+      ``1 - crowding``: recomputing the neighbour already fixes much of what the query
+      reads there, so the budget spreads over more places. 0 (off) to 1.
+    - ``span``: the opposite bet: a token's score is at least ``span`` times the highest
+      score within ``crowding_window`` positions of it in the same chunk, so the
+      neighbours of a peak are recomputed with it. 0 (off) to 1.
+
+    Recompute
+    - ``recompute_context``: what a recomputed chunk token attends to. ``"full"``: every
+      key before it, fresh or reused. ``"restricted"``: its own chunk's keys, the forced
+      tokens' and the other chunks' recomputed tokens' (fresh) keys, but not the other
+      chunks' reused (stale, never cross-attended) keys. Forced tokens (the query) always
+      see every key.
+    - ``reused_logit_scale`` (APE-style attention rescaling): from layer 1 on (layer 0's
+      reused KV is exact), the logits of every query against the reused keys that were not
+      recomputed are multiplied by this factor (an inverse temperature, applied by scaling
+      those K rows, so decoding from the blended cache sees it too). 1.0 is off.
+
+    Adaptive budget
+    - ``target``: if set, each request chooses its own recompute budget instead of
+      ``recompute_ratio``: after the probe, the fewest tokens whose recompute leaves at most
+      ``target`` of the probe's attention (summed over probe rows, heads and the layers
+      from the check layer on) on reused tokens that stay stale. The count is held between
+      the kept counts of ``ratio_floor`` and ``ratio_ceiling`` under the compute budget.
+      Needs ``selection="probe"`` and one check layer.
 
     Reuse
     - ``chunk_prefix``: what a chunk is encoded after, its KV then dropped: ``"bos"`` (the
@@ -87,17 +129,29 @@ class BlendConfig:
     quota: str = "global"
     probe_tokens: int = 8
     probe_layers: int | None = None
+    probe_prefix: bool = False
     boundary_tokens: int = 0
     budget: str = "compute"
     chunk_prefix: str = "bos"
     fresh_check_kv: bool = False
+    probe_score: str = "attention"
+    anchor_tokens: int = 16
+    crowding: float = 0.0
+    span: float = 0.0
+    crowding_window: int = 2
+    recompute_context: str = "full"
+    reused_logit_scale: float = 1.0
+    target: float | None = None
+    ratio_floor: float = 0.05
+    ratio_ceiling: float = 0.5
 
     @classmethod
     def published(cls, recompute_ratio: float = 0.15) -> "BlendConfig":
         """The published CacheBlend scheme: K deviation at one check layer (layer 1), global top-k."""
         return cls(recompute_ratio=recompute_ratio, check_layers=(1,), check_ratios=None, deviation="k",
                    selection="deviation", quota="global", boundary_tokens=0, budget="ratio", chunk_prefix="bos",
-                   fresh_check_kv=False)
+                   fresh_check_kv=False, probe_prefix=False, probe_score="attention", crowding=0.0, span=0.0,
+                   recompute_context="full", reused_logit_scale=1.0, target=None)
 
     def replace(self, **changes) -> "BlendConfig":
         """A copy with ``changes`` applied (``dataclasses.replace``)."""
@@ -126,13 +180,40 @@ class BlendConfig:
         for name, value, allowed in (("deviation", self.deviation, DEVIATIONS),
                                      ("selection", self.selection, SELECTIONS), ("quota", self.quota, QUOTAS),
                                      ("budget", self.budget, BUDGETS),
-                                     ("chunk_prefix", self.chunk_prefix, CHUNK_PREFIXES)):
+                                     ("chunk_prefix", self.chunk_prefix, CHUNK_PREFIXES),
+                                     ("probe_score", self.probe_score, PROBE_SCORES),
+                                     ("recompute_context", self.recompute_context, RECOMPUTE_CONTEXTS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         if not isinstance(self.boundary_tokens, int) or self.boundary_tokens < 0:
             raise ValueError(f"boundary_tokens must be a non-negative int, got {self.boundary_tokens!r}")
         if not isinstance(self.probe_tokens, int) or self.probe_tokens < 1:
             raise ValueError(f"probe_tokens must be a positive int, got {self.probe_tokens!r}")
+        if not isinstance(self.probe_prefix, bool):
+            raise ValueError(f"probe_prefix must be a bool, got {self.probe_prefix!r}")
+        for name in ("anchor_tokens", "crowding_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("crowding", "span"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if not _is_number(self.reused_logit_scale) or not 0.0 < self.reused_logit_scale <= 4.0:
+            raise ValueError(f"reused_logit_scale must be a number in (0, 4], got {self.reused_logit_scale!r}")
+        for name in ("ratio_floor", "ratio_ceiling"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        if self.ratio_floor > self.ratio_ceiling:
+            raise ValueError(f"ratio_floor ({self.ratio_floor}) must not exceed ratio_ceiling ({self.ratio_ceiling})")
+        if self.target is not None:
+            if not _is_number(self.target) or not 0.0 <= self.target <= 1.0:
+                raise ValueError(f"target must be a number in [0, 1] (the share of the probe's attention left on "
+                                 f"stale tokens) or None, got {self.target!r}")
+            if self.selection != "probe" or len(layers) != 1:
+                raise ValueError(f"target needs selection='probe' and one check layer, got selection="
+                                 f"{self.selection!r} and check_layers {layers}")
         if self.probe_layers is not None:
             if not isinstance(self.probe_layers, int) or isinstance(self.probe_layers, bool) or self.probe_layers < 1:
                 raise ValueError(f"probe_layers must be a positive int or None, got {self.probe_layers!r}")
@@ -143,6 +224,10 @@ class BlendConfig:
     def probe_depth(self, num_layers: int) -> int:
         """The layers the probe runs in a ``num_layers``-layer model."""
         return num_layers if self.probe_layers is None else min(self.probe_layers, num_layers)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def linear_schedule(r: float, n: int) -> tuple[float, ...]:

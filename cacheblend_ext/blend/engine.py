@@ -61,12 +61,12 @@ from ..identity import ModelIdentity
 from ..layer_source import LayerSource, MemoryLayerSource
 from ..rope import rope_spec_from_config
 from ..threads import CoreMonitor, intra_op_threads, threaded
-from .attention import attend
+from .attention import attend, changes_attention
 from .config import BlendConfig
 from .hf import HFDecoder, make_dynamic_cache
-from .request import BlendResult, BlendState, RequestPlan, host_to_device
+from .request import BlendResult, BlendState, RequestPlan, index_batch
 from .prefill import Prefill
-from .selection import ranks_without_projections, run_probe, select
+from .selection import adapt_budget, ranks_without_projections, run_probe, select, stale_attention
 from .step import EagerStep, SelectiveRows
 from .timing import DEFAULT_SPANS, StepTimer
 
@@ -195,14 +195,13 @@ class BlendEngine(Prefill):
         kbig = torch.empty(shape, device=self.device, dtype=self.dtype)
         vbig = torch.empty_like(kbig)
         offsets = [0, *itertools.accumulate(p.num_tokens for p in plans)]
-        rows = torch.tensor([[0] * self.num_layers] + [p.layer_rows(self.num_layers) for p in plans]).cumsum(0)
-        indptr = host_to_device(torch.cat([rows.T, torch.tensor([offsets])]), self.device)  # [L + 1, B + 1]
         states = []
         for plan, offset in zip(plans, offsets):  # each request's KV: a slice of the batch buffer (a view)
             n = plan.num_tokens
             state = self._start(plan, timer, kbig[:, :, offset:offset + n], vbig[:, :, offset:offset + n])
-            state.batch_kv, state.batch_offset, state.batch_indptr = (kbig, vbig), offset, (indptr[:-1], indptr[-1])
+            state.batch_kv, state.batch_offset = (kbig, vbig), offset
             states.append(state)
+        index_batch(states, self.device)
         self._run_layers(states, [MemoryLayerSource.of_chunks(p.chunks, self.device, self.dtype) for p in plans])
         results = [self._finish(state) for state in states]
         timings = {**timer.result(), "total_ms": (time.perf_counter() - t_start) * 1e3, "batch_size": len(results),
@@ -250,6 +249,12 @@ class BlendEngine(Prefill):
         if any(probed):  # the probe places the reused KV of the layers it runs
             run_probe(self.decoder, [s for s, p in zip(states, probed) if p],
                       [src for src, p in zip(sources, probed) if p])
+            adapted = [s for s, p in zip(states, probed) if p and s.plan.config.target is not None]
+            for state in adapted:  # the probe sets this request's budget (a wait for the device)
+                adapt_budget(self.decoder, state)
+                state.make_select_args()
+            if adapted and states[0].batch_kv is not None:  # the batch's row counts changed
+                index_batch(states, self.device)
         rows, timer = None, states[0].timer
         kbig, vbig = states[0].batch_kv or (states[0].kbuf, states[0].vbuf)
         for l, layer in enumerate(self.layers):
@@ -265,7 +270,8 @@ class BlendEngine(Prefill):
                         select(self.decoder, state, l)
                     else:
                         pending.add(i)
-            if rows is None and not pending and all(s.sel is not None and l >= max(s.plan.check) for s in states):
+            if rows is None and not pending and all(s.sel is not None and l >= max(s.plan.check)
+                                                    and not changes_attention(s.plan.config) for s in states):
                 rows, step = SelectiveRows.of_states(states, l), step or EagerStep()
                 step.start(self.decoder, rows)
             if rows is not None:
@@ -296,6 +302,19 @@ class BlendEngine(Prefill):
                                        [state.vbuf[l][None] for l in range(self.num_layers)])
         self.synchronize()
         plan = state.plan
-        probe_layers = 0 if state.probe_mass is None else int(state.probe_mass.shape[0])
+        probe_attention = None
+        if state.probe_mass is not None:  # what the probe saw and what the selection left stale
+            layer = min(plan.check)
+            probe_attention = tuple(t.cpu() for t in stale_attention(state, layer))
+            mass = state.probe_mass[layer:].sum(0)
+            stale = ~state.forced
+            if state.selected[layer] is not None:
+                stale[state.selected[layer]] = False
+            else:
+                stale[:] = False
+            state.stats["stale_attention"] = float(mass[stale].sum() / mass.sum())
+        stats = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in state.stats.items()}
         return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, {},
-                           int(plan.probe_rows.numel()), probe_layers)
+                           probe_tokens=int(plan.probe_rows.numel()),
+                           probe_layers=0 if state.probe_mass is None else int(state.probe_mass.shape[0]),
+                           stats=stats, probe_attention=probe_attention)

@@ -33,7 +33,13 @@ class BlendResult:
     ``logits`` ``[vocab]`` float32 of the first output token; ``cache`` a ``DynamicCache``
     over all ``N`` request tokens that Hugging Face can continue from (feed the next token
     at position ``N``); ``input_ids`` ``[N]``; ``selected[l]`` the token indices computed
-    at layer ``l`` (``None``: all tokens); ``forced`` ``[N]`` bool.
+    at layer ``l`` (``None``: all tokens); ``forced`` ``[N]`` bool; ``stats``: what the
+    selection measured (with a probe: ``stale_attention``, the share of the probe's
+    attention left on stale reused tokens by the selection; with a ``target``: ``target_picks``,
+    the count the target asked for before the floor and ceiling); ``probe_attention``:
+    with a probe, the probe's attention on the non-forced tokens (summed over the layers
+    from the first check layer on, in decreasing order) and its total attention, for
+    analysis.
 
     ``timings``, in ms (:mod:`cacheblend_ext.blend.timing`: CUDA events on a GPU, host
     clocks on the CPU; in a batch every result carries the batch's):
@@ -61,6 +67,8 @@ class BlendResult:
     timings: dict = field(default_factory=dict)
     probe_tokens: int = 0
     probe_layers: int = 0
+    stats: dict = field(default_factory=dict)
+    probe_attention: tuple | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -134,7 +142,8 @@ class RequestPlan:
     def lay_out(cls, config: BlendConfig, parts: Sequence, num_layers: int) -> "RequestPlan":
         """The plan of a request made of ``parts`` in order: each a reused ``ChunkKV`` or the
         token ids ``[T]`` of a forced segment. The last token is forced; the probe rows are
-        the last ``probe_tokens`` forced tokens after the last chunk's start; the check
+        the last ``probe_tokens`` forced tokens after the last chunk's start (with
+        ``probe_prefix``, after the forced tokens before the first chunk); the check
         layers' counts come from :func:`~cacheblend_ext.blend.schedule.selection_schedule`."""
         ids_parts, forced_parts, chunks, spans, src_pos = [], [], [], [], []
         n = 0
@@ -156,8 +165,12 @@ class RequestPlan:
         probe = torch.zeros(0, dtype=torch.int64)
         if chunks and config.selection == "probe":  # the query: forced tokens after the last chunk's start
             probe = forced[spans[-1][0]:].nonzero().flatten()[-config.probe_tokens:] + spans[-1][0]
+            if config.probe_prefix:  # and the forced tokens before the first chunk
+                probe = torch.cat([forced[:spans[0][0]].nonzero().flatten(), probe])
+        # with a target the probe sets the budget later (adapt_budget), within the ceiling's schedule
+        planned = config if config.target is None else config.replace(recompute_ratio=config.ratio_ceiling)
         num_forced = int(forced.sum())
-        schedule = selection_schedule(config, n, num_forced, num_layers, probe.numel())
+        schedule = selection_schedule(planned, n, num_forced, num_layers, probe.numel())
         return cls(config, torch.cat(ids_parts), forced, chunks, spans,
                    torch.cat(src_pos) if chunks else None, dict(zip(schedule.layers, schedule.picks)),
                    probe[: schedule.probe_rows] if schedule.probe_rows else probe[:0], num_forced)
@@ -187,6 +200,9 @@ class BlendState:
     select_args: dict = field(default_factory=dict)
     rank_scores: torch.Tensor | None = None
     probe_mass: torch.Tensor | None = None  # [probe layers, N] (probe selection)
+    probe_value: torch.Tensor | None = None  # [probe layers, N] (probe_score="value")
+    chunk_of: torch.Tensor | None = None  # [N] chunk index of each position, -1 outside chunks (chunk_index)
+    stats: dict = field(default_factory=dict)
     batch_kv: tuple | None = None  # in a batched blend: the batch's (K, V) buffers kbuf / vbuf are slices of
     batch_offset: int = 0  # where this request's tokens start in them
     batch_indptr: tuple | None = None  # the batch's q_indptr per layer [L, B + 1] and kv_indptr [B + 1]
@@ -196,6 +212,16 @@ class BlendState:
     def rows(self) -> torch.Tensor:
         """Positions of the rows computed at the current layer."""
         return self.positions if self.sel is None else self.sel
+
+    def chunk_index(self) -> torch.Tensor:
+        """``[N]`` int64 on the device: the index of the reused chunk each position belongs
+        to, -1 for positions outside chunks (made once)."""
+        if self.chunk_of is None:
+            chunk = torch.full((self.plan.num_tokens,), -1, dtype=torch.int64)
+            for i, (a, b) in enumerate(self.plan.spans):
+                chunk[a:b] = i
+            self.chunk_of = chunk.to(self.positions.device)
+        return self.chunk_of
 
     def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
         return (self.cos, self.sin) if self.sel is None else (self.cos[self.sel], self.sin[self.sel])
@@ -241,3 +267,16 @@ class BlendState:
             k_tok, v_tok = self.layer_kv(l)
             ops.fused_kv_concat([c[None] for c in reused], self.src_pos, self.dst_pos, self.dst_pos,
                                 self.rope.cos_sin_cache, self.rope.is_neox, [k_tok], [v_tok])
+
+
+def index_batch(states: list, device) -> None:
+    """A batched blend's ragged indexing, set on every state as ``batch_indptr``: the rows
+    each request computes at each layer (``q_indptr`` ``[L, B + 1]``, from the plans, so
+    known on the host) and where each request's tokens start in the batch buffer
+    (``kv_indptr`` ``[B + 1]``). Made again when an adaptive budget changed a plan."""
+    num_layers = states[0].kbuf.shape[0]
+    offsets = [s.batch_offset for s in states] + [states[-1].batch_offset + states[-1].plan.num_tokens]
+    rows = torch.tensor([[0] * num_layers] + [s.plan.layer_rows(num_layers) for s in states]).cumsum(0)
+    indptr = host_to_device(torch.cat([rows.T, torch.tensor([offsets])]), device)  # [L + 1, B + 1]
+    for state in states:
+        state.batch_indptr = (indptr[:-1], indptr[-1])

@@ -43,13 +43,13 @@ def selection_schedule(cfg: BlendConfig, num_tokens: int, num_forced: int, num_l
     does not fit, the first check layer moves earlier until it does (layer 1 keeps ratio 0
     equal to full KV reuse); ``recompute_ratio`` 0 selects nothing (full KV reuse) even
     where a schedule that starts at layer 0 could afford some tokens. A probe runs only when a selection has to rank tokens (some but
-    not all candidates kept); when the budget cannot pay for it, tokens are ranked by
-    deviation instead.
+    not all candidates kept), or always with a ``target`` (it sets the budget); when the
+    budget cannot pay for it, tokens are ranked by deviation instead.
     """
     free = max(num_tokens - num_forced, 0)
 
-    def ranks(picks) -> bool:
-        return any(0 < k < free for k in picks)
+    def ranks(picks) -> bool:  # with a target the probe always runs: it sets the budget
+        return (cfg.target is not None and free > 0) or any(0 < k < free for k in picks)
 
     if cfg.budget == "ratio":
         layers = tuple(cfg.check_layers)
