@@ -173,8 +173,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy", f"torch=={TORCH_RELEASE}"],
     extras_require={
-        "hf": ["transformers>=4.56,<5.40", "safetensors", "gguf>=0.10"],
-        "test": ["pytest", "hypothesis", "transformers>=4.56,<5.40", "safetensors", "gguf>=0.10", "redis>=5", "hiredis"],
+        "hf": ["transformers>=5.17,<5.26", "safetensors", "gguf>=0.10"],
+        "test": ["pytest", "hypothesis", "transformers>=5.17,<5.26", "safetensors", "gguf>=0.10", "redis>=5", "hiredis"],
         "bench": ["matplotlib"],
         "redis": ["redis>=5", "hiredis"],
     },

@@ -42,7 +42,7 @@ def _stub_chunk(handle, dtype, device):
 
 def _check_not_empty(engine, chunks) -> None:
     for i, c in enumerate(chunks):
-        if engine.tokenize(c).numel() == 0:
+        if engine.tokenize(c, f"chunks[{i}]").numel() == 0:
             raise ValueError(f"chunks[{i}] is empty: a chunk needs at least one token")
 
 
@@ -132,6 +132,7 @@ class CachedBlender:
         ``(BlendResult, LoadReport)``; the report is also in ``result.timings["load"]``.
         """
         e = self.engine
+        chunks = e.segment_list(chunks, "chunks")
         scopes = scope_list(scope, len(chunks), "chunk")
         _check_not_empty(e, chunks)
         context = e.chunk_context(prefix, config)

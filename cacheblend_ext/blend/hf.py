@@ -50,7 +50,7 @@ def cache_kwarg(model) -> str:
 
 def make_dynamic_cache(model, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
     """A ``DynamicCache`` whose layer ``l`` holds ``keys[l]`` / ``values[l]``
-    (``[1, H_kv, N, D]``) without copying them (transformers 5.17 to 5.24)."""
+    (``[1, H_kv, N, D]``) without copying them (transformers >=5.17,<5.26)."""
     from transformers import DynamicCache
 
     try:

@@ -21,6 +21,33 @@ from .hf import cache_layers, make_dynamic_cache, out_cache
 from .request import BlendResult
 
 
+def token_ids(segment, name: str, vocab_size: int | None = None) -> torch.Tensor:
+    """``[T]`` int64 CPU tensor of a token-id segment: a 1-D integer tensor or array (or
+    ``[1, T]``), or a list / tuple of ints, each in ``[0, vocab_size)``. Anything else is
+    a TypeError or ValueError naming ``name``."""
+    if segment is None or isinstance(segment, (bool, int, float, bytes)):
+        raise TypeError(f"{name} must be text or a 1-D sequence of token ids, got {type(segment).__name__}")
+    if isinstance(segment, (list, tuple)):
+        bad = next((x for x in segment if isinstance(x, bool) or not isinstance(x, int)), None)
+        if bad is not None:
+            raise TypeError(f"{name} must hold int token ids, got an element of type {type(bad).__name__}")
+    try:
+        ids = torch.as_tensor(segment)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"{name} must be text or a 1-D sequence of token ids, got {type(segment).__name__}") from e
+    if ids.numel() and (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise ValueError(f"{name} must be 1-D token ids ([T] or [1, T]), got shape {tuple(ids.shape)}")
+    ids = ids.to("cpu", torch.int64)
+    if ids.numel() and (int(ids.min()) < 0 or (vocab_size is not None and int(ids.max()) >= vocab_size)):
+        raise ValueError(f"{name} holds token ids outside [0, {vocab_size}): min {int(ids.min())}, "
+                         f"max {int(ids.max())}")
+    return ids
+
+
 class Prefill:
     """Tokenizing, chunk encoding, full prefill and decoding (see the module docstring)."""
 
@@ -29,13 +56,26 @@ class Prefill:
         (see :mod:`cacheblend_ext.identity`)."""
         return self.identity.chunk_key(self.dtype, token_ids, prefix_ids)
 
-    def tokenize(self, segment) -> torch.Tensor:
+    def tokenize(self, segment, name: str = "segment") -> torch.Tensor:
+        """``[T]`` int64 token ids (on the CPU) of a text or token-id segment; ``name`` is
+        the argument an error names."""
         if isinstance(segment, str):
             if self.tokenizer is None:
-                raise ValueError("text segments need a tokenizer")
+                raise ValueError(f"{name} is text, which needs a tokenizer: pass token ids or give BlendEngine "
+                                 "a tokenizer")
             ids = self.tokenizer(segment, add_special_tokens=False)["input_ids"]
             return torch.tensor(ids, dtype=torch.int64)
-        return torch.as_tensor(segment, dtype=torch.int64).reshape(-1).cpu()
+        return token_ids(segment, name, getattr(self.model.config, "vocab_size", None))
+
+    def segment_list(self, segments, name: str = "segments") -> list:
+        """``segments`` as a list, refusing what is not a sequence of segments (a bare
+        string would otherwise be split into one segment per character)."""
+        if isinstance(segments, (str, bytes, torch.Tensor, ChunkKV)) or not isinstance(segments, (list, tuple)):
+            hint = " (wrap a single segment in a list: [segment])" if isinstance(
+                segments, (str, torch.Tensor, ChunkKV)) else ""
+            raise TypeError(f"{name} must be a list of segments (text, token ids or ChunkKV), "
+                            f"got {type(segments).__name__}{hint}")
+        return list(segments)
 
     def bos_ids(self) -> list[int]:
         """``[bos_token_id]`` of the model (or its tokenizer), ``[]`` when it has none."""
@@ -58,7 +98,7 @@ class Prefill:
         tokenized, else those of ``config.chunk_prefix`` (``"none"``: nothing; ``"bos"``, and
         ``"prefix"`` when no request prefix is given: BOS)."""
         if context is not None:
-            return self.tokenize(context).tolist()
+            return self.tokenize(context, "context").tolist()
         return [] if self.config.chunk_prefix == "none" else self.bos_ids()
 
     # ------------------------------------------------------------------ HF helpers
@@ -113,7 +153,8 @@ class Prefill:
         positions ``0..P-1``, e.g. by :meth:`encode_prefix`): its KV is reused and only the
         rest is prefilled (prefix caching).
         """
-        ids = torch.cat([s.token_ids if isinstance(s, ChunkKV) else self.tokenize(s) for s in segments])
+        ids = torch.cat([s.token_ids if isinstance(s, ChunkKV) else self.tokenize(s, f"segments[{i}]")
+                         for i, s in enumerate(self.segment_list(segments))])
         self.check_positions(ids.numel(), f"request of {ids.numel()} tokens")
         t0 = time.perf_counter()
         cache, start = None, 0
@@ -139,7 +180,8 @@ class Prefill:
     @torch.inference_mode()
     def encode_prefix(self, segments) -> ChunkKV:
         """KV of ``segments`` prefilled together at position 0 (for prefix caching)."""
-        ids = torch.cat([s.token_ids if isinstance(s, ChunkKV) else self.tokenize(s) for s in segments])
+        ids = torch.cat([s.token_ids if isinstance(s, ChunkKV) else self.tokenize(s, f"segments[{i}]")
+                         for i, s in enumerate(self.segment_list(segments))])
         pos = torch.arange(ids.numel(), dtype=torch.int64)
         out = self.forward(ids, pos)
         cache = out_cache(out)

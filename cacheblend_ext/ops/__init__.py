@@ -189,8 +189,8 @@ def fused_kv_concat(
     ``[num_blocks, H, block_size, D]`` (heads before the block offset). Every per-layer
     cache may be a strided view of an engine's buffer (K and V of ``[num_blocks, 2, ...]``,
     K and V side by side in one last dimension, one layer of an all-layers buffer): the
-    op writes into it in place, whatever its strides (see :func:`paged_view` and the
-    README's "Engine-native layouts"). Each destination element is written once, in one
+    op writes into it in place, whatever its strides (see :func:`paged_view` and
+    docs/layouts.md). Each destination element is written once, in one
     launch for up to 32 chunks x 64 layers; the CUDA kernel uses 16-byte vectors when every
     row and stride allows, scalar accesses otherwise. Slots must be unique (checked on the
     CPU; on CUDA it is the caller's contract, like vLLM's ``reshape_and_cache``).
