@@ -59,7 +59,7 @@ def eager_concat(chunks, src, dst, table, is_neox, k_out, v_out):
     v_out.copy_(torch.cat([c[:, 1] for c in chunks], dim=1))
 
 
-def _report(title, results, nbytes, copy, args, device, extra):
+def bandwidth_report(title, results, nbytes, copy, args, device, extra):
     """The table of ``results`` (each implementation's timing, and the copy reference's):
     GB/s of the ``nbytes`` a call must move, and their share of the copy's GB/s."""
     reference = results[common.CopyReference.NAME]
@@ -128,7 +128,8 @@ def run_rope(args) -> dict:
     results, copy = _run_impls(impls, device, args)
     nbytes = 2 * key.numel() * key.element_size()
     shape = {"tokens": n, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": str(dtype), "neox": is_neox}
-    return _report(f"rope_reposition in place, K of one layer {tuple(key.shape)} {dtype}", results, nbytes, copy,
+    return bandwidth_report(f"rope_reposition in place, K of one layer {tuple(key.shape)} {dtype}", results, nbytes,
+                            copy,
                    args, device, shape)
 
 
@@ -155,5 +156,5 @@ def run_concat(args) -> dict:
     nbytes = 2 * 2 * k_out.numel() * k_out.element_size()
     shape = {"layers": args.layers, "chunks": args.chunks, "chunk_len": args.chunk_len, "kv_heads": args.kv_heads,
              "head_dim": args.head_dim, "dtype": str(dtype), "neox": is_neox}
-    return _report(f"fused_kv_concat, {args.chunks} chunks x {args.chunk_len} tokens, {args.layers} layers, "
+    return bandwidth_report(f"fused_kv_concat, {args.chunks} chunks x {args.chunk_len} tokens, {args.layers} layers, "
                    f"K+V {args.kv_heads}x{args.head_dim} {dtype}", results, nbytes, copy, args, device, shape)

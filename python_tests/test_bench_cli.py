@@ -78,7 +78,7 @@ def test_percent_of_copy_bandwidth():
     results = {"cacheblend": {"median_ms": 1.0}, "eager": {"median_ms": 4.0},
                common.CopyReference.NAME: {"median_ms": 2.0}}
     args = types.SimpleNamespace(command="rope")
-    out = kv_ops._report("t", results, 3 << 20, copy, args, "cpu", {})
+    out = kv_ops.bandwidth_report("t", results, 3 << 20, copy, args, "cpu", {})
     copy_gbps = (2 << 20) / 2e-3 / 1e9
     assert out["copy_bandwidth_gbps"] == pytest.approx(copy_gbps)
     assert results["cacheblend"]["gbps"] == pytest.approx((3 << 20) / 1e-3 / 1e9)
