@@ -129,8 +129,7 @@ def run_rope(args) -> dict:
     nbytes = 2 * key.numel() * key.element_size()
     shape = {"tokens": n, "kv_heads": args.kv_heads, "head_dim": args.head_dim, "dtype": str(dtype), "neox": is_neox}
     return bandwidth_report(f"rope_reposition in place, K of one layer {tuple(key.shape)} {dtype}", results, nbytes,
-                            copy,
-                   args, device, shape)
+                            copy, args, device, shape)
 
 
 def run_concat(args) -> dict:
@@ -157,4 +156,4 @@ def run_concat(args) -> dict:
     shape = {"layers": args.layers, "chunks": args.chunks, "chunk_len": args.chunk_len, "kv_heads": args.kv_heads,
              "head_dim": args.head_dim, "dtype": str(dtype), "neox": is_neox}
     return bandwidth_report(f"fused_kv_concat, {args.chunks} chunks x {args.chunk_len} tokens, {args.layers} layers, "
-                   f"K+V {args.kv_heads}x{args.head_dim} {dtype}", results, nbytes, copy, args, device, shape)
+                            f"K+V {args.kv_heads}x{args.head_dim} {dtype}", results, nbytes, copy, args, device, shape)
