@@ -343,3 +343,10 @@ def assert_logits_close(a, b, tol=2e-4):
     scale = b.abs().max().item()
     err = (a - b).abs().max().item()
     assert err <= tol * max(scale, 1.0), f"max logit error {err:.3e} (scale {scale:.3e})"
+
+
+def blend_encoded(engine: BlendEngine, prefix, chunks, query, config):
+    """The blend of ``prefix + chunks + query`` with every chunk encoded by ``engine`` in
+    the context ``config`` gives it: what a chunk store must reproduce."""
+    context = engine.chunk_context(prefix, config)
+    return engine.blend([prefix] + [engine.encode_chunk(c, context) for c in chunks] + [query], config)

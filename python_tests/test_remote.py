@@ -23,7 +23,7 @@ from cacheblend_ext.store.pipeline import StoreLayerSource, open_layer_source
 from cacheblend_ext.testing.redis_server import free_port
 from cacheblend_ext.store import ChunkCorruptError, ChunkLoadError, ChunkStore, ChunkUnavailableError
 from cacheblend_ext.store.chunk_format import PREFIX
-from helpers import DTYPES, request_parts, tiny_llama
+from helpers import DTYPES, blend_encoded, request_parts, tiny_llama
 
 L, T, H, D = 8, 7, 2, 8
 S = "tenant-1"  # the scope of every chunk here
@@ -342,11 +342,6 @@ def engine():
 CFG = BlendConfig(recompute_ratio=0.3)
 
 
-def reference(engine, prefix, chunks, query):
-    context = engine.chunk_context(prefix, CFG)
-    return engine.blend([prefix] + [engine.encode_chunk(c, context) for c in chunks] + [query], CFG)
-
-
 def _inject_at_layer(monkeypatch, layer, fault):
     original = remote_stream.RemoteLayerStream.read_layer
     fired = []
@@ -365,7 +360,7 @@ def _inject_at_layer(monkeypatch, layer, fault):
 def test_blend_survives_remote_faults(engine, private_redis, monkeypatch, fault):
     server = private_redis()
     prefix, chunks, query = request_parts(4)
-    ref = reference(engine, prefix, chunks, query)
+    ref = blend_encoded(engine, prefix, chunks, query, CFG)
     CachedBlender(engine, remote=server.url).add_many(chunks, prefix, scope=S)
     store = ChunkStore(engine.identity.model_id, engine.identity.rope_id, cpu_bytes=0, remote=server.url,
                        remote_timeout_s=0.3, remote_in_flight=1)
@@ -396,7 +391,7 @@ def test_blend_with_the_server_absent(redis_client_module, engine):
     prefix, chunks, query = request_parts(6)
     blender = CachedBlender(engine, remote=f"redis://127.0.0.1:{free_port()}/0", cpu_bytes=0)
     result, report = blender.blend(prefix, chunks, query, CFG, scope=S)
-    assert torch.equal(result.logits, reference(engine, prefix, chunks, query).logits)
+    assert torch.equal(result.logits, blend_encoded(engine, prefix, chunks, query, CFG).logits)
     assert report.tiers == {"encoded": 3} and blender.store.stats()["remote"]["errors"] >= 1
 
 
@@ -407,7 +402,7 @@ def test_blend_from_cluster_and_controller_learns_remote(engine, redis_cluster):
     blender = CachedBlender(engine, remote=redis_cluster.url, cpu_bytes=0, controller=ctl)
     result, report = blender.blend(prefix, chunks, query, CFG, scope=S)
     assert report.tiers == {"remote": 3}
-    assert torch.equal(result.logits, reference(engine, prefix, chunks, query).logits)
+    assert torch.equal(result.logits, blend_encoded(engine, prefix, chunks, query, CFG).logits)
     assert ctl.m.tier_gbps["remote"] > 0
     assert ctl.choose_ratio(100, "remote").inputs["tier_gbps"]["remote"] == ctl.m.tier_gbps["remote"]
 

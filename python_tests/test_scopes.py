@@ -16,7 +16,7 @@ from cacheblend_ext import PUBLIC_SCOPE, check_scope
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 from cacheblend_ext.cached import CachedBlender
 from cacheblend_ext.store import ChunkStore
-from helpers import DEVICES, request_parts, tiny_llama
+from helpers import DEVICES, blend_encoded, request_parts, tiny_llama
 
 L, T, H, D = 4, 9, 2, 8
 A, B = "tenant-a", "tenant-b"
@@ -177,14 +177,9 @@ def engine():
 CFG = BlendConfig(recompute_ratio=0.3)
 
 
-def reference(engine, prefix, chunks, query):
-    context = engine.chunk_context(prefix, CFG)
-    return engine.blend([prefix] + [engine.encode_chunk(c, context) for c in chunks] + [query], CFG)
-
-
 def test_blender_keeps_tenants_apart_and_shares_only_public(engine, tmp_path):
     prefix, chunks, query = request_parts(3)
-    ref = reference(engine, prefix, chunks, query)
+    ref = blend_encoded(engine, prefix, chunks, query, CFG)
     blender = CachedBlender(engine, disk_dir=tmp_path, cpu_bytes=1 << 20)
     with pytest.raises(TypeError, match="scope"):
         blender.blend(prefix, chunks, query, CFG)
