@@ -218,12 +218,13 @@ def _run(args) -> dict:
         f"chunks + query = {n} tokens, reused KV from {', '.join(source_names)}"
         + (" (no baselines: 'x full prefill' is relative to the first row)" if args.no_baselines else ""),
         ["method", "recomputed", "TTFT ms", "x full prefill", "speed-up", "min ms", "x full (min)"])
-    recomputed, compute, first_tokens = {}, {}, {}
+    recomputed, compute, flops, first_tokens = {}, {}, {}, {}
     for name, ratio, fn in methods:
         common.progress(f"{name}: warm-up")
         res = fn()
         recomputed[name] = res.recomputed_fraction() if ratio is not None else (n - first.num_tokens) / n
         compute[name] = res.compute_fraction() if hasattr(res, "compute_fraction") else None
+        flops[name] = res.flop_fraction(engine.model.config) if hasattr(res, "flop_fraction") else None
         for _ in range(warmup - 1):
             res = fn()
         first_tokens[name] = res.logits.float().cpu()  # of the last warm-up (graph rows: replayed, not captured)
@@ -234,7 +235,8 @@ def _run(args) -> dict:
         t = timings[name]
         recomputed_n = recomputed[name]
         base = base or t["median_ms"]
-        rows.append({"method": name, "ratio": ratio, "recomputed": recomputed_n, "compute_fraction": compute[name], **t,
+        rows.append({"method": name, "ratio": ratio, "recomputed": recomputed_n, "compute_fraction": compute[name],
+                     "flop_fraction": flops[name], **t,
                      "vs_full": t["median_ms"] / base, "speedup": base / t["median_ms"]})
         base_min = base_min or t["min_ms"]
         table.add(name, recomputed_n, t["median_ms"], t["median_ms"] / base, base / t["median_ms"], t["min_ms"],
@@ -242,6 +244,8 @@ def _run(args) -> dict:
     print(table.render())
     print("compute fraction (token-layers over full prefill's, the probe's included): "
           + ", ".join(f"{name} {c:.3f}" for name, c in compute.items() if c is not None))
+    print("FLOP fraction (the same weighted by matrix FLOPs; attention grows with a row's position): "
+          + ", ".join(f"{name} {c:.3f}" for name, c in flops.items() if c is not None))
     paired = paired_ratios(timings, source_names)
     for name, p in paired.items():
        print(f"{name}: median per-round ratio {p['median']:.3f} (95% interval {p['ci95'][0]:.3f} to "

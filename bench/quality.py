@@ -22,13 +22,14 @@ target), is scored by
   the first ``--kl-tokens`` tokens (full prefill's continuation teacher-forced through
   the scheme's cache);
 - F1 of its answer against the gold answer(s), also as a percentage of full prefill's;
-- what it actually computed: the share of a full prefill's token-layers (forced tokens,
-  probe rows and every extra token included) and the share of tokens carried to the last
-  layer;
+- what it computed: the share of a full prefill's token-layers (forced tokens, probe rows,
+  every extra token), the same weighted by matrix FLOPs ("FLOPs", ``flop_fraction``: a
+  row's attention grows with its position) and the share of tokens at the last layer;
 - the time its selection took, the probe pass included (share of the blend).
 
 Every scheme runs under the compute budget of the published scheme at the same ratio
-(``BlendConfig.budget = "compute"``), so curves compare at equal compute; adaptive schemes
+(``BlendConfig.budget = "compute"``, counted in token-layers), so curves compare at equal
+compute; adaptive schemes
 (``--target-schemes``, one run per ``--targets`` value) choose each request's budget and
 are compared by their mean computed fraction. Differences against full prefill and
 against the published scheme come with paired bootstrap 95% intervals over requests;
@@ -547,7 +548,8 @@ def _run(args) -> dict:
                 "answer": answer, "f1": f1, "em": float(f1 == 1.0) if line else exact_match(answer, req.meta["gold"]),
                 "agree": float(req.normal(answer) == req.normal(full_answer)),
                 "same16": float(greedy[:args.kl_tokens] == ref_tokens[:args.kl_tokens]),
-                "kl1": float(kl[0]), "kl16": float(kl.mean()), "compute": res.compute_fraction(),
+                "kl1": float(kl[0]), "kl16": float(kl.mean()),
+                "compute": res.compute_fraction(), "flops": res.flop_fraction(model.config),
                 "last_layer": res.recomputed_fraction(), "stats": res.stats, "profile": _probe_profile(res),
                 "select_ms": res.timings.get("select_ms", 0.0) + res.timings.get("probe_ms", 0.0),
                 "blend_ms": res.timings["total_ms"], "signature": signature}

@@ -48,7 +48,8 @@ def summarise(records, runs, resamples) -> list[dict]:
             pub = [{m: nan for m in ("f1", "agree", "kl1", "kl16")} for _ in records]
         full_f1 = [rec["full_f1"] for rec in records]
         row = {"scheme": name, "budget": r, "adaptive": scheme.adaptive,
-               "compute": mean([x["compute"] for x in xs]), "last_layer": mean([x["last_layer"] for x in xs])}
+               "compute": mean([x["compute"] for x in xs]), "last_layer": mean([x["last_layer"] for x in xs]),
+               "flops": mean([x.get("flops", nan) for x in xs])}  # records before flop_fraction: nan
         for metric in ("f1", "em", "agree", "same16", "kl1", "kl16"):
             row[metric] = mean([x.get(metric, nan) for x in xs])
         row["f1_vs_full"] = row["f1"] - mean(full_f1)
@@ -117,11 +118,11 @@ def ci(pair) -> str:
 def table(rows, num_requests):
     table = common.Table(
         f"Fidelity and F1 at equal compute on {num_requests} requests (bundled model; intervals: paired bootstrap 95%)",
-        ["scheme", "budget", "computed", "last layer", "F1", "F1 % full [95%]", "agree", "agree - pub [95%]",
+        ["scheme", "budget", "computed", "FLOPs", "last layer", "F1", "F1 % full [95%]", "agree", "agree - pub [95%]",
          "same 16", "KL 1st", "x pub [95%]", "KL 16", "x pub [95%]", "select+probe %"])
     for r in rows:
         budget = f"t={r['budget']:g}" if r.get("adaptive") else f"{r['budget']:.0%}"
-        table.add(r["scheme"], budget, r["compute"], r["last_layer"], r["f1"],
+        table.add(r["scheme"], budget, r["compute"], r["flops"], r["last_layer"], r["f1"],
                   f"{r['f1_pct_full']:.0f} [{r['f1_pct_full_ci'][0]:.0f}, {r['f1_pct_full_ci'][1]:.0f}]",
                   r["agree"], ci(r["agree_vs_published_ci"]), r["same16"], r["kl1"],
                   f"{r['kl1_x_published']:.3f} [{r['kl1_x_published_ci'][0]:.2f}, {r['kl1_x_published_ci'][1]:.2f}]",

@@ -6,7 +6,8 @@ At each size, full prefill and CacheBlend at each of ``--ratios`` (default 15 he
 timed in the same run (round-robin rounds on the CPU); the table gives the median TTFT,
 TTFT / full prefill (the median of the per-round ratios on the CPU), the compute fraction
 (``BlendResult.compute_fraction``: token-layers computed over a full prefill's, the probe's
-included), the gap between the two, the probe's share of the blend and the intra-op
+included), the gap between the two, the FLOP fraction (``BlendResult.flop_fraction``: the
+same weighted by matrix FLOPs, so a computed row's attention grows with its position), the probe's share of the blend and the intra-op
 threads the calls ran with (``BlendEngine(cpu_threads="auto")`` by default). The PNG plots
 both fractions against the request size.
 """
@@ -43,7 +44,8 @@ def run_sweep(args, engine, config, warmup: int, iters: int) -> dict:
     table = common.Table(
         f"TTFT across request sizes, {args.model} on {common.device_name(args.device)} ({args.scheme} scheme, "
         f"chunks of {args.chunk_tokens} tokens, medians of {iters})",
-        ["tokens", "method", "TTFT ms", "x full prefill", "compute fraction", "gap", "probe share", "threads"])
+        ["tokens", "method", "TTFT ms", "x full prefill", "compute fraction", "gap", "FLOP fraction", "probe share",
+         "threads"])
     rows = []
     for size in sizes:
         common.progress(f"{size} tokens: encoding chunks")
@@ -53,12 +55,13 @@ def run_sweep(args, engine, config, warmup: int, iters: int) -> dict:
         methods = [("full prefill", 1.0, lambda: engine.full_prefill(segments))]
         for r in ratios:
             methods.append((f"CacheBlend {r:.0%}", r, lambda cfg=config(r): engine.blend(segments, cfg)))
-        fraction = {}
+        fraction, flops = {}, {}
         for name, _, fn in methods:
             common.progress(f"{size} tokens, {name}: warm-up")
             for _ in range(warmup):
                 res = fn()
             fraction[name] = res.compute_fraction() if name != "full prefill" else 1.0
+            flops[name] = res.flop_fraction(engine.model.config) if name != "full prefill" else 1.0
         timings = time_methods(methods, args.device, iters)
         full = timings["full prefill"]
         for name, ratio, _ in methods:
@@ -71,10 +74,10 @@ def run_sweep(args, engine, config, warmup: int, iters: int) -> dict:
             share = statistics.median(probe) if probe else 0.0
             used = sorted({x["threads"] for x in t.get("results", []) if "threads" in x})
             row = {"tokens": size, "method": name, "ratio": ratio, **t, "vs_full": vs_full,
-                   "compute_fraction": fraction[name], "gap": vs_full - fraction[name], "probe_share": share,
-                   "threads": used}
+                   "compute_fraction": fraction[name], "gap": vs_full - fraction[name], "flop_fraction": flops[name],
+                   "probe_share": share, "threads": used}
             rows.append(row)
-            table.add(size, name, t["median_ms"], vs_full, fraction[name], vs_full - fraction[name], share,
+            table.add(size, name, t["median_ms"], vs_full, fraction[name], vs_full - fraction[name], flops[name], share,
                       ",".join(map(str, used)))
     print(table.render())
     plot = args.plot or (os.path.splitext(args.json)[0] + ".png" if args.json else None)

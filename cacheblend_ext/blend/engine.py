@@ -317,4 +317,4 @@ class BlendEngine(Prefill):
         return BlendResult(logits, cache, plan.input_ids, state.selected, plan.forced, {},
                            probe_tokens=int(plan.probe_rows.numel()),
                            probe_layers=0 if state.probe_mass is None else int(state.probe_mass.shape[0]),
-                           stats=stats, probe_attention=probe_attention)
+                           stats=stats, probe_attention=probe_attention, probe_positions=plan.probe_rows)

@@ -39,7 +39,8 @@ class BlendResult:
     the count the target asked for before the floor and ceiling); ``probe_attention``:
     with a probe, the probe's attention on the non-forced tokens (summed over the layers
     from the first check layer on, in decreasing order) and its total attention, for
-    analysis.
+    analysis; ``probe_positions`` the positions of the probe's ``probe_tokens`` rows, which
+    ran ``probe_layers`` layers.
 
     ``timings``, in ms (:mod:`cacheblend_ext.blend.timing`: CUDA events on a GPU, host
     clocks on the CPU; in a batch every result carries the batch's):
@@ -69,6 +70,7 @@ class BlendResult:
     probe_layers: int = 0
     stats: dict = field(default_factory=dict)
     probe_attention: tuple | None = None
+    probe_positions: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -87,6 +89,35 @@ class BlendResult:
         n, layers = self.num_tokens, len(self.selected)
         main = sum(n if s is None else s.numel() for s in self.selected)
         return (main + self.probe_tokens * self.probe_layers) / (n * layers)
+
+    def flop_fraction(self, model_config) -> float:
+        """:meth:`compute_fraction` weighted by matrix FLOPs, for the model of
+        ``model_config`` (a Hugging Face Llama-family config): a computed row costs its
+        layer's projections and MLP, the same at every position, plus attention over its
+        ``position + 1`` keys, which grows with the position. Two blends with equal
+        token-layers can differ here when one computes later rows. Norms, RoPE, the softmax
+        and the logits are not counted; the probe's rows count at every layer it ran."""
+        row, pair = layer_flops(model_config)
+        n = self.num_tokens
+
+        def cost(positions) -> float:  # rows at these positions, one layer
+            return positions.numel() * row + pair * float((positions.double() + 1).sum())
+
+        full_layer = n * row + pair * n * (n + 1) / 2
+        main = sum(full_layer if s is None else cost(s.cpu()) for s in self.selected)
+        probe = 0.0 if self.probe_positions is None else self.probe_layers * cost(self.probe_positions)
+        return (main + probe) / (full_layer * len(self.selected))
+
+
+def layer_flops(model_config) -> tuple[float, float]:
+    """``(per row, per attended key)`` matrix FLOPs of one decoder layer of a Llama-family
+    model: a row's Q/K/V and output projections and its gated MLP, and QK^T plus PV for
+    each key it attends to."""
+    c = model_config
+    heads, kv_heads, hidden = c.num_attention_heads, c.num_key_value_heads, c.hidden_size
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    row = 2 * (2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * c.intermediate_size)
+    return float(row), float(4 * heads * head_dim)
 
 
 @dataclass
