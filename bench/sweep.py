@@ -9,7 +9,7 @@ TTFT / full prefill (the median of the per-round ratios on the CPU), the compute
 included), the gap between the two, the FLOP fraction (``BlendResult.flop_fraction``: the
 same weighted by matrix FLOPs, so a computed row's attention grows with its position), the probe's share of the blend and the intra-op
 threads the calls ran with (``BlendEngine(cpu_threads="auto")`` by default). The PNG plots
-both fractions against the request size.
+TTFT / full prefill and the fractions against the request size.
 """
 
 from __future__ import annotations
@@ -97,11 +97,14 @@ def plot_sweep(rows: list, title: str, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, method in enumerate(sorted({r["method"] for r in rows if r["method"] != "full prefill"})):
-        pts = sorted((r["tokens"], r["vs_full"], r["compute_fraction"]) for r in rows if r["method"] == method)
+        pts = sorted((r["tokens"], r["vs_full"], r["compute_fraction"], r.get("flop_fraction"))
+                     for r in rows if r["method"] == method)
         xs = [p[0] for p in pts]
         color = f"C{i}"
         ax.plot(xs, [p[1] for p in pts], "o-", color=color, label=f"{method}: TTFT / full prefill")
-        ax.plot(xs, [p[2] for p in pts], "s--", color=color, alpha=0.6, label=f"{method}: compute fraction")
+        ax.plot(xs, [p[2] for p in pts], "s--", color=color, alpha=0.6, label=f"{method}: compute fraction (token-layers)")
+        if all(p[3] is not None for p in pts):  # runs before flop_fraction have none
+            ax.plot(xs, [p[3] for p in pts], "^:", color=color, alpha=0.6, label=f"{method}: FLOP fraction")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted({r["tokens"] for r in rows}))
     ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
