@@ -53,7 +53,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _commands():
+def command_modules() -> dict:
+    """``{command: module}`` of every module of this package that defines ``COMMAND``."""
     found = {}
     for info in pkgutil.iter_modules(bench.__path__):
         if info.name.startswith("_") or info.name == "common":
@@ -74,7 +75,7 @@ def _command_list(commands) -> str:
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:
-    commands = _commands() if commands is None else commands
+    commands = command_modules() if commands is None else commands
     parser = argparse.ArgumentParser(prog="python -m bench", usage="%(prog)s [-h] <command> [options]",
                                      description=f"{__doc__}\n{_command_list(commands)}", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,7 +88,7 @@ def build_parser(commands=None) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    commands = _commands()
+    commands = command_modules()
     args = build_parser(commands).parse_args(argv)
     common.quiet_cuda_home_warning()
     result = commands[args.command].run(args)

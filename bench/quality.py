@@ -209,7 +209,7 @@ class Request:
     normal: Callable[[str], str] = field(default=lambda s: " ".join(s.strip().lower().split()))
 
 
-def _synthetic_requests(args, tok) -> list[Request]:
+def synthetic_requests(args, tok) -> list[Request]:
     from cacheblend_ext.testing.rag_data import chat_segments, f1_score, make_varied_samples
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -226,7 +226,7 @@ def _synthetic_requests(args, tok) -> list[Request]:
     return out
 
 
-def _musique_requests(args, tok) -> list[Request]:
+def musique_requests(args, tok) -> list[Request]:
     from cacheblend_ext.testing import musique
 
     questions = musique.load_questions()
@@ -488,7 +488,7 @@ def _run(args) -> dict:
     answer_tokens = args.answer_tokens if args.answer_tokens is not None else (32 if line else 10)
     ref_len = max(args.kl_tokens, answer_tokens + 1) if line else args.kl_tokens
     runs = [] if args.refs_only else _plan_runs(args)
-    requests = _musique_requests(args, tok) if line else _synthetic_requests(args, tok)
+    requests = musique_requests(args, tok) if line else synthetic_requests(args, tok)
     rec_dir = os.path.join(args.out, "records")
     os.makedirs(rec_dir, exist_ok=True)
 

@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import common, kv_ops  # noqa: E402
-from bench.__main__ import HelpFormatter, _commands  # noqa: E402
+from bench.__main__ import HelpFormatter, command_modules  # noqa: E402
 
 
 def _bench(*args) -> subprocess.CompletedProcess:
@@ -30,7 +30,7 @@ def _bench(*args) -> subprocess.CompletedProcess:
 def test_help_lists_every_command_and_examples():
     out = _bench("--help")
     assert out.returncode == 0, out.stderr
-    commands = _commands()
+    commands = command_modules()
     assert set(commands) >= {"attention", "concat", "e2e", "rope", "select"}
     for name, module in commands.items():
         first_words = " ".join(module.HELP.split()[:3])
@@ -46,11 +46,11 @@ def _help_entries(help_text: str) -> dict:
             for e in entries if e.strip().startswith("-")}
 
 
-@pytest.mark.parametrize("command", sorted(_commands()))
+@pytest.mark.parametrize("command", sorted(command_modules()))
 def test_command_help_shows_defaults(command):
     """Every option with a default that says something (not None, a flag's False or "")
     shows it in the command's help."""
-    module = _commands()[command]
+    module = command_modules()[command]
     parser = argparse.ArgumentParser(prog=command, formatter_class=HelpFormatter)
     common.add_common_arguments(parser)
     module.add_arguments(parser)

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from bench import common
-from bench.quality import _musique_requests, _synthetic_requests, add_arguments
+from bench.quality import musique_requests, synthetic_requests, add_arguments
 from cacheblend_ext.blend.engine import BlendConfig, BlendEngine
 from cacheblend_ext.blend.models import load_model
 
@@ -38,7 +38,7 @@ def main(out_path: str) -> None:
     report = {"environment": common.environment("cpu"), "sets": {}}
     for set_name, argv in SETS.items():
         args = parser.parse_args(argv)
-        requests = _musique_requests(args, tok) if args.set == "musique" else _synthetic_requests(args, tok)
+        requests = musique_requests(args, tok) if args.set == "musique" else synthetic_requests(args, tok)
         rows = []
         for req in requests:
             chunks = engine.encode_chunks(req.texts, context=engine.bos_ids())
