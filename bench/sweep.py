@@ -95,7 +95,7 @@ def plot_sweep(rows: list, title: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5.5))
     for i, method in enumerate(sorted({r["method"] for r in rows if r["method"] != "full prefill"})):
         pts = sorted((r["tokens"], r["vs_full"], r["compute_fraction"], r.get("flop_fraction"))
                      for r in rows if r["method"] == method)
@@ -112,7 +112,7 @@ def plot_sweep(rows: list, title: str, path: str) -> None:
     ax.set_ylabel("fraction of full prefill")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # below: clear of the lines
     ax.set_title(textwrap.fill(title, 90), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
