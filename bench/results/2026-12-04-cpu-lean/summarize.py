@@ -109,11 +109,12 @@ def threads_table():
     print()
 
 
-def sweep_table():
-    d = load("sizes_default.json")
+def ttft_rows_table(name: str, heading: str):
+    """The per-size rows of a sweep-shaped JSON against full prefill of the same size."""
+    d = load(name)
     if d is None:
         return
-    print(f"### Size sweep (`sizes_default.json`, `sizes_default.png`; load {load_str(d)})\n")
+    print(f"### {heading}; load {load_str(d)})\n")
     print("| tokens | method | TTFT ms | TTFT / full prefill | per-round range | compute fraction | gap "
           "| probe share |")
     print("|---|---|---|---|---|---|---|---|")
@@ -123,8 +124,8 @@ def sweep_table():
             full[r["tokens"]] = r
             continue
         print(f"| {r['tokens']} | {r['method']} | {r['median_ms']:.0f} | {r['vs_full']:.3f} | "
-              f"{spread(r, full[r['tokens']])} | {r['compute_fraction']:.3f} | {r['gap']:+.3f} | "
-              f"{r['probe_share']:.1%} |")
+              f"{spread(r, full[r['tokens']])} | {r['compute_fraction']:.3f} | "
+              f"{r['vs_full'] - r['compute_fraction']:+.3f} | {r['probe_share']:.1%} |")
     print()
 
 
@@ -172,28 +173,9 @@ def quality_table():
     print()
 
 
-def probe_layers_table():
-    d = load("probe_layers.json")
-    if d is None:
-        return
-    print(f"### Probe depth, all schemes in one run (`probe_layers.json`; load {load_str(d)})\n")
-    print("| tokens | method | TTFT ms | TTFT / full prefill | per-round range | compute fraction | gap "
-          "| probe share |")
-    print("|---|---|---|---|---|---|---|---|")
-    full = {}
-    for r in d["rows"]:
-        if r["method"] == "full prefill":
-            full[r["tokens"]] = r
-            continue
-        print(f"| {r['tokens']} | {r['method']} | {r['median_ms']:.0f} | {r['vs_full']:.3f} | "
-              f"{spread(r, full[r['tokens']])} | {r['compute_fraction']:.3f} | "
-              f"{r['vs_full'] - r['compute_fraction']:+.3f} | {r['probe_share']:.1%} |")
-    print()
-
-
 if __name__ == "__main__":
     probe_table()
-    probe_layers_table()
+    ttft_rows_table("probe_layers.json", "Probe depth, all schemes in one run (`probe_layers.json`")
     threads_table()
-    sweep_table()
+    ttft_rows_table("sizes_default.json", "Size sweep (`sizes_default.json`, `sizes_default.png`")
     quality_table()
